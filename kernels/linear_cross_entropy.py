@@ -1,0 +1,474 @@
+"""Fused linear + cross-entropy: loss = CE(hidden @ weight.T, targets) without the N x V logits.
+
+Public entry points: `linear_cross_entropy` (function) and `LinearCrossEntropy` (nn.Module).
+
+Two implementations share the per-token maths below:
+  * torch (any device, the CPU path): tokens are processed in chunks whose logits fit a fixed
+    budget (`CHUNK_ELEMS`), so the workspace does not grow with N. For reduction "mean"/"sum" the
+    gradients are computed during the forward pass (one pass over the weight instead of two) and
+    only scaled by grad_output in backward. For reduction "none" the per-token upstream gradients
+    are only known in backward, so dW cannot be precomputed: backward recomputes the chunk logits
+    from the saved per-token logsumexp.
+  * triton (CUDA, or CPU tensors under TRITON_INTERPRET=1): see triton_lce.py; always the
+    recompute scheme, which needs no workspace at all.
+
+Both backends expose the same two primitives so that the autograd functions (and the
+vocab-parallel variant in vocab_parallel.py) are backend-agnostic:
+  stats(hidden, weight, targets, vocab_start, softcap, need_sum) -> (max, sumexp, tgt_logit, logit_sum)
+      per-token, over this weight's rows only; tgt_logit is 0 where the target is not a row of it.
+  grads(hidden, weight, targets, lse, row_scale, ...) -> (dX fp32 | None, dW fp32 | None)
+      gradients of sum_i row_scale[i] * loss_i given the (global) logsumexp.
+
+Per-token loss, with s = softcap * tanh(z / softcap) (or s = z), eps = label_smoothing:
+  loss_i = lse_i - (1 - eps) * s_{i,t} - eps / V * sum_j s_{i,j} + z_loss * lse_i^2
+which is torch.nn.functional.cross_entropy's label-smoothing definition plus the z-loss term.
+dloss_i/ds_ij = p_ij * (1 + 2 z_loss lse_i) - (1 - eps) [j = t_i] - eps / V.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["linear_cross_entropy", "LinearCrossEntropy", "CHUNK_ELEMS"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_IMPLS = ("auto", "triton", "torch")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Logit elements per chunk of the torch path. The chunk workspace is about 2-3 fp32 buffers of
+# this size (logits/probabilities, plus tanh values with softcap, plus a low-precision copy of the
+# logits for bf16/fp16 inputs): 2^23 elements -> ~100 MB, independent of N.
+CHUNK_ELEMS = int(os.environ.get("MEGACPT_LCE_CHUNK_ELEMS", str(1 << 23)))
+
+# Target range checking (see _maybe_check_targets): "always" | "first" | "never".
+TARGET_CHECK = os.environ.get("MEGACPT_LCE_CHECK_TARGETS", "first")
+_checked_once = False
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+def _validate(hidden: Tensor, weight: Tensor, targets: Tensor, reduction: str, impl: str,
+              z_loss: float, label_smoothing: float, softcap: Optional[float]) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if not isinstance(hidden, Tensor) or not isinstance(weight, Tensor) or not isinstance(targets, Tensor):
+        raise ValueError("hidden, weight and targets must be tensors")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (V, H), got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden's last dim ({tuple(hidden.shape)}) must equal weight's H "
+                         f"({tuple(weight.shape)})")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden's leading shape "
+                         f"{tuple(hidden.shape[:-1])}")
+    if hidden.dtype not in _FLOAT_DTYPES or weight.dtype != hidden.dtype:
+        raise ValueError(f"hidden and weight must share one of {_FLOAT_DTYPES}, got "
+                         f"{hidden.dtype} and {weight.dtype}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be int64 (or int32), got {targets.dtype}")
+    if not (hidden.device == weight.device == targets.device):
+        raise ValueError(f"hidden, weight and targets must be on one device, got {hidden.device}, "
+                         f"{weight.device}, {targets.device}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has no rows (V = 0)")
+    if not (0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+
+
+def invalid_targets(targets: Tensor, vocab_size: int, ignore_index: int) -> Tensor:
+    """Mask of targets that are neither ignore_index nor in [0, vocab_size) (device op, no sync)."""
+    return (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+
+
+def _maybe_check_targets(targets: Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Raise ValueError for out-of-range targets.
+
+    The check needs the answer on the host. On CPU that is free, so it always runs. On CUDA it is
+    a device->host sync that stalls the launch queue every step, so by default ("first") only the
+    first call in the process pays it -- which catches the usual mistake (a tokenizer/model vocab
+    mismatch) at step 1. Afterwards bad targets are still visible without a sync: their per-token
+    loss is NaN (see _finish). MEGACPT_LCE_CHECK_TARGETS=always|never changes the policy.
+    """
+    global _checked_once
+    if targets.numel() == 0:
+        return
+    if targets.device.type != "cpu":
+        if TARGET_CHECK == "never" or (TARGET_CHECK == "first" and _checked_once):
+            return
+        _checked_once = True
+    bad = invalid_targets(targets, vocab_size, ignore_index)
+    if bool(bad.any()):
+        idx = int(bad.nonzero()[0, 0])
+        raise ValueError(f"target {int(targets.reshape(-1)[idx])} at position {idx} is outside "
+                         f"[0, {vocab_size}) and is not ignore_index ({ignore_index})")
+
+
+# ----------------------------------------------------------------------------------------------
+# per-token maths shared by every backend
+# ----------------------------------------------------------------------------------------------
+def _finish(lse: Tensor, tgt_logit: Tensor, logit_sum: Optional[Tensor], targets: Tensor, *,
+            ignore_index: int, vocab_total: int, z_loss: float, label_smoothing: float):
+    """Per-token (loss, z term, valid mask) from the softmax statistics (N-sized ops only)."""
+    eps = label_smoothing
+    valid = targets != ignore_index
+    loss = lse - (1.0 - eps) * tgt_logit
+    if eps:
+        loss = loss - (eps / vocab_total) * logit_sum
+    z = z_loss * lse.square() if z_loss else torch.zeros_like(lse)
+    loss = torch.where(valid, loss + z, 0.0)
+    z = torch.where(valid, z, 0.0)
+    # Out-of-range targets (unchecked on CUDA after the first call) poison the loss instead of
+    # silently training on a wrong logit.
+    loss = torch.where(invalid_targets(targets, vocab_total, ignore_index), float("nan"), loss)
+    return loss, z, valid
+
+
+def _reduce(per_token: Tensor, reduction: str, n_valid: Tensor) -> Tensor:
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    if reduction == "mean":
+        # clamp keeps an all-ignored batch at 0 instead of 0/0; stays on device.
+        total = total / n_valid.clamp(min=1)
+    return total
+
+
+def _row_scale(grad_out: Tensor, reduction: str, valid: Tensor, n_valid: Tensor) -> Tensor:
+    """Per-token weight of d(loss)/d(per-token loss) for the backward pass (0 for ignored rows)."""
+    g = grad_out.float()
+    if reduction == "mean":
+        g = g / n_valid.clamp(min=1)
+    return (g * valid).expand(valid.shape).contiguous()
+
+
+def _lse(row_max: Tensor, sumexp: Tensor) -> Tensor:
+    return row_max + sumexp.log()
+
+
+# ----------------------------------------------------------------------------------------------
+# torch backend
+# ----------------------------------------------------------------------------------------------
+def chunk_rows(n: int, v: int, chunk_elems: Optional[int] = None) -> int:
+    budget = CHUNK_ELEMS if chunk_elems is None else chunk_elems
+    c = max(1, budget // max(v, 1))
+    if c >= 16:
+        c -= c % 8  # friendlier matmul shapes
+    return max(1, min(c, n))
+
+
+def _local_targets(targets: Tensor, vocab_start: int, v_local: int):
+    local = targets.long() - vocab_start
+    in_shard = (local >= 0) & (local < v_local)
+    return torch.where(in_shard, local, 0), in_shard
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, softcap: Optional[float]):
+    """fp32 (capped) logits of a chunk, and tanh(z / softcap) for the gradient (or None)."""
+    z = torch.mm(h, weight.t())
+    if z.dtype != torch.float32:
+        z = z.float()
+    if softcap is None:
+        return z, None
+    th = z.div_(softcap).tanh_()
+    return th * softcap, th
+
+
+def _probs_to_dlogits(p: Tensor, th: Optional[Tensor], local: Tensor, in_shard: Tensor, lse: Tensor,
+                      row_scale: Tensor, z_loss: float, eps: float, vocab_total: int) -> Tensor:
+    """In place: softmax probabilities -> d(sum_i row_scale_i * loss_i)/dz for one chunk."""
+    if z_loss:
+        p.mul_((1.0 + 2.0 * z_loss * lse).unsqueeze(1))
+    # p - 1 is formed in fp32 (p ~ 1 for confident targets would cancel to 0 in bf16).
+    p.scatter_add_(1, local.unsqueeze(1), (in_shard.float() * -(1.0 - eps)).unsqueeze(1))
+    if eps:
+        p.sub_(eps / vocab_total)
+    if th is not None:
+        p.mul_(th.mul_(th).neg_().add_(1.0))  # d(c*tanh(z/c))/dz = 1 - tanh^2
+    return p.mul_(row_scale.unsqueeze(1))
+
+
+def _accumulate_grads(dz: Tensor, h: Tensor, weight: Tensor, dx: Optional[Tensor],
+                      dw: Optional[Tensor], i: int, j: int) -> None:
+    if dx is not None:
+        if weight.dtype == torch.float32:
+            torch.mm(dz, weight, out=dx[i:j])
+        else:
+            dx[i:j] = torch.mm(dz.to(weight.dtype), weight)
+    if dw is not None:
+        # fp32 operands so the cross-chunk sum of dW is accumulated in fp32 throughout.
+        dw.addmm_(dz.t(), h if h.dtype == torch.float32 else h.float())
+
+
+@torch.no_grad()
+def torch_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *, vocab_start: int = 0,
+                softcap: Optional[float] = None, need_sum: bool = False,
+                chunk_elems: Optional[int] = None):
+    n, v = hidden.shape[0], weight.shape[0]
+    out = torch.empty((4, n), dtype=torch.float32, device=hidden.device)
+    row_max, sumexp, tgt_logit, logit_sum = out
+    local, in_shard = _local_targets(targets, vocab_start, v)
+    c = chunk_rows(n, v, chunk_elems)
+    for i in range(0, n, c):
+        j = min(i + c, n)
+        s, _ = _chunk_logits(hidden[i:j], weight, softcap)
+        m = s.amax(1)
+        row_max[i:j] = m
+        tgt_logit[i:j] = torch.where(in_shard[i:j], s.gather(1, local[i:j, None]).squeeze(1), 0.0)
+        if need_sum:
+            logit_sum[i:j] = s.sum(1)
+        sumexp[i:j] = s.sub_(m.unsqueeze(1)).exp_().sum(1)
+    return row_max, sumexp, tgt_logit, (logit_sum if need_sum else None)
+
+
+@torch.no_grad()
+def torch_grads(hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor, *,
+                vocab_start: int = 0, softcap: Optional[float] = None, z_loss: float = 0.0,
+                label_smoothing: float = 0.0, vocab_total: Optional[int] = None,
+                need_dx: bool = True, need_dw: bool = True, chunk_elems: Optional[int] = None):
+    n, v = hidden.shape[0], weight.shape[0]
+    vocab_total = v if vocab_total is None else vocab_total
+    dx = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dx else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    local, in_shard = _local_targets(targets, vocab_start, v)
+    c = chunk_rows(n, v, chunk_elems)
+    for i in range(0, n, c):
+        j = min(i + c, n)
+        s, th = _chunk_logits(hidden[i:j], weight, softcap)
+        p = s.sub_(lse[i:j, None]).exp_()
+        dz = _probs_to_dlogits(p, th, local[i:j], in_shard[i:j], lse[i:j], row_scale[i:j],
+                               z_loss, label_smoothing, vocab_total)
+        del th
+        _accumulate_grads(dz, hidden[i:j], weight, dx, dw, i, j)
+    return dx, dw
+
+
+@torch.no_grad()
+def torch_fused(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int,
+                softcap: Optional[float], z_loss: float, label_smoothing: float,
+                need_dx: bool, need_dw: bool, chunk_elems: Optional[int] = None):
+    """One pass: softmax statistics and the gradients of the *sum* of per-token losses."""
+    n, v = hidden.shape[0], weight.shape[0]
+    stats = torch.empty((4, n), dtype=torch.float32, device=hidden.device)
+    row_max, sumexp, tgt_logit, logit_sum = stats
+    dx = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dx else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    local, in_shard = _local_targets(targets, 0, v)
+    valid = (targets != ignore_index).float()
+    c = chunk_rows(n, v, chunk_elems)
+    for i in range(0, n, c):
+        j = min(i + c, n)
+        s, th = _chunk_logits(hidden[i:j], weight, softcap)
+        m = s.amax(1)
+        row_max[i:j] = m
+        tgt_logit[i:j] = torch.where(in_shard[i:j], s.gather(1, local[i:j, None]).squeeze(1), 0.0)
+        if label_smoothing:
+            logit_sum[i:j] = s.sum(1)
+        e = s.sub_(m.unsqueeze(1)).exp_()
+        se = e.sum(1)
+        sumexp[i:j] = se
+        if dx is None and dw is None:
+            continue
+        p = e.div_(se.unsqueeze(1))
+        dz = _probs_to_dlogits(p, th, local[i:j], in_shard[i:j], _lse(m, se), valid[i:j],
+                               z_loss, label_smoothing, v)
+        del th
+        _accumulate_grads(dz, hidden[i:j], weight, dx, dw, i, j)
+    return row_max, sumexp, tgt_logit, (logit_sum if label_smoothing else None), dx, dw
+
+
+class TorchBackend:
+    """Chunked torch implementation of the stats/grads primitives (any device)."""
+
+    name = "torch"
+
+    def __init__(self, chunk_elems: Optional[int] = None):
+        self.chunk_elems = chunk_elems
+
+    def stats(self, hidden, weight, targets, *, vocab_start=0, softcap=None, need_sum=False):
+        return torch_stats(hidden, weight, targets, vocab_start=vocab_start, softcap=softcap,
+                           need_sum=need_sum, chunk_elems=self.chunk_elems)
+
+    def grads(self, hidden, weight, targets, lse, row_scale, **kw):
+        return torch_grads(hidden, weight, targets, lse, row_scale, chunk_elems=self.chunk_elems, **kw)
+
+
+def get_backend(impl: str, device: torch.device, chunk_elems: Optional[int] = None):
+    """Resolve impl ("auto" | "triton" | "torch") to a backend object; imports triton lazily."""
+    if impl == "torch":
+        return TorchBackend(chunk_elems)
+    if impl == "auto":
+        if device.type != "cuda":
+            return TorchBackend(chunk_elems)
+        try:
+            from . import triton_lce
+        except ImportError:
+            return TorchBackend(chunk_elems)
+        return triton_lce.TritonBackend()
+    from . import triton_lce  # impl == "triton": let an ImportError surface
+
+    return triton_lce.TritonBackend()
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd functions
+# ----------------------------------------------------------------------------------------------
+class _PrecomputedLCE(torch.autograd.Function):
+    """torch backend, reduction mean/sum: gradients computed in forward, scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, z_loss, label_smoothing,
+                softcap, need_dx, need_dw, chunk_elems):
+        row_max, sumexp, tgt_logit, logit_sum, dx, dw = torch_fused(
+            hidden, weight, targets, ignore_index=ignore_index, softcap=softcap, z_loss=z_loss,
+            label_smoothing=label_smoothing, need_dx=need_dx, need_dw=need_dw,
+            chunk_elems=chunk_elems)
+        loss, z, valid = _finish(_lse(row_max, sumexp), tgt_logit, logit_sum, targets,
+                                 ignore_index=ignore_index, vocab_total=weight.shape[0],
+                                 z_loss=z_loss, label_smoothing=label_smoothing)
+        n_valid = valid.sum()
+        ctx.reduction = reduction
+        ctx.n_valid = n_valid
+        ctx.dx, ctx.dw = dx, dw
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        z_out = _reduce(z, reduction, n_valid)
+        ctx.mark_non_differentiable(z_out)
+        return _reduce(loss, reduction, n_valid), z_out
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_z):
+        if ctx.dx is None and ctx.dw is None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            raise RuntimeError("linear_cross_entropy: backward through the same graph twice is not "
+                               "supported (its gradient buffers are scaled in place and freed)")
+        scale = grad_loss.float()
+        if ctx.reduction == "mean":
+            scale = scale / ctx.n_valid.clamp(min=1)
+        # In place: the buffers are ours and used once; avoids a second V x H fp32 copy.
+        dx = ctx.dx.mul_(scale).to(ctx.dtypes[0]) if ctx.dx is not None else None
+        dw = ctx.dw.mul_(scale).to(ctx.dtypes[1]) if ctx.dw is not None else None
+        ctx.dx = ctx.dw = None
+        return dx, dw, None, None, None, None, None, None, None, None, None
+
+
+class _RecomputeLCE(torch.autograd.Function):
+    """Any backend, any reduction: forward keeps only per-token logsumexp, backward recomputes."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, backend, ignore_index, reduction, z_loss,
+                label_smoothing, softcap):
+        row_max, sumexp, tgt_logit, logit_sum = backend.stats(
+            hidden, weight, targets, vocab_start=0, softcap=softcap, need_sum=bool(label_smoothing))
+        lse = _lse(row_max, sumexp)
+        loss, z, valid = _finish(lse, tgt_logit, logit_sum, targets, ignore_index=ignore_index,
+                                 vocab_total=weight.shape[0], z_loss=z_loss,
+                                 label_smoothing=label_smoothing)
+        n_valid = valid.sum()
+        ctx.save_for_backward(hidden, weight, targets, lse, valid, n_valid)
+        ctx.backend = backend
+        ctx.opts = dict(softcap=softcap, z_loss=z_loss, label_smoothing=label_smoothing)
+        ctx.reduction = reduction
+        z_out = _reduce(z, reduction, n_valid)
+        ctx.mark_non_differentiable(z_out)
+        return _reduce(loss, reduction, n_valid), z_out
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_z):
+        hidden, weight, targets, lse, valid, n_valid = ctx.saved_tensors
+        row_scale = _row_scale(grad_loss, ctx.reduction, valid, n_valid)
+        dx, dw = ctx.backend.grads(hidden, weight, targets, lse, row_scale, vocab_start=0,
+                                   vocab_total=weight.shape[0], need_dx=ctx.needs_input_grad[0],
+                                   need_dw=ctx.needs_input_grad[1], **ctx.opts)
+        dx = dx.to(hidden.dtype) if dx is not None else None
+        dw = dw.to(weight.dtype) if dw is not None else None
+        return dx, dw, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100,
+                         reduction: str = "mean", z_loss: float = 0.0, label_smoothing: float = 0.0,
+                         softcap: Optional[float] = None, return_z_loss: bool = False,
+                         impl: str = "auto", _chunk_elems: Optional[int] = None):
+    """Cross-entropy of `hidden @ weight.T` against `targets`, never materialising the logits.
+
+    hidden (..., H) fp32/bf16/fp16, weight (V, H) same dtype, targets (...) int64 (int32 accepted).
+    Returns an fp32 loss: a scalar for reduction "mean" (over non-ignored tokens; 0 when all are
+    ignored) or "sum", targets' shape for "none" (0 at ignored tokens). With return_z_loss, returns
+    (loss, z) where z is z_loss * logsumexp^2 reduced the same way -- already included in loss and
+    detached (for logging). For gradient accumulation across micro-batches, use reduction="sum" and
+    divide by the global token count yourself: nothing here syncs with the host (on CUDA; see
+    TARGET_CHECK for the one-off target range check).
+    impl: "auto" (Triton on CUDA tensors when triton imports, torch otherwise) | "triton" |
+    "torch". "triton" on CPU tensors needs TRITON_INTERPRET=1 set before megacpt.kernels.triton_lce
+    is first imported (it is imported lazily, on first use).
+    """
+    _validate(hidden, weight, targets, reduction, impl, z_loss, label_smoothing, softcap)
+    softcap = float(softcap) if softcap is not None else None
+    z_loss, label_smoothing = float(z_loss), float(label_smoothing)
+    lead_shape = targets.shape
+    hidden2 = hidden.reshape(-1, hidden.shape[-1])
+    targets1 = targets.reshape(-1)
+    _maybe_check_targets(targets1, weight.shape[0], ignore_index)
+    backend = get_backend(impl, hidden.device, _chunk_elems)
+    need_dx = torch.is_grad_enabled() and hidden.requires_grad
+    need_dw = torch.is_grad_enabled() and weight.requires_grad
+
+    if not (need_dx or need_dw):
+        with torch.no_grad():
+            row_max, sumexp, tgt_logit, logit_sum = backend.stats(
+                hidden2, weight, targets1, softcap=softcap, need_sum=bool(label_smoothing))
+            loss, z, valid = _finish(_lse(row_max, sumexp), tgt_logit, logit_sum, targets1,
+                                     ignore_index=ignore_index, vocab_total=weight.shape[0],
+                                     z_loss=z_loss, label_smoothing=label_smoothing)
+            n_valid = valid.sum()
+            loss, z = _reduce(loss, reduction, n_valid), _reduce(z, reduction, n_valid)
+    elif backend.name == "torch" and reduction != "none":
+        loss, z = _PrecomputedLCE.apply(hidden2, weight, targets1, ignore_index, reduction, z_loss,
+                                        label_smoothing, softcap, need_dx, need_dw, _chunk_elems)
+    else:
+        loss, z = _RecomputeLCE.apply(hidden2, weight, targets1, backend, ignore_index, reduction,
+                                      z_loss, label_smoothing, softcap)
+    if reduction == "none":
+        loss, z = loss.reshape(lead_shape), z.reshape(lead_shape)
+    return (loss, z) if return_z_loss else loss
+
+
+class LinearCrossEntropy(nn.Module):
+    """Loss head: `LinearCrossEntropy(...)(hidden, lm_head.weight, labels)`.
+
+    Holds only the loss options; the weight is passed per call so that a tied embedding or a
+    sharded head can be used as is.
+    """
+
+    def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", z_loss: float = 0.0,
+                 label_smoothing: float = 0.0, softcap: Optional[float] = None,
+                 return_z_loss: bool = False, impl: str = "auto"):
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        if impl not in _IMPLS:
+            raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+        self.ignore_index, self.reduction, self.z_loss = ignore_index, reduction, z_loss
+        self.label_smoothing, self.softcap = label_smoothing, softcap
+        self.return_z_loss, self.impl = return_z_loss, impl
+
+    def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor):
+        return linear_cross_entropy(hidden, weight, targets, ignore_index=self.ignore_index,
+                                    reduction=self.reduction, z_loss=self.z_loss,
+                                    label_smoothing=self.label_smoothing, softcap=self.softcap,
+                                    return_z_loss=self.return_z_loss, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, z_loss={self.z_loss}, "
+                f"label_smoothing={self.label_smoothing}, softcap={self.softcap}, impl={self.impl!r}")

@@ -1,0 +1,3 @@
+"""placeholder"""
+def vocab_parallel_linear_cross_entropy(*a, **k):
+    raise NotImplementedError

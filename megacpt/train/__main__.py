@@ -1,0 +1,5 @@
+import sys
+
+from megacpt.train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,174 @@
+"""Atomic, self-describing checkpoints around DeepSpeed's own per-rank files.
+
+Layout of RUN/checkpoints:
+    step_00000030/            DeepSpeed files (model/optimizer shards of every rank)
+        megacpt_state.json    step, phase, consumed samples, tokens per source, the run's config
+        hf_config.json        the model's HF config (what `export` writes)
+        rng/rank_00000.pt     per-rank RNG states (tensors only: loads with weights_only=True)
+    latest                    name of the newest complete checkpoint
+Every rank writes into `.tmp-step_…`; after a barrier rank 0 writes the metadata, renames the
+directory and only then replaces `latest` (write-to-temp + os.replace). A crash at any point
+leaves the previous checkpoint complete and still named by `latest`; stray temp dirs are
+removed at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+STATE_FILE = "megacpt_state.json"
+HF_CONFIG_FILE = "hf_config.json"
+LATEST = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def latest_checkpoint(ckpt_root) -> Path | None:
+    """The newest complete checkpoint directory, or None."""
+    root = Path(ckpt_root)
+    latest = root / LATEST
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    path = root / tag
+    if not (path / STATE_FILE).is_file():
+        raise RuntimeError(f"{latest} names {tag}, which is incomplete or missing; the checkpoint dir was edited by hand")
+    return path
+
+
+def read_state(ckpt_dir) -> dict:
+    with open(Path(ckpt_dir) / STATE_FILE) as f:
+        return json.load(f)
+
+
+def is_checkpoint(path) -> bool:
+    return (Path(path) / STATE_FILE).is_file()
+
+
+def resolve_checkpoint(path) -> Path | None:
+    """A checkpoint dir, a run's checkpoints dir or a run dir → the checkpoint to read."""
+    p = Path(path)
+    if is_checkpoint(p):
+        return p
+    for root in (p / "checkpoints", p):
+        if (root / LATEST).is_file():
+            return latest_checkpoint(root)
+    return None
+
+
+def clean_partial(ckpt_root) -> None:
+    root = Path(ckpt_root)
+    if root.is_dir():
+        for p in root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def save(engine, ckpt_root, step: int, state: dict, hf_config: dict, keep: int, rank: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint path."""
+    import torch.distributed as dist
+
+    root = Path(ckpt_root)
+    tag = tag_for(step)
+    tmp_tag = f".tmp-{tag}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if (root / tmp_tag).exists():
+            shutil.rmtree(root / tmp_tag)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    rng_dir = root / tmp_tag / "rng"
+    rng_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(_rng_state(), rng_dir / f"rank_{rank:05d}.pt")
+    dist.barrier()
+    final = root / tag
+    if rank == 0:
+        write_json_atomic(root / tmp_tag / HF_CONFIG_FILE, hf_config)
+        write_json_atomic(root / tmp_tag / STATE_FILE, state)
+        _fsync_dir(root / tmp_tag)
+        if final.exists():  # re-saving a step (e.g. a resumed run that stops at once)
+            shutil.rmtree(final)
+        os.replace(root / tmp_tag, final)
+        _fsync_dir(root)
+        write_text_atomic(root / LATEST, tag + "\n")
+        _prune(root, keep)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
+    for p in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    # Python/numpy states as tensors so the file stays loadable with weights_only=True.
+    py = random.getstate()
+    state["python"] = torch.tensor(list(py[1]), dtype=torch.int64)
+    state["python_gauss"] = torch.tensor(float("nan") if py[2] is None else py[2], dtype=torch.float64)
+    np_state = np.random.get_state()
+    state["numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
+    state["numpy_pos"] = torch.tensor(np_state[2])
+    return state
+
+
+def restore_rng(ckpt_dir, rank: int) -> None:
+    import random
+
+    import numpy as np
+
+    path = Path(ckpt_dir) / "rng" / f"rank_{rank:05d}.pt"
+    if not path.is_file():  # resuming on more ranks than saved: keep the fresh seeds
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    gauss = float(state["python_gauss"])
+    random.setstate((3, tuple(int(x) for x in state["python"].tolist()), None if gauss != gauss else gauss))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))

@@ -1,0 +1,125 @@
+"""Model construction and the DeepSpeed engine.
+
+Order (see DESIGN.md): build the plain model without allocating it whole (ZeRO-3: inside
+`deepspeed.zero.Init`, so each layer is partitioned as soon as it exists; otherwise on the meta
+device), then each rank loads only what it keeps from the HF files, then `deepspeed.initialize`
+with the DeepSpeed config generated from ours.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from megacpt.config import Config, Derived
+from megacpt.models.hf import HFWeights, check_weights, load_full_state
+from megacpt.models.llama import ModelArgs, Transformer
+
+
+def resolve_precision(precision: str) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def deepspeed_config(cfg: Config, derived: Derived, dtype: torch.dtype) -> dict:
+    """DeepSpeed JSON generated from our config; `cfg.deepspeed` is merged last."""
+    o = cfg.optim
+    zero = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.zero_stage == 3:
+        # Gather whole-model state at save time is not needed: we export from the shards.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    ds = {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": derived.grad_accum,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": False},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": [o.beta1, o.beta2],
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                # torch's AdamW: no JIT-built extension needed, identical on CPU and GPU.
+                "torch_adam": True,
+            },
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(ds, cfg.deepspeed)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on norms and biases (1-D tensors)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitioned params keep their shape here
+        (decay if len(shape) >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_model(args: ModelArgs, ds_config: dict, dtype: torch.dtype, zero_stage: int,
+                weights_dir=None, device=None) -> Transformer:
+    """Build the model for this rank, loading HF weights from `weights_dir` when given."""
+    import deepspeed
+
+    device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                        else torch.device("cpu"))
+    if zero_stage == 3:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+            model = Transformer(args)
+        if weights_dir is not None:
+            load_partitioned(model, weights_dir)
+        return model
+    with torch.device("meta"):
+        model = Transformer(args)
+    if weights_dir is not None:
+        load_full_state(model, weights_dir)
+    else:
+        model = model.to_empty(device="cpu")
+        if args.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.init_weights()
+    return model.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def load_partitioned(model: torch.nn.Module, weights_dir) -> None:
+    """ZeRO-3: each rank copies only its own flat partition of every parameter from the files."""
+    import torch.distributed as dist
+
+    weights = HFWeights(weights_dir)
+    check_weights(weights, model, weights_dir)
+    for name, p in model.named_parameters():
+        shape = tuple(p.ds_shape)
+        if weights.shape(name) != shape:
+            from megacpt.errors import UserError
+
+            raise UserError(f"{weights_dir}: {name} has shape {weights.shape(name)}, config implies {shape}")
+        part = p.ds_tensor
+        size = part.ds_numel
+        start = size * dist.get_rank(group=p.ds_process_group)
+        n = max(0, min(size, p.ds_numel - start))
+        part.zero_()  # the padding of the last partition
+        if n:
+            part.narrow(0, 0, n).copy_(weights.get_flat_range(name, start, n))

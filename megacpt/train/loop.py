@@ -1,0 +1,446 @@
+"""The training run: validate everything, start ranks, build, resume, train, evaluate, checkpoint.
+
+All input checks (config, model dir, data, layout) happen before the process group starts and
+before anything is written, so bad input exits 2 with nothing half-made.
+
+Data position: the run is a sequence of phases (the implicit `main` phase of train.steps on
+data.train, then the declared `phases`). Global batch k of a phase is that phase's samples
+[k·G, (k+1)·G), split over data-parallel ranks by micro-batch; the resume point is just
+(global step), from which the phase and its consumed samples follow, whatever the world size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megacpt.config import Config, ScheduleConfig, TrainSource, derive, load_config, run_changing_diff
+from megacpt.errors import ConfigError, UserError
+from megacpt.train import checkpoint as ckpt
+
+IGNORE = -100
+
+
+@dataclass
+class Phase:
+    name: str
+    start: int  # first global step
+    steps: int
+    sources: list[TrainSource]
+    schedule: ScheduleConfig
+    lr: float
+    min_lr: float
+    seed: int
+    dataset: object = None
+
+
+def plan_phases(cfg: Config) -> list[Phase]:
+    import hashlib
+
+    phases = [Phase("main", 0, cfg.train.steps, list(cfg.data.train), cfg.schedule, cfg.optim.lr,
+                    cfg.optim.min_lr, cfg.seed)]
+    for p in cfg.phases:
+        prev = phases[-1]
+        sources = list(p.data.train) if p.data and p.data.train else prev.sources
+        # Each phase has its own order: a pure function of (phase config, seed).
+        seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}/{p.name}".encode()).digest()[:4], "little")
+        phases.append(Phase(p.name, prev.start + prev.steps, p.steps, sources, p.schedule or cfg.schedule,
+                            p.lr if p.lr is not None else cfg.optim.lr,
+                            p.min_lr if p.min_lr is not None else cfg.optim.min_lr, seed))
+    return phases
+
+
+def phase_at(phases: list[Phase], step: int) -> Phase:
+    for p in phases:
+        if step < p.start + p.steps:
+            return p
+    return phases[-1]
+
+
+def build_datasets(cfg: Config, phases: list[Phase], vocab_size: int) -> None:
+    from megacpt.data.dataset import BlendedDataset, Source
+
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: add at least one {name, path, weight} source")
+    G = cfg.train.global_batch_size
+    for p in phases:
+        srcs = [Source(s.name, s.path, s.weight) for s in p.sources]
+        p.dataset = BlendedDataset(srcs, cfg.data.seq_len, p.seed, p.steps * G, vocab_size=vocab_size)
+
+
+def lr_for(phases: list[Phase], step: int) -> float:
+    from megacpt.train.schedule import lr_at
+
+    p = phase_at(phases, step)
+    s = p.schedule
+    return lr_at(step - p.start, p.steps, kind=s.kind, lr=p.lr, min_lr=p.min_lr, warmup_steps=s.warmup_steps,
+                 decay_fraction=s.decay_fraction, decay_shape=s.decay_shape)
+
+
+def tokens_per_source(phases: list[Phase], step: int, G: int) -> dict:
+    out: dict = {}
+    for p in phases:
+        done = min(max(step - p.start, 0), p.steps) * G
+        for name, n in p.dataset.tokens_per_source(done).items():
+            out[name] = out.get(name, 0) + n
+    return out
+
+
+def check_resume_compatible(old: dict, new: Config) -> None:
+    new_d = new.to_dict()
+    diffs = run_changing_diff(old, new_d)
+    old_ph, new_ph = old.get("phases", []), new_d.get("phases", [])
+    if new_ph[: len(old_ph)] != old_ph:
+        diffs.append("phases (existing phases changed; only appending new phases is allowed)")
+    if diffs:
+        raise ConfigError(
+            "config differs from the checkpoint's in keys that change the run: "
+            + ", ".join(diffs)
+            + "; restore them, declare a new phase, or use a new run_dir"
+        )
+
+
+class StopSignal:
+    """SIGUSR1/SIGTERM set a flag; ranks agree on it through a collective every step."""
+
+    def __init__(self):
+        self.flag = False
+        self.name = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.flag = True
+        self.name = signal.Signals(signum).name
+
+
+def run(config_path, overrides: list[str]) -> int:
+    cfg = load_config(config_path, overrides)
+    return train(cfg)
+
+
+def train(cfg: Config) -> int:
+    import torch
+
+    from megacpt.eval.perplexity import eval_windows
+    from megacpt.models.hf import apply_overrides, args_from_hf_config, hf_config_for, read_hf_config
+    from megacpt.train import dist as mdist
+
+    info = mdist.discover()
+    derived = derive(cfg, info.world_size)
+    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
+        raise ConfigError("parallel.tp and parallel.pp > 1 are not available yet; use tp: 1, pp: 1 with ZeRO")
+    if cfg.task != "cpt":
+        raise ConfigError("task: sft is not available yet; use task: cpt")
+    run_dir = Path(cfg.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+
+    # ---- what we start from -------------------------------------------------------------------
+    resume_dir = ckpt.latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
+    weights_dir = None
+    init_ckpt = None
+    if resume_dir is not None:
+        state = ckpt.read_state(resume_dir)
+        check_resume_compatible(state["config"], cfg)
+        base_cfg = json.loads((resume_dir / ckpt.HF_CONFIG_FILE).read_text())
+        source_dir = state.get("source_dir")
+    else:
+        state = None
+        if not cfg.model.init_from:
+            raise ConfigError("model.init_from is not set: point it at a Hugging Face model dir or a megacpt checkpoint")
+        init_ckpt = ckpt.resolve_checkpoint(cfg.model.init_from)
+        if init_ckpt is not None:
+            base_cfg = json.loads((init_ckpt / ckpt.HF_CONFIG_FILE).read_text())
+            source_dir = ckpt.read_state(init_ckpt).get("source_dir")
+        else:
+            base_cfg = read_hf_config(cfg.model.init_from)
+            weights_dir = source_dir = cfg.model.init_from
+    args = args_from_hf_config(base_cfg, source=str(cfg.model.init_from or resume_dir))
+    args = apply_overrides(args, cfg.model.max_seq_len, cfg.model.rope_theta, cfg.model.rope_scaling)
+    if cfg.data.seq_len > args.max_position_embeddings:
+        raise ConfigError(
+            f"data.seq_len {cfg.data.seq_len} exceeds the model's max_position_embeddings "
+            f"{args.max_position_embeddings}; set model.max_seq_len (and rope_theta/rope_scaling) to extend it"
+        )
+    hf_cfg = hf_config_for(args, base_cfg)
+
+    # ---- data (validated before anything starts) ------------------------------------------------
+    phases = plan_phases(cfg)
+    build_datasets(cfg, phases, args.vocab_size)
+    total_steps = phases[-1].start + phases[-1].steps
+    valid = {}
+    for v in cfg.data.valid:
+        w = eval_windows(v.path, cfg.data.seq_len, cfg.data.valid_tokens)
+        if w.max() >= args.vocab_size:
+            raise UserError(f"data.valid {v.name}: token id {int(w.max())} ≥ model vocab {args.vocab_size}; "
+                            f"re-run megacpt prepare with the model's tokenizer")
+        valid[v.name] = w
+
+    # ---- ranks and engine -------------------------------------------------------------------
+    import deepspeed
+    import torch.distributed as dist
+
+    from megacpt.train.engine import build_model, deepspeed_config, param_groups, resolve_precision
+    from megacpt.train.metrics import MetricsLogger, device_name, format_console, peak_flops, peak_memory_mb, throughput
+
+    mdist.init()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dp_rank, dp_size = rank, derived.dp_size
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed((cfg.seed + rank) % 2**32)
+    dtype = resolve_precision(cfg.precision)
+    ds_config = deepspeed_config(cfg, derived, dtype)
+    if rank == 0:
+        ckpt.clean_partial(ckpt_root)
+    model = build_model(args, ds_config, dtype, cfg.parallel.zero_stage, weights_dir=weights_dir)
+    model.activation_checkpointing = cfg.model.activation_checkpointing
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
+    )
+    device = engine.device
+
+    step = 0
+    base_valid = {}
+    if resume_dir is not None:
+        _secure_load_check(resume_dir)
+        engine.load_checkpoint(str(ckpt_root), tag=resume_dir.name, load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+        ckpt.restore_rng(resume_dir, rank)
+        step = int(state["step"])
+        base_valid = state.get("base_valid", {})
+        if rank == 0:
+            print(f"resuming from {resume_dir} at step {step}", flush=True)
+    elif init_ckpt is not None:
+        _secure_load_check(init_ckpt)
+        engine.load_checkpoint(str(init_ckpt.parent), tag=init_ckpt.name, load_module_only=True,
+                               load_optimizer_states=False, load_lr_scheduler_states=False)
+
+    logger = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.tensorboard)
+    if rank == 0:
+        with open(run_dir / "config.resolved.json", "w") as f:
+            json.dump({"config": cfg.to_dict(), "deepspeed": ds_config, "world_size": world,
+                       "model": args.to_dict()}, f, indent=2)
+    stopper = StopSignal()
+    G, S, mb, gas = cfg.train.global_batch_size, cfg.data.seq_len, cfg.train.micro_batch_size, derived.grad_accum
+    flops_tok = args.flops_per_token(S)
+    dev_name = device_name()
+    peak = peak_flops(dev_name)
+    use_segments = cfg.data.document_mask
+
+    def evaluate(step_now: int) -> dict:
+        out = {"step": step_now}
+        for name, windows in valid.items():
+            loss_sum, count = _evaluate(engine, windows, mb, dp_rank, dp_size, device)
+            loss = loss_sum / max(count, 1)
+            out[f"valid/{name}/loss"] = loss
+            out[f"valid/{name}/ppl"] = math.exp(min(loss, 700))
+            if name in base_valid:
+                out[f"valid/{name}/ppl_vs_base"] = out[f"valid/{name}/ppl"] / base_valid[name]
+        return out
+
+    def save(step_now: int) -> None:
+        st = {
+            "step": step_now,
+            "phase": phase_at(phases, min(step_now, total_steps - 1)).name,
+            "consumed_samples": step_now * G,
+            "tokens_per_source": tokens_per_source(phases, step_now, G),
+            "base_valid": base_valid,
+            "config": cfg.to_dict(),
+            "world_size": world,
+            "source_dir": str(source_dir) if source_dir else None,
+        }
+        path = ckpt.save(engine, ckpt_root, step_now, st, hf_cfg, cfg.checkpoint.keep, rank)
+        if rank == 0:
+            _say(f"checkpoint saved: {path}")
+
+    use_bar = rank == 0 and sys.stderr.isatty()
+    bar = None
+    if use_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
+
+    def _say(msg):
+        if bar is not None:
+            bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    if valid and step == 0 and cfg.train.eval_at_start and not base_valid:
+        rec = evaluate(0)
+        base_valid = {n: rec[f"valid/{n}/ppl"] for n in valid}
+        logger.log(rec)
+        if rank == 0:
+            _say("base model: " + ", ".join(f"{n} ppl={base_valid[n]:.3f}" for n in valid))
+
+    steps_this_run = 0
+    last_saved = step if resume_dir is not None else -1
+    stopped_by = None
+    engine.train()
+    while step < total_steps:
+        phase = phase_at(phases, step)
+        t0 = time.perf_counter()
+        batches = _rank_batches(phase.dataset, (step - phase.start) * G, mb, gas, dp_rank, dp_size, use_segments,
+                                cfg.data.mask_eos_loss)
+        lr = lr_for(phases, step)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        local = torch.tensor([sum(int((b["labels"] != IGNORE).sum()) for b in batches)], dtype=torch.float64)
+        dist.all_reduce(local)
+        global_tokens = max(float(local.item()), 1.0)
+        # DeepSpeed divides by the accumulation steps and averages over data-parallel ranks;
+        # scaling by (dp × gas / tokens) turns that into the token mean of the whole global batch.
+        scale = dp_size * gas / global_tokens
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for b in batches:
+            kwargs = {"segment_ids": b["segments"].to(device)} if use_segments else {}
+            out = engine(b["input_ids"].to(device), labels=b["labels"].to(device), **kwargs)
+            engine.backward(out * scale)
+            engine.step()
+            loss_sum += out.detach().double().cpu()
+        stats = torch.stack([loss_sum, torch.tensor(float(stopper.flag), dtype=torch.float64)])
+        dist.all_reduce(stats[:1])
+        dist.all_reduce(stats[1:], op=dist.ReduceOp.MAX)
+        loss = float(stats[0]) / global_tokens
+        grad_norm = engine.get_global_grad_norm()
+        step += 1
+        steps_this_run += 1
+        dt = time.perf_counter() - t0
+        if rank == 0 and (step % cfg.train.log_interval == 0 or step == total_steps):
+            rec = {"step": step, "phase": phase.name, "loss": loss, "lr": lr,
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   "step_time_s": dt, "peak_memory_mb": peak_memory_mb(), "consumed_samples": step * G}
+            rec.update(throughput(G * S, dt, world, flops_tok, peak))
+            for name, n in tokens_per_source(phases, step, G).items():
+                rec[f"tokens/{name}"] = n
+            logger.log(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            else:
+                print(format_console(rec), flush=True)
+        if bar is not None:
+            bar.update(1)
+        if valid and (step % cfg.train.eval_interval == 0 or step == total_steps):
+            rec = evaluate(step)
+            logger.log(rec)
+            if rank == 0:
+                _say("valid: " + ", ".join(f"{n} ppl={rec[f'valid/{n}/ppl']:.3f}" for n in valid))
+        if stats[1] > 0:
+            stopped_by = stopper.name or "signal"
+        elif cfg.train.stop_after is not None and steps_this_run >= cfg.train.stop_after and step < total_steps:
+            stopped_by = "train.stop_after"
+        if step % cfg.checkpoint.interval == 0 or step == total_steps or stopped_by:
+            save(step)
+            last_saved = step
+        if stopped_by:
+            break
+    if last_saved != step:
+        save(step)
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        if stopped_by:
+            print(f"stopped at step {step}/{total_steps} ({stopped_by}); checkpoint written, rerun to resume", flush=True)
+        elif valid and base_valid:
+            final = evaluate_summary_from_log(run_dir)
+            print(_summary_table(base_valid, final), flush=True)
+    logger.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def _rank_batches(dataset, first_sample: int, mb: int, gas: int, dp_rank: int, dp_size: int,
+                  use_segments: bool, mask_eos: bool) -> list[dict]:
+    """This rank's micro-batches of a global batch: micro-step m takes samples
+    first + m·mb·dp + dp_rank·mb + [0, mb)."""
+    import torch
+
+    out = []
+    for m in range(gas):
+        base = first_sample + m * mb * dp_size + dp_rank * mb
+        items = [dataset[base + j] for j in range(mb)]
+        tokens = torch.from_numpy(np.stack([it["tokens"] for it in items]).astype(np.int64))
+        segs = torch.from_numpy(np.stack([it["segments"] for it in items]).astype(np.int64))
+        labels = tokens[:, 1:].clone()
+        if mask_eos:
+            # A label in another document than its input position (the token after an EOS).
+            labels[segs[:, 1:] != segs[:, :-1]] = IGNORE
+        out.append({"input_ids": tokens[:, :-1].contiguous(), "labels": labels, "segments": segs[:, :-1].contiguous()})
+    return out
+
+
+def _evaluate(engine, windows: np.ndarray, mb: int, dp_rank: int, dp_size: int, device) -> tuple[float, int]:
+    """Sum of token losses and token count over all windows, split over data-parallel ranks.
+
+    Every rank runs the same number of forward calls (ZeRO-3 gathers parameters collectively),
+    padding with fully ignored batches when it runs out of windows.
+    """
+    import torch
+    import torch.distributed as dist
+
+    mine = windows[dp_rank::dp_size]
+    per_rank = -(-len(windows) // dp_size)
+    calls = -(-per_rank // mb)
+    total = torch.zeros(2, dtype=torch.float64)
+    was_training = engine.training
+    engine.eval()
+    with torch.no_grad():
+        for c in range(calls):
+            chunk = mine[c * mb : (c + 1) * mb]
+            pad = len(chunk) == 0
+            if pad:
+                chunk = windows[:1]
+            t = torch.from_numpy(np.ascontiguousarray(chunk))
+            labels = t[:, 1:].clone()
+            if pad:
+                labels.fill_(IGNORE)
+            out = engine(t[:, :-1].to(device), labels=labels.to(device))
+            total[0] += out.double().cpu()
+            total[1] += float((labels != IGNORE).sum())
+    if was_training:
+        engine.train()
+    dist.all_reduce(total)
+    return float(total[0]), int(total[1])
+
+
+def evaluate_summary_from_log(run_dir: Path) -> dict:
+    """Latest validation ppl per domain from metrics.jsonl."""
+    final = {}
+    with open(run_dir / "metrics.jsonl") as f:
+        for line in f:
+            rec = json.loads(line)
+            for k, v in rec.items():
+                if k.startswith("valid/") and k.endswith("/ppl"):
+                    final[k.split("/")[1]] = v
+    return final
+
+
+def _summary_table(base: dict, final: dict) -> str:
+    lines = ["", "held-out perplexity      before      after     change"]
+    for name in base:
+        b, a = base[name], final.get(name, float("nan"))
+        lines.append(f"  {name:<20} {b:>10.3f} {a:>10.3f} {100 * (a / b - 1):>+9.1f}%")
+    return "\n".join(lines)
+
+
+def _secure_load_check(ckpt_dir: Path) -> None:
+    """Refuse a checkpoint whose .pt files would run code when DeepSpeed unpickles them.
+
+    DeepSpeed loads with weights_only=False; we first load every file with weights_only=True and
+    an explicit allowlist of the plain-data globals DeepSpeed's files contain.
+    """
+    import torch
+
+    from megacpt.train.safe_load import check_torch_file
+
+    for path in sorted(Path(ckpt_dir).rglob("*.pt")):
+        check_torch_file(path)

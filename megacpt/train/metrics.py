@@ -1,0 +1,120 @@
+"""Metrics: FLOPs/MFU accounting and the rank-0 sinks (console, metrics.jsonl, TensorBoard).
+
+MFU = (6 × non-embedding params + 12 × layers × hidden × seq_len) × tokens/s per device
+      ÷ the device's dense bf16 peak. The output head counts as non-embedding. On devices with
+no known peak (CPUs, unknown GPUs) MFU is null rather than a guess.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, by a substring of the device name.
+# Ordered most specific first.
+DENSE_BF16_PEAK = [
+    ("H200", 989e12),
+    ("H100 SXM", 989e12),
+    ("H100 80GB HBM3", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 70e12),
+    ("L4", 121e12),
+    ("MI300X", 1307e12),
+]
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def peak_flops(name: str) -> float | None:
+    if name.startswith("cpu"):
+        return None
+    for key, peak in DENSE_BF16_PEAK:
+        if key in name:
+            return peak
+    return None
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    # ru_maxrss is in KiB on Linux: the process's peak resident set.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def throughput(tokens: int, seconds: float, world_size: int, flops_per_token: float, peak: float | None) -> dict:
+    tps = tokens / seconds if seconds > 0 else float("nan")
+    per_dev = tps / world_size
+    tflops = flops_per_token * per_dev / 1e12
+    return {
+        "tokens_per_s": tps,
+        "tokens_per_s_per_device": per_dev,
+        "tflops_per_device": tflops,
+        "mfu": (tflops * 1e12 / peak) if peak else None,
+    }
+
+
+class MetricsLogger:
+    """Writes on rank 0 only; other ranks get a logger that drops everything."""
+
+    def __init__(self, run_dir, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        run = Path(run_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run / "tensorboard"))
+            except ImportError:
+                print("warning: tensorboard not installed; metrics go to metrics.jsonl only", file=sys.stderr)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) and k != "loss" else v)
+                 for k, v in record.items()}
+        # json.dumps writes NaN for a diverged loss; readers of metrics.jsonl accept it (Python's json does).
+        self._jsonl.write(json.dumps(clean) + "\n")
+        if self._tb is not None:
+            step = record["step"]
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()
+
+
+def format_console(record: dict) -> str:
+    fields = [("loss", "loss={:.4f}"), ("lr", "lr={:.2e}"), ("grad_norm", "gnorm={:.3f}"),
+              ("tokens_per_s", "{:.0f} tok/s"), ("step_time_s", "{:.2f} s/step")]
+    shown = [fmt.format(record[k]) for k, fmt in fields if record.get(k) is not None]
+    return " | ".join([f"step {record['step']}"] + shown)

@@ -1,0 +1,48 @@
+"""Checking torch pickles before anyone unpickles them freely.
+
+DeepSpeed's loaders call torch.load(weights_only=False), which would execute code planted in a
+checkpoint directory. Every .pt is first opened with weights_only=True and an explicit allowlist
+of the plain-data classes DeepSpeed writes; anything else is refused before DeepSpeed runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megacpt.errors import UserError
+
+
+def _allowlist() -> list:
+    import argparse
+    import collections
+
+    allowed = [argparse.Namespace, collections.OrderedDict, collections.defaultdict, set, frozenset]
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+
+        allowed += [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed.append(fragment_address)
+    except ImportError:
+        pass
+    return allowed
+
+
+def check_torch_file(path) -> None:
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(_allowlist()):
+            torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise UserError(f"refusing to load {path}: it contains objects outside the safe allowlist ({first[:200]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"cannot read checkpoint file {path}: {str(e).splitlines()[0][:200]}") from None

