@@ -16,8 +16,10 @@ Both backends expose the same two primitives so that the autograd functions (and
 vocab-parallel variant in vocab_parallel.py) are backend-agnostic:
   stats(hidden, weight, targets, vocab_start, softcap, need_sum) -> (max, sumexp, tgt_logit, logit_sum)
       per-token, over this weight's rows only; tgt_logit is 0 where the target is not a row of it.
-  grads(hidden, weight, targets, lse, row_scale, ...) -> (dX fp32 | None, dW fp32 | None)
-      gradients of sum_i row_scale[i] * loss_i given the (global) logsumexp.
+  grads(hidden, weight, targets, row_max, log_sumexp, row_scale, ...) -> (dX fp32 | None, dW fp32 | None)
+      gradients of sum_i row_scale[i] * loss_i given the (global) softmax statistics. The
+      logsumexp is passed as max + log(sumexp) unsummed: p = exp((s - max) - log(sumexp)) keeps
+      1 - p accurate for confident targets, where rounding lse to fp32 first costs ~1e-6.
 
 Per-token loss, with s = softcap * tanh(z / softcap) (or s = z), eps = label_smoothing:
   loss_i = lse_i - (1 - eps) * s_{i,t} - eps / V * sum_j s_{i,j} + z_loss * lse_i^2
@@ -117,21 +119,26 @@ def _maybe_check_targets(targets: Tensor, vocab_size: int, ignore_index: int) ->
 # ----------------------------------------------------------------------------------------------
 # per-token maths shared by every backend
 # ----------------------------------------------------------------------------------------------
-def _finish(lse: Tensor, tgt_logit: Tensor, logit_sum: Optional[Tensor], targets: Tensor, *,
-            ignore_index: int, vocab_total: int, z_loss: float, label_smoothing: float):
-    """Per-token (loss, z term, valid mask) from the softmax statistics (N-sized ops only)."""
+def _finish(row_max: Tensor, sumexp: Tensor, tgt_logit: Tensor, logit_sum: Optional[Tensor],
+            targets: Tensor, *, ignore_index: int, vocab_total: int, z_loss: float,
+            label_smoothing: float):
+    """Per-token (loss, z term, valid mask, log(sumexp)) from the softmax statistics (N-sized ops)."""
     eps = label_smoothing
     valid = targets != ignore_index
-    loss = lse - (1.0 - eps) * tgt_logit
+    log_se = sumexp.log()
+    lse = row_max + log_se
+    # (max - target) + log(sumexp) rather than lse - target: for a confident target max == target
+    # and the loss ~1e-4 would otherwise lose digits to the rounding of lse (~1e-6 * |max|).
+    loss = (1.0 - eps) * (row_max - tgt_logit) + log_se
     if eps:
-        loss = loss - (eps / vocab_total) * logit_sum
+        loss = loss + eps * (row_max - logit_sum / vocab_total)
     z = z_loss * lse.square() if z_loss else torch.zeros_like(lse)
     loss = torch.where(valid, loss + z, 0.0)
     z = torch.where(valid, z, 0.0)
     # Out-of-range targets (unchecked on CUDA after the first call) poison the loss instead of
     # silently training on a wrong logit.
     loss = torch.where(invalid_targets(targets, vocab_total, ignore_index), float("nan"), loss)
-    return loss, z, valid
+    return loss, z, valid, log_se
 
 
 def _reduce(per_token: Tensor, reduction: str, n_valid: Tensor) -> Tensor:
@@ -150,10 +157,6 @@ def _row_scale(grad_out: Tensor, reduction: str, valid: Tensor, n_valid: Tensor)
     if reduction == "mean":
         g = g / n_valid.clamp(min=1)
     return (g * valid).expand(valid.shape).contiguous()
-
-
-def _lse(row_max: Tensor, sumexp: Tensor) -> Tensor:
-    return row_max + sumexp.log()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,7 +235,8 @@ def torch_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *, vocab_start:
 
 
 @torch.no_grad()
-def torch_grads(hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor, *,
+def torch_grads(hidden: Tensor, weight: Tensor, targets: Tensor, row_max: Tensor, log_sumexp: Tensor,
+                row_scale: Tensor, *,
                 vocab_start: int = 0, softcap: Optional[float] = None, z_loss: float = 0.0,
                 label_smoothing: float = 0.0, vocab_total: Optional[int] = None,
                 need_dx: bool = True, need_dw: bool = True, chunk_elems: Optional[int] = None):
@@ -241,11 +245,12 @@ def torch_grads(hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, ro
     dx = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dx else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
     local, in_shard = _local_targets(targets, vocab_start, v)
+    lse = row_max + log_sumexp if z_loss else row_max  # only z-loss needs lse itself
     c = chunk_rows(n, v, chunk_elems)
     for i in range(0, n, c):
         j = min(i + c, n)
         s, th = _chunk_logits(hidden[i:j], weight, softcap)
-        p = s.sub_(lse[i:j, None]).exp_()
+        p = s.sub_(row_max[i:j, None]).sub_(log_sumexp[i:j, None]).exp_()
         dz = _probs_to_dlogits(p, th, local[i:j], in_shard[i:j], lse[i:j], row_scale[i:j],
                                z_loss, label_smoothing, vocab_total)
         del th
@@ -280,7 +285,7 @@ def torch_fused(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index
         if dx is None and dw is None:
             continue
         p = e.div_(se.unsqueeze(1))
-        dz = _probs_to_dlogits(p, th, local[i:j], in_shard[i:j], _lse(m, se), valid[i:j],
+        dz = _probs_to_dlogits(p, th, local[i:j], in_shard[i:j], m + se.log(), valid[i:j],
                                z_loss, label_smoothing, v)
         del th
         _accumulate_grads(dz, hidden[i:j], weight, dx, dw, i, j)
@@ -299,8 +304,9 @@ class TorchBackend:
         return torch_stats(hidden, weight, targets, vocab_start=vocab_start, softcap=softcap,
                            need_sum=need_sum, chunk_elems=self.chunk_elems)
 
-    def grads(self, hidden, weight, targets, lse, row_scale, **kw):
-        return torch_grads(hidden, weight, targets, lse, row_scale, chunk_elems=self.chunk_elems, **kw)
+    def grads(self, hidden, weight, targets, row_max, log_sumexp, row_scale, **kw):
+        return torch_grads(hidden, weight, targets, row_max, log_sumexp, row_scale,
+                           chunk_elems=self.chunk_elems, **kw)
 
 
 def get_backend(impl: str, device: torch.device, chunk_elems: Optional[int] = None):
@@ -333,9 +339,9 @@ class _PrecomputedLCE(torch.autograd.Function):
             hidden, weight, targets, ignore_index=ignore_index, softcap=softcap, z_loss=z_loss,
             label_smoothing=label_smoothing, need_dx=need_dx, need_dw=need_dw,
             chunk_elems=chunk_elems)
-        loss, z, valid = _finish(_lse(row_max, sumexp), tgt_logit, logit_sum, targets,
-                                 ignore_index=ignore_index, vocab_total=weight.shape[0],
-                                 z_loss=z_loss, label_smoothing=label_smoothing)
+        loss, z, valid, _ = _finish(row_max, sumexp, tgt_logit, logit_sum, targets,
+                                    ignore_index=ignore_index, vocab_total=weight.shape[0],
+                                    z_loss=z_loss, label_smoothing=label_smoothing)
         n_valid = valid.sum()
         ctx.reduction = reduction
         ctx.n_valid = n_valid
@@ -368,12 +374,11 @@ class _RecomputeLCE(torch.autograd.Function):
                 label_smoothing, softcap):
         row_max, sumexp, tgt_logit, logit_sum = backend.stats(
             hidden, weight, targets, vocab_start=0, softcap=softcap, need_sum=bool(label_smoothing))
-        lse = _lse(row_max, sumexp)
-        loss, z, valid = _finish(lse, tgt_logit, logit_sum, targets, ignore_index=ignore_index,
-                                 vocab_total=weight.shape[0], z_loss=z_loss,
-                                 label_smoothing=label_smoothing)
+        loss, z, valid, log_se = _finish(row_max, sumexp, tgt_logit, logit_sum, targets,
+                                         ignore_index=ignore_index, vocab_total=weight.shape[0],
+                                         z_loss=z_loss, label_smoothing=label_smoothing)
         n_valid = valid.sum()
-        ctx.save_for_backward(hidden, weight, targets, lse, valid, n_valid)
+        ctx.save_for_backward(hidden, weight, targets, row_max, log_se, valid, n_valid)
         ctx.backend = backend
         ctx.opts = dict(softcap=softcap, z_loss=z_loss, label_smoothing=label_smoothing)
         ctx.reduction = reduction
@@ -383,9 +388,9 @@ class _RecomputeLCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_z):
-        hidden, weight, targets, lse, valid, n_valid = ctx.saved_tensors
+        hidden, weight, targets, row_max, log_se, valid, n_valid = ctx.saved_tensors
         row_scale = _row_scale(grad_loss, ctx.reduction, valid, n_valid)
-        dx, dw = ctx.backend.grads(hidden, weight, targets, lse, row_scale, vocab_start=0,
+        dx, dw = ctx.backend.grads(hidden, weight, targets, row_max, log_se, row_scale, vocab_start=0,
                                    vocab_total=weight.shape[0], need_dx=ctx.needs_input_grad[0],
                                    need_dw=ctx.needs_input_grad[1], **ctx.opts)
         dx = dx.to(hidden.dtype) if dx is not None else None
@@ -428,9 +433,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
         with torch.no_grad():
             row_max, sumexp, tgt_logit, logit_sum = backend.stats(
                 hidden2, weight, targets1, softcap=softcap, need_sum=bool(label_smoothing))
-            loss, z, valid = _finish(_lse(row_max, sumexp), tgt_logit, logit_sum, targets1,
-                                     ignore_index=ignore_index, vocab_total=weight.shape[0],
-                                     z_loss=z_loss, label_smoothing=label_smoothing)
+            loss, z, valid, _ = _finish(row_max, sumexp, tgt_logit, logit_sum, targets1,
+                                        ignore_index=ignore_index, vocab_total=weight.shape[0],
+                                        z_loss=z_loss, label_smoothing=label_smoothing)
             n_valid = valid.sum()
             loss, z = _reduce(loss, reduction, n_valid), _reduce(z, reduction, n_valid)
     elif backend.name == "torch" and reduction != "none":

@@ -1,3 +1,119 @@
-"""placeholder"""
-def vocab_parallel_linear_cross_entropy(*a, **k):
-    raise NotImplementedError
+"""Vocab-parallel linear + cross-entropy for a tensor-parallel output head.
+
+Each rank of `group` holds the rows [vocab_start, vocab_start + V_local) of the head weight and
+the same (replicated) hidden states and targets. Per token, only the softmax statistics cross
+ranks -- the max (one all_reduce MAX) and sum-exp / target logit / logit sum (one all_reduce SUM of
+a stacked (2 or 3, N) tensor) -- never logits. In backward, each rank computes the gradient of its
+own weight shard locally (dW is not communicated) and the partial dX of its vocabulary slice;
+the partial dXs are all-reduced (SUM) over the group, as for the input of Megatron's
+column-parallel head. So do not wrap `hidden` in another copy-to-tensor-parallel-region op: that
+would reduce dX twice.
+
+The group is an explicit argument (no global parallel state). Every rank must call this with the
+same N, reduction and requires_grad pattern (the collectives must match).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .linear_cross_entropy import _finish, _maybe_check_targets, _reduce, _row_scale, _validate, get_backend
+
+__all__ = ["vocab_parallel_linear_cross_entropy"]
+
+
+def _global_stats(backend, hidden, weight, targets, group, vocab_start, softcap, need_sum):
+    row_max, sumexp, tgt_logit, logit_sum = backend.stats(hidden, weight, targets, vocab_start=vocab_start,
+                                                          softcap=softcap, need_sum=need_sum)
+    global_max = row_max.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    parts = [sumexp * torch.exp(row_max - global_max), tgt_logit]  # tgt_logit is 0 off-shard
+    if need_sum:
+        parts.append(logit_sum)
+    packed = torch.stack(parts)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    return global_max, packed[0], packed[1], (packed[2] if need_sum else None)
+
+
+class _VocabParallelLCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, group, backend, vocab_start, vocab_size, ignore_index,
+                reduction, z_loss, label_smoothing, softcap):
+        row_max, sumexp, tgt_logit, logit_sum = _global_stats(
+            backend, hidden, weight, targets, group, vocab_start, softcap, bool(label_smoothing))
+        loss, z, valid, log_se = _finish(row_max, sumexp, tgt_logit, logit_sum, targets,
+                                         ignore_index=ignore_index, vocab_total=vocab_size,
+                                         z_loss=z_loss, label_smoothing=label_smoothing)
+        n_valid = valid.sum()
+        ctx.save_for_backward(hidden, weight, targets, row_max, log_se, valid, n_valid)
+        ctx.group, ctx.backend, ctx.reduction = group, backend, reduction
+        ctx.opts = dict(vocab_start=vocab_start, vocab_total=vocab_size, softcap=softcap,
+                        z_loss=z_loss, label_smoothing=label_smoothing)
+        z_out = _reduce(z, reduction, n_valid)
+        ctx.mark_non_differentiable(z_out)
+        return _reduce(loss, reduction, n_valid), z_out
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_z):
+        hidden, weight, targets, row_max, log_se, valid, n_valid = ctx.saved_tensors
+        row_scale = _row_scale(grad_loss, ctx.reduction, valid, n_valid)
+        dx, dw = ctx.backend.grads(hidden, weight, targets, row_max, log_se, row_scale,
+                                   need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
+                                   **ctx.opts)
+        if dx is not None:
+            dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=ctx.group)
+            dx = dx.to(hidden.dtype)
+        if dw is not None:
+            dw = dw.to(weight.dtype)
+        return dx, dw, None, None, None, None, None, None, None, None, None, None
+
+
+def vocab_parallel_linear_cross_entropy(hidden: Tensor, weight_shard: Tensor, targets: Tensor, group=None,
+                                        *, vocab_start: int, vocab_size: Optional[int] = None,
+                                        ignore_index: int = -100, reduction: str = "mean",
+                                        z_loss: float = 0.0, label_smoothing: float = 0.0,
+                                        softcap: Optional[float] = None, return_z_loss: bool = False,
+                                        impl: str = "auto"):
+    """linear_cross_entropy over a vocabulary sharded across the ranks of `group`.
+
+    hidden (..., H) and targets (...) (global vocabulary ids) are identical on every rank;
+    weight_shard (V_local, H) holds global rows [vocab_start, vocab_start + V_local).
+    vocab_size: the global V (default V_local * group size, i.e. equal shards) -- it scales the
+    label-smoothing term and bounds the target range check.
+    Returns the same value on every rank, like linear_cross_entropy (same options and semantics).
+    group=None means the default process group (passed through to torch.distributed as is).
+    """
+    _validate(hidden, weight_shard, targets, reduction, impl, z_loss, label_smoothing, softcap)
+    world = dist.get_world_size(group)
+    v_local = weight_shard.shape[0]
+    vocab_size = v_local * world if vocab_size is None else int(vocab_size)
+    if not (0 <= vocab_start and vocab_start + v_local <= vocab_size):
+        raise ValueError(f"shard rows [{vocab_start}, {vocab_start + v_local}) do not fit in "
+                         f"vocab_size {vocab_size}")
+    softcap = float(softcap) if softcap is not None else None
+    lead_shape = targets.shape
+    hidden2 = hidden.reshape(-1, hidden.shape[-1])
+    targets1 = targets.reshape(-1)
+    _maybe_check_targets(targets1, vocab_size, ignore_index)
+    backend = get_backend(impl, hidden.device)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight_shard.requires_grad):
+        loss, z = _VocabParallelLCE.apply(hidden2, weight_shard, targets1, group, backend, vocab_start,
+                                          vocab_size, ignore_index, reduction, float(z_loss),
+                                          float(label_smoothing), softcap)
+    else:
+        with torch.no_grad():
+            row_max, sumexp, tgt_logit, logit_sum = _global_stats(
+                backend, hidden2, weight_shard, targets1, group, vocab_start, softcap,
+                bool(label_smoothing))
+            loss, z, valid, _ = _finish(row_max, sumexp, tgt_logit, logit_sum, targets1,
+                                        ignore_index=ignore_index, vocab_total=vocab_size,
+                                        z_loss=float(z_loss), label_smoothing=float(label_smoothing))
+            n_valid = valid.sum()
+            loss, z = _reduce(loss, reduction, n_valid), _reduce(z, reduction, n_valid)
+    if reduction == "none":
+        loss, z = loss.reshape(lead_shape), z.reshape(lead_shape)
+    return (loss, z) if return_z_loss else loss

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == name:  # subcommand not built yet
+            if e.name and (name == e.name or name.startswith(e.name + ".")):  # not built yet
                 continue
             raise
         mod.register(sub)

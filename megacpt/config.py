@@ -288,11 +288,24 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     import copy
 
     tree = copy.deepcopy(data) if data else {}
-    for key, value in parse_overrides(overrides or []):
+    parsed = parse_overrides(overrides or [])
+    if parsed:
+        # Overrides apply on top of the defaults, so `--set data.train.0.weight=…` finds the list.
+        tree = _merge_defaults(Config().to_dict(), tree)
+    for key, value in parsed:
         _set_path(tree, key, value)
     cfg = _from_dict(Config, tree)
     validate(cfg)
     return cfg
+
+
+def _merge_defaults(defaults, data):
+    if isinstance(defaults, dict) and isinstance(data, dict):
+        out = dict(defaults)
+        for k, v in data.items():
+            out[k] = _merge_defaults(defaults[k], v) if k in defaults else v
+        return out
+    return data
 
 
 def load_config(path, overrides: list[str] | None = None) -> Config:

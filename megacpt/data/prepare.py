@@ -791,19 +791,28 @@ def _valid_mask(record_ids: np.ndarray, fraction: float) -> np.ndarray:
     return np.floor((r + 1) * fraction) > np.floor(r * fraction)
 
 
-def _batches(sources: list[Source], ranges, stats: _Stats):
-    """(batch, first global record number) in input order; batches never span two sources."""
-    for src, (offset, lo, hi) in zip(sources, ranges):
-        if hi is not None and hi <= lo:
-            stats.per_source.append({"path": src.path, "records": 0})
-            continue
+def _batches(sources: list[Source], stats: _Stats, counts=None, lo: int = 0, hi: int | None = None):
+    """(batch, first global record number) in input order; batches never span two sources.
+
+    With `counts` (from the counting pass) only global records [lo, hi) are read; without, all.
+    """
+    offset = 0
+    for i, src in enumerate(sources):
+        if counts is not None:
+            a, b = max(lo - offset, 0), max(min(hi - offset, counts[i]), 0)
+            if b <= a:
+                stats.per_source.append({"path": src.path, "records": 0})
+                offset += counts[i]
+                continue
+        else:
+            a, b = 0, None
         n = 0
         locs: list = []
         payloads: list = []
         size = 0
         kind = None
-        first = offset + lo
-        for loc, payload, pkind in src.records(lo, hi):
+        first = offset + a
+        for loc, payload, pkind in src.records(a, b):
             kind = pkind
             locs.append(loc)
             payloads.append(payload)
@@ -817,6 +826,7 @@ def _batches(sources: list[Source], ranges, stats: _Stats):
             yield (src.path, src.unit, kind, locs, payloads), first
         stats.records += n
         stats.per_source.append({"path": src.path, "records": n})
+        offset += counts[i] if counts is not None else n
 
 
 def _run_batches(batches, workers: int, spec: dict, opts: _Options):
@@ -905,22 +915,15 @@ def prepare(
         raise DataError(f"tokenizer {tokenizer} has no BOS token; drop --bos")
     dtype = dtype_for_vocab(tok.vocab_size)
 
-    # Record ranges per source: (global offset, local start, local stop).
-    total = None
+    # With --num-shards, count every input's records first to find this part's global range.
+    counts, g_lo, g_hi, todo = None, 0, None, None
     if num_shards > 1:
         counts = [s.count() for s in sources]
         total = sum(counts)
         if total == 0:
             raise DataError("inputs hold no documents; check the --input files and --text-mode")
         g_lo, g_hi = total * shard_index // num_shards, total * (shard_index + 1) // num_shards
-        ranges, off = [], 0
-        for c in counts:
-            ranges.append((off, max(g_lo - off, 0), max(min(g_hi - off, c), 0)))
-            off += c
         todo = g_hi - g_lo
-    else:
-        ranges = [(None, 0, None)] * len(sources)
-        todo = None
 
     opts = _Options(
         text_key=text_key,
@@ -935,13 +938,12 @@ def prepare(
     train: _ShardSet | None = None
     valid: IndexedDatasetWriter | None = None
     committed: list[str] = []
+    results = None
     bar = _progress(todo, progress)
     try:
         train = _ShardSet(output, dtype, max_bytes)
         valid = IndexedDatasetWriter(f"{output}_valid", dtype) if valid_fraction > 0 else None
-        if num_shards == 1:
-            ranges = _sequential_offsets(sources, ranges, stats)
-        results = _run_batches(_batches(sources, ranges, stats), workers, tok.spec, opts)
+        results = _run_batches(_batches(sources, stats, counts, g_lo, g_hi), workers, tok.spec, opts)
         tokens_seen = 0
         last_post = 0.0
         for first, n, (tokens, sizes, undecodable, empty) in results:
@@ -1006,12 +1008,11 @@ def prepare(
             w.close()
         if valid is not None:
             valid.close()
-        new_files = {bin_path(w.prefix) for w in train.writers} | {idx_path(w.prefix) for w in train.writers}
-        if valid is not None:
-            new_files |= {bin_path(valid.prefix), idx_path(valid.prefix)}
-        new_files.add(sidecar_path(output))
-        stale = [q for q in _family(output) if str(q) not in new_files]
-        for w in train.writers + ([valid] if valid else []):
+        writers = train.writers + ([valid] if valid is not None else [])
+        new_files = {os.path.abspath(f(w.prefix)) for w in writers for f in (bin_path, idx_path)}
+        new_files.add(os.path.abspath(sidecar_path(output)))
+        stale = [q for q in _family(output) if os.path.abspath(q) not in new_files]
+        for w in writers:
             w.commit()
             committed += [bin_path(w.prefix), idx_path(w.prefix)]
         _write_json_atomic(sidecar_path(output), sidecar)
@@ -1022,6 +1023,8 @@ def prepare(
         return sidecar
     except BaseException:
         bar.close()
+        if results is not None:
+            results.close()  # stops the worker pool now, not when the traceback is collected
         if train is not None:
             for w in train.writers:
                 w.abort()
@@ -1035,18 +1038,6 @@ def prepare(
             except OSError:
                 pass
         raise
-
-
-def _sequential_offsets(sources, ranges, stats):
-    """Without a counting pass, global offsets are known only as sources are read: a generator
-    of ranges that `_batches` consumes lazily, each offset = records read so far."""
-
-    class _Lazy:
-        def __iter__(self):
-            for _ in sources:
-                yield (stats.records, 0, None)
-
-    return _Lazy()
 
 
 def _created_by() -> str:

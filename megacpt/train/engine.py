@@ -86,8 +86,13 @@ def build_model(args: ModelArgs, ds_config: dict, dtype: torch.dtype, zero_stage
     device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                         else torch.device("cpu"))
     if zero_stage == 3:
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        # No dtype= here: DeepSpeed 0.19 parses an explicit dtype as `(dtype or fp16) if fp16 else
+        # bf16`, which on CPU turns float32 into bfloat16. The config's bf16 flag says the same thing.
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = Transformer(args)
+        wrong = {p.ds_tensor.dtype for p in model.parameters()} - {dtype}
+        if wrong:
+            raise RuntimeError(f"zero.Init created parameters in {wrong}, expected {dtype}")
         if weights_dir is not None:
             load_partitioned(model, weights_dir)
         return model

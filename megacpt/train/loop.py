@@ -224,6 +224,7 @@ def train(cfg: Config) -> int:
                                load_optimizer_states=False, load_lr_scheduler_states=False)
 
     logger = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.tensorboard)
+    _write_layout(run_dir, engine.module, rank, world, cfg.parallel.zero_stage)
     if rank == 0:
         with open(run_dir / "config.resolved.json", "w") as f:
             json.dump({"config": cfg.to_dict(), "deepspeed": ds_config, "world_size": world,
@@ -300,17 +301,22 @@ def train(cfg: Config) -> int:
         # scaling by (dp × gas / tokens) turns that into the token mean of the whole global batch.
         scale = dp_size * gas / global_tokens
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for b in batches:
+        plain_norm = None
+        for i, b in enumerate(batches):
             kwargs = {"segment_ids": b["segments"].to(device)} if use_segments else {}
             out = engine(b["input_ids"].to(device), labels=b["labels"].to(device), **kwargs)
             engine.backward(out * scale)
+            if i == len(batches) - 1 and cfg.parallel.zero_stage == 0:
+                # Without ZeRO, DeepSpeed clips but does not report the norm: measure the
+                # (already data-parallel averaged) gradients before the optimizer step.
+                plain_norm = _grad_norm(engine.module)
             engine.step()
             loss_sum += out.detach().double().cpu()
         stats = torch.stack([loss_sum, torch.tensor(float(stopper.flag), dtype=torch.float64)])
         dist.all_reduce(stats[:1])
         dist.all_reduce(stats[1:], op=dist.ReduceOp.MAX)
         loss = float(stats[0]) / global_tokens
-        grad_norm = engine.get_global_grad_norm()
+        grad_norm = plain_norm if plain_norm is not None else engine.get_global_grad_norm()
         step += 1
         steps_this_run += 1
         dt = time.perf_counter() - t0
@@ -376,6 +382,38 @@ def _rank_batches(dataset, first_sample: int, mb: int, gas: int, dp_rank: int, d
             labels[segs[:, 1:] != segs[:, :-1]] = IGNORE
         out.append({"input_ids": tokens[:, :-1].contiguous(), "labels": labels, "segments": segs[:, :-1].contiguous()})
     return out
+
+
+def _write_layout(run_dir: Path, module, rank: int, world: int, zero_stage: int) -> None:
+    """run_dir/layout.json: how many elements of each parameter every rank holds (shows sharding)."""
+    import torch
+    import torch.distributed as dist
+
+    names, full, local = [], [], []
+    for name, p in module.named_parameters():
+        names.append(name)
+        full.append(int(getattr(p, "ds_numel", p.numel())))
+        local.append(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else int(p.numel()))
+    mine = torch.tensor(local, dtype=torch.int64)
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    if rank == 0:
+        layout = {
+            "world_size": world,
+            "zero_stage": zero_stage,
+            "params": {n: {"numel": f, "per_rank": [int(t[i]) for t in every]} for i, (n, f) in enumerate(zip(names, full))},
+            "per_rank_total": [int(t.sum()) for t in every],
+            "total": sum(full),
+        }
+        with open(run_dir / "layout.json", "w") as fh:
+            json.dump(layout, fh, indent=1)
+
+
+def _grad_norm(module) -> float:
+    import torch
+
+    sq = [p.grad.detach().double().pow(2).sum() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
 
 
 def _evaluate(engine, windows: np.ndarray, mb: int, dp_rank: int, dp_size: int, device) -> tuple[float, int]:

@@ -1,0 +1,301 @@
+"""Triton kernels for the fused linear + cross-entropy (imported lazily by linear_cross_entropy.py).
+
+Nothing of size N x V ever reaches global memory:
+  * _lce_fwd_kernel: one program per block of tokens streams the weight in (BLOCK_V x BLOCK_H)
+    tiles, forms a (BLOCK_N x BLOCK_V) logit tile with tl.dot and folds it into an online
+    softmax (running max and sum-exp), also picking the target logit and, for label smoothing,
+    the logit sum. Output: 4 floats per token.
+  * backward recomputes the logit tiles from the saved per-token logsumexp, in two kernels so that
+    every output element has exactly one writer and a fixed summation order (deterministic, no
+    atomics):
+      _lce_bwd_dx_kernel: one program per token block loops over V; dX rows are accumulated in an
+        fp32 buffer that only this program touches.
+      _lce_bwd_dw_kernel: one program per vocabulary block loops over N; likewise for dW rows.
+    Cost: forward 2NHV FLOPs, backward 8NHV (two recomputes + two gradient products).
+
+Offsets are int64 (row * stride overflows int32 once N*H or V*H passes 2^31).
+Under TRITON_INTERPRET=1 (CPU tensors) bf16/fp16 tiles are upcast to fp32 before tl.dot, which the
+interpreter otherwise gets wrong, and tanh is built from sigmoid (no libdevice there).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["TritonBackend", "lce_stats", "lce_grads", "KERNELS", "interpreting"]
+
+
+@triton.jit
+def _tanh(x):
+    # libdevice tanh is unavailable under the interpreter; this form is exact enough in fp32.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 (BLOCK_N x BLOCK_V) tile of hidden[rows] @ weight[cols].T; rows/cols are int64."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    h_rows = h_ptr + rows[:, None] * stride_h
+    w_rows = w_ptr + cols[:, None] * stride_w
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_mask = ks < H
+        a = tl.load(h_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _dlogits(z, cols, col_mask, local_tgt, row_max, log_se, z_factor, row_scale, softcap, tgt_coef,
+             smooth, HAS_SOFTCAP: tl.constexpr):
+    """d(sum_i row_scale_i * loss_i)/dz for a tile of raw logits z (fp32)."""
+    if HAS_SOFTCAP:
+        th = _tanh(z / softcap)
+        s = th * softcap
+    else:
+        th = z
+        s = z
+    # (s - max) - log(sumexp), not s - lse: keeps 1 - p accurate when p -> 1.
+    p = tl.exp((s - row_max[:, None]) - log_se[:, None])
+    # p - 1 is formed in fp32, before any cast to the tile dtype, so confident targets keep it.
+    g = p * z_factor[:, None] - smooth
+    g = tl.where(cols[None, :] == local_tgt[:, None], g - tgt_coef, g)
+    if HAS_SOFTCAP:
+        g = g * (1.0 - th * th)
+    g = g * row_scale[:, None]
+    return tl.where(col_mask[None, :], g, 0.0)
+
+
+@triton.jit
+def _lce_fwd_kernel(h_ptr, w_ptr, tgt_ptr, max_ptr, sumexp_ptr, tgt_logit_ptr, logit_sum_ptr,
+                    N, V, H, stride_h, stride_w, vocab_start, softcap,
+                    HAS_SOFTCAP: tl.constexpr, NEED_SUM: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    local_tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1).to(tl.int64) - vocab_start
+
+    row_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    sumexp = tl.zeros((BLOCK_N,), tl.float32)
+    tgt_logit = tl.zeros((BLOCK_N,), tl.float32)
+    logit_sum = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < V
+        s = _logit_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                        BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
+        if HAS_SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        tgt_logit += tl.sum(tl.where(cols[None, :] == local_tgt[:, None], s, 0.0), axis=1)
+        if NEED_SUM:
+            logit_sum += tl.sum(tl.where(col_mask[None, :], s, 0.0), axis=1)
+        s = tl.where(col_mask[None, :], s, float("-inf"))
+        # Every block has >= 1 valid column, so new_max is finite and exp(-inf - finite) = 0.
+        new_max = tl.maximum(row_max, tl.max(s, axis=1))
+        sumexp = sumexp * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
+        row_max = new_max
+    tl.store(max_ptr + rows, row_max, mask=row_mask)
+    tl.store(sumexp_ptr + rows, sumexp, mask=row_mask)
+    tl.store(tgt_logit_ptr + rows, tgt_logit, mask=row_mask)
+    if NEED_SUM:
+        tl.store(logit_sum_ptr + rows, logit_sum, mask=row_mask)
+
+
+@triton.jit
+def _lce_bwd_dx_kernel(h_ptr, w_ptr, tgt_ptr, max_ptr, logse_ptr, scale_ptr, dx_ptr,
+                       N, V, H, stride_h, stride_w, stride_dx, vocab_start, softcap,
+                       z_coef2, tgt_coef, smooth,
+                       HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    row_scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
+    # A block of ignored (e.g. padding) tokens has a zero gradient: dx stays as initialised.
+    if tl.max(tl.abs(row_scale), axis=0) != 0.0:
+        local_tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1).to(tl.int64) - vocab_start
+        row_max = tl.load(max_ptr + rows, mask=row_mask, other=0.0)
+        log_se = tl.load(logse_ptr + rows, mask=row_mask, other=0.0)
+        z_factor = 1.0 + z_coef2 * (row_max + log_se)
+        for v0 in range(0, V, BLOCK_V):
+            cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+            col_mask = cols < V
+            z = _logit_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                            BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
+            dz = _dlogits(z, cols, col_mask, local_tgt, row_max, log_se, z_factor, row_scale, softcap,
+                          tgt_coef, smooth, HAS_SOFTCAP)
+            if not UPCAST:
+                dz = dz.to(w_ptr.dtype.element_ty)
+            # The previous V step stored these dx tiles, possibly from other threads of this
+            # program (the store layout may differ from the load's): order them explicitly.
+            tl.debug_barrier()
+            for k0 in range(0, H, BLOCK_H):
+                ks = k0 + tl.arange(0, BLOCK_H)
+                k_mask = ks < H
+                w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
+                            mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                out = dx_ptr + rows[:, None] * stride_dx + ks[None, :]
+                out_mask = row_mask[:, None] & k_mask[None, :]
+                acc = tl.load(out, mask=out_mask, other=0.0)
+                acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
+                tl.store(out, acc, mask=out_mask)
+
+
+@triton.jit
+def _lce_bwd_dw_kernel(h_ptr, w_ptr, tgt_ptr, max_ptr, logse_ptr, scale_ptr, dw_ptr,
+                       N, V, H, stride_h, stride_w, stride_dw, vocab_start, softcap,
+                       z_coef2, tgt_coef, smooth,
+                       HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = pid.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    for n0 in range(0, N, BLOCK_N):
+        rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row_mask = rows < N
+        row_scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
+        if tl.max(tl.abs(row_scale), axis=0) != 0.0:
+            local_tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1).to(tl.int64) - vocab_start
+            row_max = tl.load(max_ptr + rows, mask=row_mask, other=0.0)
+            log_se = tl.load(logse_ptr + rows, mask=row_mask, other=0.0)
+            z_factor = 1.0 + z_coef2 * (row_max + log_se)
+            z = _logit_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                            BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
+            dz = _dlogits(z, cols, col_mask, local_tgt, row_max, log_se, z_factor, row_scale, softcap,
+                          tgt_coef, smooth, HAS_SOFTCAP)
+            dz_t = tl.trans(dz)
+            if not UPCAST:
+                dz_t = dz_t.to(h_ptr.dtype.element_ty)
+            tl.debug_barrier()  # see _lce_bwd_dx_kernel
+            for k0 in range(0, H, BLOCK_H):
+                ks = k0 + tl.arange(0, BLOCK_H)
+                k_mask = ks < H
+                h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
+                            mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                if UPCAST:
+                    h = h.to(tl.float32)
+                out = dw_ptr + cols[:, None] * stride_dw + ks[None, :]
+                out_mask = col_mask[:, None] & k_mask[None, :]
+                acc = tl.load(out, mask=out_mask, other=0.0)
+                acc = tl.dot(dz_t, h, acc, input_precision=DOT_PRECISION)
+                tl.store(out, acc, mask=out_mask)
+
+
+KERNELS = {"fwd": _lce_fwd_kernel, "bwd_dx": _lce_bwd_dx_kernel, "bwd_dw": _lce_bwd_dw_kernel}
+
+# Tile sizes. GPU values are not tuned on hardware (no autotune either: it breaks the
+# interpreter); they are the largest tiles for which the sm_90 build of all three kernels needs
+# no register spills (checked with cuobjdump -res-usage: BLOCK_H=64 spilled in both backward
+# kernels). The interpreter uses small tiles so that tests exercise several blocks in every loop.
+GPU_BLOCKS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3)
+INTERP_BLOCKS = dict(BLOCK_N=16, BLOCK_V=16, BLOCK_H=16)
+
+
+def interpreting() -> bool:
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (decided at import)."""
+    return type(_lce_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _launch_opts(dtype: torch.dtype) -> dict:
+    if interpreting():
+        return dict(INTERP_BLOCKS, UPCAST=True, DOT_PRECISION="ieee")
+    # fp32 inputs: follow torch's matmul setting (TF32 only when the user allowed it).
+    precision = "tf32" if (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    return dict(GPU_BLOCKS, UPCAST=False, DOT_PRECISION=precision)
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
+    """Shape/dtype/layout checks before any launch (the kernels would read garbage otherwise)."""
+    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
+        raise ValueError("triton linear_cross_entropy expects hidden (N, H), weight (V, H), targets (N,)")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden H={hidden.shape[1]} does not match weight H={weight.shape[1]}")
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"targets has {targets.shape[0]} entries for {hidden.shape[0]} tokens")
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16) or weight.dtype != hidden.dtype:
+        raise ValueError(f"hidden/weight must share fp32, bf16 or fp16, got {hidden.dtype}/{weight.dtype}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
+    if hidden.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("triton linear_cross_entropy needs hidden and weight with a contiguous last "
+                         "dimension (stride 1); call .contiguous() first")
+    if targets.stride(0) != 1:
+        raise ValueError("targets must be contiguous")
+    if not (hidden.device == weight.device == targets.device):
+        raise ValueError("hidden, weight and targets must be on one device")
+    if hidden.device.type != "cuda" and not interpreting():
+        raise ValueError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                         "megacpt.kernels.triton_lce is first imported (CPU interpreter)")
+
+
+def lce_stats(hidden, weight, targets, *, vocab_start: int = 0, softcap: Optional[float] = None,
+              need_sum: bool = False):
+    """Per-token (max, sumexp, target logit, logit sum | None) over this weight's rows."""
+    _check(hidden, weight, targets)
+    n, h = hidden.shape
+    v = weight.shape[0]
+    out = torch.zeros((4, n), dtype=torch.float32, device=hidden.device)
+    if n:
+        opts = _launch_opts(hidden.dtype)
+        grid = (triton.cdiv(n, opts["BLOCK_N"]),)
+        _lce_fwd_kernel[grid](hidden, weight, targets, out[0], out[1], out[2], out[3],
+                              n, v, h, hidden.stride(0), weight.stride(0), vocab_start,
+                              float(softcap or 1.0), HAS_SOFTCAP=softcap is not None,
+                              NEED_SUM=need_sum, **opts)
+    return out[0], out[1], out[2], (out[3] if need_sum else None)
+
+
+def lce_grads(hidden, weight, targets, row_max, log_sumexp, row_scale, *, vocab_start: int = 0,
+              softcap: Optional[float] = None, z_loss: float = 0.0, label_smoothing: float = 0.0,
+              vocab_total: Optional[int] = None, need_dx: bool = True, need_dw: bool = True):
+    """fp32 gradients of sum_i row_scale[i] * loss_i w.r.t. hidden and weight (None if not needed)."""
+    _check(hidden, weight, targets)
+    n, h = hidden.shape
+    v = weight.shape[0]
+    vocab_total = v if vocab_total is None else vocab_total
+    row_max = row_max.float().contiguous()
+    log_sumexp = log_sumexp.float().contiguous()
+    row_scale = row_scale.float().contiguous()
+    opts = _launch_opts(hidden.dtype)
+    common = (n, v, h, hidden.stride(0), weight.stride(0))
+    scalars = (vocab_start, float(softcap or 1.0), 2.0 * z_loss, 1.0 - label_smoothing,
+               label_smoothing / vocab_total)
+    dx = dw = None
+    if need_dx:
+        dx = torch.zeros((n, h), dtype=torch.float32, device=hidden.device)
+        if n:
+            _lce_bwd_dx_kernel[(triton.cdiv(n, opts["BLOCK_N"]),)](
+                hidden, weight, targets, row_max, log_sumexp, row_scale, dx, *common, dx.stride(0), *scalars,
+                HAS_SOFTCAP=softcap is not None, **opts)
+    if need_dw:
+        dw = torch.zeros((v, h), dtype=torch.float32, device=weight.device)
+        if n:
+            _lce_bwd_dw_kernel[(triton.cdiv(v, opts["BLOCK_V"]),)](
+                hidden, weight, targets, row_max, log_sumexp, row_scale, dw, *common, dw.stride(0), *scalars,
+                HAS_SOFTCAP=softcap is not None, **opts)
+    return dx, dw
+
+
+class TritonBackend:
+    name = "triton"
+
+    def stats(self, hidden, weight, targets, *, vocab_start=0, softcap=None, need_sum=False):
+        return lce_stats(hidden, weight, targets, vocab_start=vocab_start, softcap=softcap,
+                         need_sum=need_sum)
+
+    def grads(self, hidden, weight, targets, row_max, log_sumexp, row_scale, **kw):
+        return lce_grads(hidden, weight, targets, row_max, log_sumexp, row_scale, **kw)

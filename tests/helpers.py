@@ -1,0 +1,137 @@
+"""Small builders shared by tests: tiny HF model dirs, token shards, configs, launches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_hf_model(path, arch="llama", tied=False, vocab=128, hidden=32, layers=2, heads=4, kv_heads=2,
+                  inter=64, max_pos=128, seed=0, **extra) -> Path:
+    """A randomly initialised transformers model saved as an HF dir (the independent reference)."""
+    import torch
+    import transformers
+
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config}[arch]
+    cfg = cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
+              tie_word_embeddings=tied, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float()
+    path = Path(path)
+    model.save_pretrained(path)
+    return path
+
+
+def write_shard(prefix, docs, dtype=np.uint16) -> str:
+    from megacpt.data.indexed import IndexedDatasetWriter
+
+    with IndexedDatasetWriter(prefix, dtype) as w:
+        for d in docs:
+            w.add_document(np.asarray(d))
+    return str(prefix)
+
+
+def random_docs(n_docs, vocab, seed, min_len=5, max_len=60, eos=None):
+    rng = np.random.default_rng(seed)
+    eos = vocab - 1 if eos is None else eos
+    docs = []
+    for _ in range(n_docs):
+        n = int(rng.integers(min_len, max_len))
+        docs.append(np.concatenate([rng.integers(0, vocab - 1, n), [eos]]))
+    return docs
+
+
+def write_config(path, data: dict) -> Path:
+    path = Path(path)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def tiny_run_config(tmp, model_dir, run_dir, *, steps=5, zero=0, gb=4, mb=1, seq=16, vocab=128, **over) -> dict:
+    tmp = Path(tmp)
+    new = tmp / "data" / "new"
+    old = tmp / "data" / "old"
+    if not Path(f"{new}.idx").exists():
+        (tmp / "data").mkdir(parents=True, exist_ok=True)
+        write_shard(new, random_docs(80, vocab, 1))
+        write_shard(old, random_docs(80, vocab, 2))
+        write_shard(f"{new}_valid", random_docs(10, vocab, 3))
+        write_shard(f"{old}_valid", random_docs(10, vocab, 4))
+    cfg = {
+        "run_dir": str(run_dir),
+        "seed": 7,
+        "model": {"init_from": str(model_dir)},
+        "data": {
+            "seq_len": seq,
+            "train": [{"name": "new", "path": str(new), "weight": 0.75},
+                      {"name": "replay", "path": str(old), "weight": 0.25}],
+            "valid": [{"name": "new", "path": f"{new}_valid"}, {"name": "original", "path": f"{old}_valid"}],
+            "valid_tokens": 128,
+        },
+        "train": {"steps": steps, "micro_batch_size": mb, "global_batch_size": gb, "eval_interval": 100,
+                  "log_interval": 1},
+        "optim": {"lr": 1e-3, "min_lr": 1e-4, "weight_decay": 0.1, "grad_clip": 1.0},
+        "schedule": {"kind": "cosine", "warmup_steps": 2},
+        "parallel": {"zero_stage": zero},
+        "precision": "fp32",
+        "checkpoint": {"interval": 100, "keep": 2},
+        "tensorboard": False,
+    }
+    for k, v in over.items():
+        node = cfg
+        *path, last = k.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return cfg
+
+
+def cpu_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONHASHSEED": "0"})
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env.pop("LOCAL_RANK", None)
+    env.update(extra)
+    return env
+
+
+def launch(nproc: int, module_args: list[str], timeout=600, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """Run `python -m megacpt.train ...` (nproc=1) or under the deepspeed launcher (nproc>1)."""
+    env = env or cpu_env()
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megacpt.train", *module_args]
+    else:
+        ds = Path(sys.executable).parent / "deepspeed"
+        cmd = [str(ds), "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", "megacpt.train",
+               *module_args]
+    return subprocess.run(cmd, env=env, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(run_dir) -> list[dict]:
+    import json
+
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(run_dir) -> dict:
+    return {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}

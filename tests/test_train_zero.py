@@ -1,0 +1,148 @@
+"""End-to-end training over real launches: ZeRO-3 on 2 gloo ranks against one ZeRO-0 process,
+and stop/resume against uninterrupted runs. All runs are made once per module (launches are the
+expensive part) and then compared."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import launch, tiny_hf_model, tiny_run_config, train_losses, write_config
+
+pytestmark = pytest.mark.slow
+
+ZERO3_SHARDED = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+
+
+def _run(nproc, cfg_path, *sets):
+    args = [str(cfg_path)]
+    for s in sets:
+        args += ["--set", s]
+    r = launch(nproc, args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zero")
+    model = tiny_hf_model(tmp / "model", tied=False)
+    out = {}
+
+    def cfg(name, zero, **kw):
+        c = tiny_run_config(tmp, model, tmp / name, steps=5, zero=zero, gb=4, mb=1,
+                            deepspeed=ZERO3_SHARDED if zero == 3 else {}, **kw)
+        return write_config(tmp / f"{name}.yaml", c)
+
+    # Reference: one process, no ZeRO, 4 micro-batches accumulated per step.
+    out["single"] = tmp / "single"
+    _run(1, cfg("single", 0))
+    # 2 ranks, ZeRO-3 sharding everything, 2 micro-batches per rank per step.
+    out["zero3"] = tmp / "zero3"
+    _run(2, cfg("zero3", 3))
+    # The same, stopped after 2 steps and resumed (a second launch).
+    out["zero3_resumed"] = tmp / "zero3_resumed"
+    c = cfg("zero3_resumed", 3)
+    r1 = _run(2, c, "train.stop_after=2")
+    out["zero3_first_stdout"] = r1.stdout
+    _run(2, c)
+    # One process, stopped after 3 steps and resumed.
+    out["single_resumed"] = tmp / "single_resumed"
+    c = cfg("single_resumed", 0)
+    _run(1, c, "train.stop_after=3")
+    _run(1, c)
+    out["resume_cfg"] = c
+    return out
+
+
+def test_zero3_matches_single_process(runs):
+    a, b = train_losses(runs["single"]), train_losses(runs["zero3"])
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    la = torch.tensor([a[s]["loss"] for s in range(1, 6)], dtype=torch.float64)
+    lb = torch.tensor([b[s]["loss"] for s in range(1, 6)], dtype=torch.float64)
+    ga = torch.tensor([a[s]["grad_norm"] for s in range(1, 6)], dtype=torch.float64)
+    gb = torch.tensor([b[s]["grad_norm"] for s in range(1, 6)], dtype=torch.float64)
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-6)
+    assert (ga > 0).all() and la.std() > 0  # the comparison is not vacuous
+    # clipping is on (grad_clip 1.0) and these norms exceed it at least once
+    assert (ga > 1.0).any()
+
+
+def test_zero3_really_shards(runs):
+    layout = json.loads((runs["zero3"] / "layout.json").read_text())
+    assert layout["world_size"] == 2 and layout["zero_stage"] == 3
+    for name, p in layout["params"].items():
+        half = -(-p["numel"] // 2)
+        assert p["per_rank"] == [half, half], name
+    single = json.loads((runs["single"] / "layout.json").read_text())
+    assert all(p["per_rank"] == [p["numel"]] for p in single["params"].values())
+
+
+def test_metrics_fields(runs):
+    recs = train_losses(runs["zero3"])
+    r = recs[5]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "tflops_per_device", "mfu",
+                "tokens/new", "tokens/replay", "step_time_s", "peak_memory_mb"):
+        assert key in r, key
+    assert r["mfu"] is None  # CPU: no known peak
+    assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 2)
+    assert r["tokens/new"] + r["tokens/replay"] == 5 * 4 * 16
+    lines = [json.loads(x) for x in (runs["zero3"] / "metrics.jsonl").read_text().splitlines()]
+    valid = [x for x in lines if "valid/new/ppl" in x]
+    assert [x["step"] for x in valid] == [0, 5]
+    assert "valid/original/ppl" in valid[-1] and "valid/new/ppl_vs_base" in valid[-1]
+
+
+def _checkpoint_tensors(ckpt_dir: Path) -> dict:
+    from megacpt.train.safe_load import _allowlist
+
+    out = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            out[prefix] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(f"{prefix}/{i}", v)
+
+    for f in sorted(ckpt_dir.glob("*.pt")):
+        with torch.serialization.safe_globals(_allowlist()):
+            walk(f.name, torch.load(f, map_location="cpu", weights_only=True))
+    return out
+
+
+@pytest.mark.parametrize("pair", [("zero3", "zero3_resumed"), ("single", "single_resumed")])
+def test_resume_is_bit_identical(runs, pair):
+    full, resumed = runs[pair[0]], runs[pair[1]]
+    a, b = train_losses(full), train_losses(resumed)
+    assert [a[s]["loss"] for s in range(1, 6)] == [b[s]["loss"] for s in range(1, 6)]
+    assert [a[s]["grad_norm"] for s in range(1, 6)] == [b[s]["grad_norm"] for s in range(1, 6)]
+    assert [a[s]["tokens/new"] for s in range(1, 6)] == [b[s]["tokens/new"] for s in range(1, 6)]
+    ta = _checkpoint_tensors(full / "checkpoints" / "step_00000005")
+    tb = _checkpoint_tensors(resumed / "checkpoints" / "step_00000005")
+    assert ta.keys() == tb.keys() and len(ta) > 0
+    weights = [k for k in ta if ta[k].is_floating_point() and ta[k].numel() > 100]
+    assert weights, "no weight tensors found in the checkpoint"
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def test_stop_after_checkpoints_and_says_so(runs):
+    assert "stopped at step 2/5 (train.stop_after)" in runs["zero3_first_stdout"]
+    ckpts = sorted(p.name for p in (runs["zero3_resumed"] / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000002", "step_00000005"]  # keep: 2
+    assert (runs["zero3_resumed"] / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+
+
+def test_resume_with_changed_config_is_refused(runs, capsys):
+    from megacpt.cli import main
+
+    rc = main(["train", str(runs["resume_cfg"]), "--set", "optim.lr=0.5", "--set", "data.train.0.weight=0.5"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "data.train.0.weight" in err and "optim.lr" in err and "declare a new phase" in err
