@@ -213,32 +213,63 @@ def _accumulate_grads(dz: Tensor, h: Tensor, weight: Tensor, dx: Optional[Tensor
         dw.addmm_(dz.t(), h if h.dtype == torch.float32 else h.float())
 
 
+# The per-chunk work lives in functions of its own so that a chunk's buffers are freed when the
+# function returns -- before the next chunk allocates its logits (a loop body would keep the
+# previous chunk's buffer alive while the next one is created: twice the workspace).
+def _stats_chunk(h, weight, local, in_shard, softcap, need_sum):
+    s, _ = _chunk_logits(h, weight, softcap)
+    m = s.amax(1)
+    t = torch.where(in_shard, s.gather(1, local.unsqueeze(1)).squeeze(1), 0.0)
+    total = s.sum(1) if need_sum else None
+    se = s.sub_(m.unsqueeze(1)).exp_().sum(1)
+    return m, se, t, total
+
+
+def _grads_chunk(h, weight, local, in_shard, row_max, log_sumexp, lse, row_scale, softcap, z_loss,
+                 eps, vocab_total, dx, dw, i, j):
+    s, th = _chunk_logits(h, weight, softcap)
+    p = s.sub_(row_max.unsqueeze(1)).sub_(log_sumexp.unsqueeze(1)).exp_()
+    dz = _probs_to_dlogits(p, th, local, in_shard, lse, row_scale, z_loss, eps, vocab_total)
+    del th, s, p
+    _accumulate_grads(dz, h, weight, dx, dw, i, j)
+
+
+def _fused_chunk(h, weight, local, in_shard, valid, softcap, z_loss, eps, dx, dw, i, j):
+    s, th = _chunk_logits(h, weight, softcap)
+    m = s.amax(1)
+    t = torch.where(in_shard, s.gather(1, local.unsqueeze(1)).squeeze(1), 0.0)
+    total = s.sum(1) if eps else None
+    e = s.sub_(m.unsqueeze(1)).exp_()
+    se = e.sum(1)
+    if dx is not None or dw is not None:
+        p = e.div_(se.unsqueeze(1))
+        dz = _probs_to_dlogits(p, th, local, in_shard, m + se.log(), valid, z_loss, eps, weight.shape[0])
+        del th, s, e, p
+        _accumulate_grads(dz, h, weight, dx, dw, i, j)
+    return m, se, t, total
+
+
 @torch.no_grad()
 def torch_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *, vocab_start: int = 0,
                 softcap: Optional[float] = None, need_sum: bool = False,
                 chunk_elems: Optional[int] = None):
     n, v = hidden.shape[0], weight.shape[0]
     out = torch.empty((4, n), dtype=torch.float32, device=hidden.device)
-    row_max, sumexp, tgt_logit, logit_sum = out
     local, in_shard = _local_targets(targets, vocab_start, v)
     c = chunk_rows(n, v, chunk_elems)
     for i in range(0, n, c):
         j = min(i + c, n)
-        s, _ = _chunk_logits(hidden[i:j], weight, softcap)
-        m = s.amax(1)
-        row_max[i:j] = m
-        tgt_logit[i:j] = torch.where(in_shard[i:j], s.gather(1, local[i:j, None]).squeeze(1), 0.0)
-        if need_sum:
-            logit_sum[i:j] = s.sum(1)
-        sumexp[i:j] = s.sub_(m.unsqueeze(1)).exp_().sum(1)
-    return row_max, sumexp, tgt_logit, (logit_sum if need_sum else None)
+        for k, x in enumerate(_stats_chunk(hidden[i:j], weight, local[i:j], in_shard[i:j], softcap,
+                                           need_sum)):
+            if x is not None:
+                out[k, i:j] = x
+    return out[0], out[1], out[2], (out[3] if need_sum else None)
 
 
 @torch.no_grad()
 def torch_grads(hidden: Tensor, weight: Tensor, targets: Tensor, row_max: Tensor, log_sumexp: Tensor,
-                row_scale: Tensor, *,
-                vocab_start: int = 0, softcap: Optional[float] = None, z_loss: float = 0.0,
-                label_smoothing: float = 0.0, vocab_total: Optional[int] = None,
+                row_scale: Tensor, *, vocab_start: int = 0, softcap: Optional[float] = None,
+                z_loss: float = 0.0, label_smoothing: float = 0.0, vocab_total: Optional[int] = None,
                 need_dx: bool = True, need_dw: bool = True, chunk_elems: Optional[int] = None):
     n, v = hidden.shape[0], weight.shape[0]
     vocab_total = v if vocab_total is None else vocab_total
@@ -249,12 +280,8 @@ def torch_grads(hidden: Tensor, weight: Tensor, targets: Tensor, row_max: Tensor
     c = chunk_rows(n, v, chunk_elems)
     for i in range(0, n, c):
         j = min(i + c, n)
-        s, th = _chunk_logits(hidden[i:j], weight, softcap)
-        p = s.sub_(row_max[i:j, None]).sub_(log_sumexp[i:j, None]).exp_()
-        dz = _probs_to_dlogits(p, th, local[i:j], in_shard[i:j], lse[i:j], row_scale[i:j],
-                               z_loss, label_smoothing, vocab_total)
-        del th
-        _accumulate_grads(dz, hidden[i:j], weight, dx, dw, i, j)
+        _grads_chunk(hidden[i:j], weight, local[i:j], in_shard[i:j], row_max[i:j], log_sumexp[i:j],
+                     lse[i:j], row_scale[i:j], softcap, z_loss, label_smoothing, vocab_total, dx, dw, i, j)
     return dx, dw
 
 
@@ -264,8 +291,7 @@ def torch_fused(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index
                 need_dx: bool, need_dw: bool, chunk_elems: Optional[int] = None):
     """One pass: softmax statistics and the gradients of the *sum* of per-token losses."""
     n, v = hidden.shape[0], weight.shape[0]
-    stats = torch.empty((4, n), dtype=torch.float32, device=hidden.device)
-    row_max, sumexp, tgt_logit, logit_sum = stats
+    out = torch.empty((4, n), dtype=torch.float32, device=hidden.device)
     dx = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dx else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
     local, in_shard = _local_targets(targets, 0, v)
@@ -273,23 +299,11 @@ def torch_fused(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index
     c = chunk_rows(n, v, chunk_elems)
     for i in range(0, n, c):
         j = min(i + c, n)
-        s, th = _chunk_logits(hidden[i:j], weight, softcap)
-        m = s.amax(1)
-        row_max[i:j] = m
-        tgt_logit[i:j] = torch.where(in_shard[i:j], s.gather(1, local[i:j, None]).squeeze(1), 0.0)
-        if label_smoothing:
-            logit_sum[i:j] = s.sum(1)
-        e = s.sub_(m.unsqueeze(1)).exp_()
-        se = e.sum(1)
-        sumexp[i:j] = se
-        if dx is None and dw is None:
-            continue
-        p = e.div_(se.unsqueeze(1))
-        dz = _probs_to_dlogits(p, th, local[i:j], in_shard[i:j], m + se.log(), valid[i:j],
-                               z_loss, label_smoothing, v)
-        del th
-        _accumulate_grads(dz, hidden[i:j], weight, dx, dw, i, j)
-    return row_max, sumexp, tgt_logit, (logit_sum if label_smoothing else None), dx, dw
+        for k, x in enumerate(_fused_chunk(hidden[i:j], weight, local[i:j], in_shard[i:j], valid[i:j],
+                                           softcap, z_loss, label_smoothing, dx, dw, i, j)):
+            if x is not None:
+                out[k, i:j] = x
+    return out[0], out[1], out[2], (out[3] if label_smoothing else None), dx, dw
 
 
 class TorchBackend:

@@ -77,21 +77,26 @@ def _dlogits(z, cols, col_mask, local_tgt, row_max, log_se, z_factor, row_scale,
 
 
 @triton.jit
-def _lce_fwd_kernel(h_ptr, w_ptr, tgt_ptr, max_ptr, sumexp_ptr, tgt_logit_ptr, logit_sum_ptr,
-                    N, V, H, stride_h, stride_w, vocab_start, softcap,
+def _lce_fwd_kernel(h_ptr, w_ptr, tgt_ptr, out_ptr,
+                    N, V, H, stride_h, stride_w, vocab_start, softcap, v_per_split,
                     HAS_SOFTCAP: tl.constexpr, NEED_SUM: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Program (token block, vocabulary split) -> partial statistics out[0..3, split, rows]."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     local_tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1).to(tl.int64) - vocab_start
+    v_lo = split.to(tl.int64) * v_per_split  # v_per_split is a multiple of BLOCK_V: splits share no tile
+    v_hi = tl.minimum(v_lo + v_per_split, V)
 
     row_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     sumexp = tl.zeros((BLOCK_N,), tl.float32)
     tgt_logit = tl.zeros((BLOCK_N,), tl.float32)
     logit_sum = tl.zeros((BLOCK_N,), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_mask = cols < V
         s = _logit_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
@@ -106,20 +111,27 @@ def _lce_fwd_kernel(h_ptr, w_ptr, tgt_ptr, max_ptr, sumexp_ptr, tgt_logit_ptr, l
         new_max = tl.maximum(row_max, tl.max(s, axis=1))
         sumexp = sumexp * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
         row_max = new_max
-    tl.store(max_ptr + rows, row_max, mask=row_mask)
-    tl.store(sumexp_ptr + rows, sumexp, mask=row_mask)
-    tl.store(tgt_logit_ptr + rows, tgt_logit, mask=row_mask)
+    out = out_ptr + split.to(tl.int64) * N + rows
+    plane = n_splits.to(tl.int64) * N
+    tl.store(out, row_max, mask=row_mask)
+    tl.store(out + plane, sumexp, mask=row_mask)
+    tl.store(out + 2 * plane, tgt_logit, mask=row_mask)
     if NEED_SUM:
-        tl.store(logit_sum_ptr + rows, logit_sum, mask=row_mask)
+        tl.store(out + 3 * plane, logit_sum, mask=row_mask)
 
 
 @triton.jit
 def _lce_bwd_dx_kernel(h_ptr, w_ptr, tgt_ptr, max_ptr, logse_ptr, scale_ptr, dx_ptr,
                        N, V, H, stride_h, stride_w, stride_dx, vocab_start, softcap,
-                       z_coef2, tgt_coef, smooth,
+                       z_coef2, tgt_coef, smooth, v_per_split, stride_split,
                        HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                        BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Program (token block, vocabulary split) -> partial dX in dx[split, rows, :]."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    v_lo = split.to(tl.int64) * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    dx_ptr += split.to(tl.int64) * stride_split
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     row_scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
@@ -129,7 +141,7 @@ def _lce_bwd_dx_kernel(h_ptr, w_ptr, tgt_ptr, max_ptr, logse_ptr, scale_ptr, dx_
         row_max = tl.load(max_ptr + rows, mask=row_mask, other=0.0)
         log_se = tl.load(logse_ptr + rows, mask=row_mask, other=0.0)
         z_factor = 1.0 + z_coef2 * (row_max + log_se)
-        for v0 in range(0, V, BLOCK_V):
+        for v0 in range(v_lo, v_hi, BLOCK_V):
             cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
             col_mask = cols < V
             z = _logit_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
@@ -203,6 +215,15 @@ KERNELS = {"fwd": _lce_fwd_kernel, "bwd_dx": _lce_bwd_dx_kernel, "bwd_dw": _lce_
 # kernels). The interpreter uses small tiles so that tests exercise several blocks in every loop.
 GPU_BLOCKS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3)
 INTERP_BLOCKS = dict(BLOCK_N=16, BLOCK_V=16, BLOCK_H=16)
+# The forward and dX kernels parallelise over token blocks; with few tokens (N=4096 -> 64 blocks)
+# that leaves SMs idle, so the vocabulary is also split and the partial results are combined
+# afterwards (deterministically). Aim for this many programs per SM; dX partials cost
+# splits x N x H fp32, hence the separate, lower cap. The interpreter always uses 2 splits so
+# that the combine paths are tested.
+PROGRAMS_PER_SM = 2
+MAX_SPLITS_FWD = 32
+MAX_SPLITS_DX = 4
+INTERP_SPLITS = 2
 
 
 def interpreting() -> bool:
@@ -216,6 +237,18 @@ def _launch_opts(dtype: torch.dtype) -> dict:
     # fp32 inputs: follow torch's matmul setting (TF32 only when the user allowed it).
     precision = "tf32" if (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     return dict(GPU_BLOCKS, UPCAST=False, DOT_PRECISION=precision)
+
+
+def _vocab_splits(n_blocks: int, v: int, block_v: int, cap: int, device: torch.device):
+    """(number of splits, columns per split -- a multiple of block_v)."""
+    v_blocks = triton.cdiv(v, block_v)
+    if interpreting():
+        want = INTERP_SPLITS
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = triton.cdiv(PROGRAMS_PER_SM * sms, max(n_blocks, 1))
+    per_split = triton.cdiv(v_blocks, max(1, min(want, cap, v_blocks))) * block_v
+    return triton.cdiv(v, per_split), per_split
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
@@ -248,15 +281,22 @@ def lce_stats(hidden, weight, targets, *, vocab_start: int = 0, softcap: Optiona
     _check(hidden, weight, targets)
     n, h = hidden.shape
     v = weight.shape[0]
-    out = torch.zeros((4, n), dtype=torch.float32, device=hidden.device)
-    if n:
-        opts = _launch_opts(hidden.dtype)
-        grid = (triton.cdiv(n, opts["BLOCK_N"]),)
-        _lce_fwd_kernel[grid](hidden, weight, targets, out[0], out[1], out[2], out[3],
-                              n, v, h, hidden.stride(0), weight.stride(0), vocab_start,
-                              float(softcap or 1.0), HAS_SOFTCAP=softcap is not None,
-                              NEED_SUM=need_sum, **opts)
-    return out[0], out[1], out[2], (out[3] if need_sum else None)
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
+        return empty, empty, empty, (empty if need_sum else None)
+    opts = _launch_opts(hidden.dtype)
+    n_blocks = triton.cdiv(n, opts["BLOCK_N"])
+    splits, per_split = _vocab_splits(n_blocks, v, opts["BLOCK_V"], MAX_SPLITS_FWD, hidden.device)
+    part = torch.empty((4, splits, n), dtype=torch.float32, device=hidden.device)
+    _lce_fwd_kernel[(n_blocks, splits)](hidden, weight, targets, part, n, v, h, hidden.stride(0),
+                                        weight.stride(0), vocab_start, float(softcap or 1.0), per_split,
+                                        HAS_SOFTCAP=softcap is not None, NEED_SUM=need_sum, **opts)
+    if splits == 1:
+        return part[0, 0], part[1, 0], part[2, 0], (part[3, 0] if need_sum else None)
+    # Merge the per-split online-softmax states (N-sized torch ops, fixed order).
+    row_max = part[0].amax(0)
+    sumexp = (part[1] * torch.exp(part[0] - row_max)).sum(0)
+    return row_max, sumexp, part[2].sum(0), (part[3].sum(0) if need_sum else None)
 
 
 def lce_grads(hidden, weight, targets, row_max, log_sumexp, row_scale, *, vocab_start: int = 0,
@@ -276,17 +316,20 @@ def lce_grads(hidden, weight, targets, row_max, log_sumexp, row_scale, *, vocab_
                label_smoothing / vocab_total)
     dx = dw = None
     if need_dx:
-        dx = torch.zeros((n, h), dtype=torch.float32, device=hidden.device)
+        n_blocks = triton.cdiv(n, opts["BLOCK_N"])
+        splits, per_split = _vocab_splits(n_blocks, v, opts["BLOCK_V"], MAX_SPLITS_DX, hidden.device)
+        part = torch.zeros((splits, n, h), dtype=torch.float32, device=hidden.device)
         if n:
-            _lce_bwd_dx_kernel[(triton.cdiv(n, opts["BLOCK_N"]),)](
-                hidden, weight, targets, row_max, log_sumexp, row_scale, dx, *common, dx.stride(0), *scalars,
-                HAS_SOFTCAP=softcap is not None, **opts)
+            _lce_bwd_dx_kernel[(n_blocks, splits)](
+                hidden, weight, targets, row_max, log_sumexp, row_scale, part, *common, part.stride(1),
+                *scalars, per_split, part.stride(0), HAS_SOFTCAP=softcap is not None, **opts)
+        dx = part[0] if splits == 1 else part.sum(0)
     if need_dw:
         dw = torch.zeros((v, h), dtype=torch.float32, device=weight.device)
         if n:
             _lce_bwd_dw_kernel[(triton.cdiv(v, opts["BLOCK_V"]),)](
-                hidden, weight, targets, row_max, log_sumexp, row_scale, dw, *common, dw.stride(0), *scalars,
-                HAS_SOFTCAP=softcap is not None, **opts)
+                hidden, weight, targets, row_max, log_sumexp, row_scale, dw, *common, dw.stride(0),
+                *scalars, HAS_SOFTCAP=softcap is not None, **opts)
     return dx, dw
 
 

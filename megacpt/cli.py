@@ -17,6 +17,7 @@ _SUBCOMMAND_MODULES = [
     "megacpt.data.prepare",
     "megacpt.train.cli",
     "megacpt.eval.cli",
+    "megacpt.export",
     "megacpt.bench.cli",
     "megacpt.preflight",
 ]

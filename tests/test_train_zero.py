@@ -53,6 +53,12 @@ def runs(tmp_path_factory):
     _run(1, c, "train.stop_after=3")
     _run(1, c)
     out["resume_cfg"] = c
+    # Start from the ZeRO-3 run's checkpoint (weights only) in a fresh run: one process, ZeRO-0.
+    out["from_ckpt"] = tmp / "from_ckpt"
+    c = tiny_run_config(tmp, model, tmp / "from_ckpt", steps=1, zero=0)
+    c["model"]["init_from"] = str(tmp / "zero3")
+    _run(1, write_config(tmp / "from_ckpt.yaml", c))
+    out["tmp"] = tmp
     return out
 
 
@@ -146,3 +152,45 @@ def test_resume_with_changed_config_is_refused(runs, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "data.train.0.weight" in err and "optim.lr" in err and "declare a new phase" in err
+
+
+def _final_valid(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if "valid/new/loss" in x]
+
+
+def test_init_from_checkpoint_starts_from_its_weights(runs):
+    """A new run with init_from=<ZeRO-3 run> starts where that run ended (weights only)."""
+    end_of_zero3 = _final_valid(runs["zero3"])[-1]
+    start = _final_valid(runs["from_ckpt"])[0]
+    assert start["step"] == 0
+    assert start["valid/new/loss"] == pytest.approx(end_of_zero3["valid/new/loss"], rel=1e-6)
+    assert start["valid/original/loss"] == pytest.approx(end_of_zero3["valid/original/loss"], rel=1e-6)
+    # fresh schedule: the first step warms up again
+    assert train_losses(runs["from_ckpt"])[1]["lr"] == pytest.approx(1e-3 / 2)
+
+
+@pytest.mark.parametrize("run", ["zero3", "single"])
+def test_export_loads_in_transformers_with_same_perplexity(runs, run, tmp_path):
+    import transformers
+
+    from megacpt.cli import main
+    from megacpt.eval.perplexity import eval_windows
+
+    out = tmp_path / "hf"
+    assert main(["export", str(runs[run]), "--output", str(out)]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    w = torch.from_numpy(eval_windows(f"{runs['tmp']}/data/new_valid", 16, 128))
+    with torch.no_grad():
+        logits = model(w[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), w[:, 1:].reshape(-1))
+    final = _final_valid(runs[run])[-1]
+    assert float(loss) == pytest.approx(final["valid/new/loss"], rel=1e-5)
+    # and megacpt eval on the export agrees with megacpt eval on the run itself
+    assert main(["eval", "--model", str(out), "--data", f"new={runs['tmp']}/data/new_valid", "--seq-len", "16",
+                 "--max-tokens", "128", "--json", str(tmp_path / "a.json")]) == 0
+    assert main(["eval", "--model", str(runs[run]), "--data", f"new={runs['tmp']}/data/new_valid", "--seq-len", "16",
+                 "--max-tokens", "128", "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text())["new"] for f in ("a.json", "b.json"))
+    assert a == b and a["tokens"] == 128
+    assert a["loss"] == pytest.approx(final["valid/new/loss"], rel=1e-5)

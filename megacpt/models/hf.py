@@ -175,7 +175,55 @@ def our_name(hf: str) -> str:
     return hf[len("model.") :] if hf.startswith("model.") else hf
 
 
-class HFWeights:
+class WeightSource:
+    """Where a model's full tensors come from, by megacpt parameter name: keys(), shape(name),
+    get(name, rows=None). Subclasses read lazily so a rank can take only its slice."""
+
+    def keys(self):
+        raise NotImplementedError
+
+    def __contains__(self, name):
+        return name in self.keys()
+
+    def shape(self, name) -> tuple:
+        raise NotImplementedError
+
+    def get(self, name, rows: slice | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def get_flat_range(self, name, start: int, length: int) -> torch.Tensor:
+        """Elements [start, start+length) of the flattened tensor, reading only the rows that hold them."""
+        shape = self.shape(name)
+        if len(shape) <= 1:
+            return self.get(name).reshape(-1)[start : start + length]
+        row = 1
+        for s in shape[1:]:
+            row *= s
+        r0, r1 = start // row, -(-(start + length) // row)
+        block = self.get(name, slice(r0, r1)).reshape(-1)
+        off = start - r0 * row
+        return block[off : off + length]
+
+
+class StateDictWeights(WeightSource):
+    """Tensors from a mapping name -> tensor or lazy tensor (anything with .shape and .contiguous())."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def keys(self):
+        return self.state.keys()
+
+    def shape(self, name) -> tuple:
+        return tuple(self.state[name].shape)
+
+    def get(self, name, rows: slice | None = None) -> torch.Tensor:
+        t = self.state[name]
+        t = t if isinstance(t, torch.Tensor) else t.contiguous()
+        return t if rows is None else t[rows]
+
+
+class HFWeights(WeightSource):
     """Lazy access to the tensors of an HF directory, by megacpt parameter name."""
 
     def __init__(self, model_dir):
@@ -244,19 +292,6 @@ class HFWeights:
         t = self._load_bin(path)[hf_name(name)]
         return t if rows is None else t[rows]
 
-    def get_flat_range(self, name, start: int, length: int) -> torch.Tensor:
-        """Elements [start, start+length) of the flattened tensor, reading only the rows that hold them."""
-        shape = self.shape(name)
-        row = 1
-        for s in shape[1:]:
-            row *= s
-        if len(shape) <= 1:
-            return self.get(name).reshape(-1)[start : start + length]
-        r0, r1 = start // row, -(-(start + length) // row)
-        block = self.get(name, slice(r0, r1)).reshape(-1)
-        off = start - r0 * row
-        return block[off : off + length]
-
 
 def expected_names(model: torch.nn.Module) -> list[str]:
     """Parameter names the HF files must provide (a tied head shares the embedding's tensor)."""
@@ -272,9 +307,15 @@ def check_weights(weights: HFWeights, model: torch.nn.Module, model_dir) -> None
         )
 
 
-def load_full_state(model: torch.nn.Module, model_dir) -> None:
-    """Load every parameter whole (no ZeRO-3 partitioning); the model may live on the meta device."""
-    weights = HFWeights(model_dir)
+def as_weights(source) -> WeightSource:
+    return source if isinstance(source, WeightSource) else HFWeights(source)
+
+
+def load_full_state(model: torch.nn.Module, source) -> None:
+    """Load every parameter whole (no ZeRO-3 partitioning); the model may live on the meta device.
+    `source` is an HF dir or a WeightSource."""
+    weights = as_weights(source)
+    model_dir = getattr(weights, "dir", "checkpoint")
     check_weights(weights, model, model_dir)
     state = {}
     for name, p in model.named_parameters():
@@ -295,7 +336,8 @@ def save_hf(state: dict, args: ModelArgs, base_cfg: dict, out_dir, source_dir=No
             dtype: torch.dtype | None = None, max_shard_bytes: int = 2 * 1024**3) -> None:
     """Write an HF directory atomically (into a temp dir, renamed at the end).
 
-    `state` maps megacpt names to full tensors; with tied embeddings lm_head.weight is omitted.
+    `state` maps megacpt names to full tensors (or is an iterable of (name, tensor) pairs, read
+    one at a time); with tied embeddings lm_head.weight is omitted.
     """
     from safetensors.torch import save_file
 
@@ -310,7 +352,8 @@ def save_hf(state: dict, args: ModelArgs, base_cfg: dict, out_dir, source_dir=No
             cfg["torch_dtype"] = str(dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         shards, cur, cur_bytes = [], {}, 0
-        for name, t in state.items():
+        items = state.items() if hasattr(state, "items") else state
+        for name, t in items:
             if args.tie_word_embeddings and name == "lm_head.weight":
                 continue
             t = t.detach().to("cpu", dtype or t.dtype).contiguous()

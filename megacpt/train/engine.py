@@ -13,7 +13,7 @@ import copy
 import torch
 
 from megacpt.config import Config, Derived
-from megacpt.models.hf import HFWeights, check_weights, load_full_state
+from megacpt.models.hf import as_weights, check_weights, load_full_state
 from megacpt.models.llama import ModelArgs, Transformer
 
 
@@ -79,8 +79,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_model(args: ModelArgs, ds_config: dict, dtype: torch.dtype, zero_stage: int,
-                weights_dir=None, device=None) -> Transformer:
-    """Build the model for this rank, loading HF weights from `weights_dir` when given."""
+                weights=None, device=None) -> Transformer:
+    """Build the model for this rank, loading `weights` (an HF dir or a WeightSource) when given."""
     import deepspeed
 
     device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
@@ -93,13 +93,13 @@ def build_model(args: ModelArgs, ds_config: dict, dtype: torch.dtype, zero_stage
         wrong = {p.ds_tensor.dtype for p in model.parameters()} - {dtype}
         if wrong:
             raise RuntimeError(f"zero.Init created parameters in {wrong}, expected {dtype}")
-        if weights_dir is not None:
-            load_partitioned(model, weights_dir)
+        if weights is not None:
+            load_partitioned(model, weights)
         return model
     with torch.device("meta"):
         model = Transformer(args)
-    if weights_dir is not None:
-        load_full_state(model, weights_dir)
+    if weights is not None:
+        load_full_state(model, weights)
     else:
         model = model.to_empty(device="cpu")
         if args.tie_word_embeddings:
@@ -109,11 +109,12 @@ def build_model(args: ModelArgs, ds_config: dict, dtype: torch.dtype, zero_stage
 
 
 @torch.no_grad()
-def load_partitioned(model: torch.nn.Module, weights_dir) -> None:
+def load_partitioned(model: torch.nn.Module, source) -> None:
     """ZeRO-3: each rank copies only its own flat partition of every parameter from the files."""
     import torch.distributed as dist
 
-    weights = HFWeights(weights_dir)
+    weights = as_weights(source)
+    weights_dir = getattr(weights, "dir", "checkpoint")
     check_weights(weights, model, weights_dir)
     for name, p in model.named_parameters():
         shape = tuple(p.ds_shape)

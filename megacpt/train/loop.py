@@ -145,8 +145,7 @@ def train(cfg: Config) -> int:
 
     # ---- what we start from -------------------------------------------------------------------
     resume_dir = ckpt.latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
-    weights_dir = None
-    init_ckpt = None
+    weights = None  # what this rank loads its parameters from (an HF dir or a checkpoint's tensors)
     if resume_dir is not None:
         state = ckpt.read_state(resume_dir)
         check_resume_compatible(state["config"], cfg)
@@ -158,11 +157,14 @@ def train(cfg: Config) -> int:
             raise ConfigError("model.init_from is not set: point it at a Hugging Face model dir or a megacpt checkpoint")
         init_ckpt = ckpt.resolve_checkpoint(cfg.model.init_from)
         if init_ckpt is not None:
+            from megacpt.train.consolidate import checkpoint_weights
+
             base_cfg = json.loads((init_ckpt / ckpt.HF_CONFIG_FILE).read_text())
             source_dir = ckpt.read_state(init_ckpt).get("source_dir")
+            weights = checkpoint_weights(init_ckpt)
         else:
             base_cfg = read_hf_config(cfg.model.init_from)
-            weights_dir = source_dir = cfg.model.init_from
+            weights = source_dir = cfg.model.init_from
     args = args_from_hf_config(base_cfg, source=str(cfg.model.init_from or resume_dir))
     args = apply_overrides(args, cfg.model.max_seq_len, cfg.model.rope_theta, cfg.model.rope_scaling)
     if cfg.data.seq_len > args.max_position_embeddings:
@@ -200,7 +202,7 @@ def train(cfg: Config) -> int:
     ds_config = deepspeed_config(cfg, derived, dtype)
     if rank == 0:
         ckpt.clean_partial(ckpt_root)
-    model = build_model(args, ds_config, dtype, cfg.parallel.zero_stage, weights_dir=weights_dir)
+    model = build_model(args, ds_config, dtype, cfg.parallel.zero_stage, weights=weights)
     model.activation_checkpointing = cfg.model.activation_checkpointing
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
@@ -218,10 +220,6 @@ def train(cfg: Config) -> int:
         base_valid = state.get("base_valid", {})
         if rank == 0:
             print(f"resuming from {resume_dir} at step {step}", flush=True)
-    elif init_ckpt is not None:
-        _secure_load_check(init_ckpt)
-        engine.load_checkpoint(str(init_ckpt.parent), tag=init_ckpt.name, load_module_only=True,
-                               load_optimizer_states=False, load_lr_scheduler_states=False)
 
     logger = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.tensorboard)
     _write_layout(run_dir, engine.module, rank, world, cfg.parallel.zero_stage)
@@ -471,13 +469,7 @@ def _summary_table(base: dict, final: dict) -> str:
 
 
 def _secure_load_check(ckpt_dir: Path) -> None:
-    """Refuse a checkpoint whose .pt files would run code when DeepSpeed unpickles them.
-
-    DeepSpeed loads with weights_only=False; we first load every file with weights_only=True and
-    an explicit allowlist of the plain-data globals DeepSpeed's files contain.
-    """
-    import torch
-
+    """Refuse a checkpoint whose .pt files would run code when DeepSpeed unpickles them."""
     from megacpt.train.safe_load import check_torch_file
 
     for path in sorted(Path(ckpt_dir).rglob("*.pt")):

@@ -33,14 +33,19 @@ def _allowlist() -> list:
     return allowed
 
 
+def safe_load(path):
+    """torch.load with weights_only=True and DeepSpeed's plain-data classes allowed."""
+    import torch
+
+    with torch.serialization.safe_globals(_allowlist()):
+        return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+
+
 def check_torch_file(path) -> None:
     import pickle
 
-    import torch
-
     try:
-        with torch.serialization.safe_globals(_allowlist()):
-            torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+        safe_load(path)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
         raise UserError(f"refusing to load {path}: it contains objects outside the safe allowlist ({first[:200]})") from None
