@@ -10,7 +10,8 @@ Two implementations share the per-token maths below:
     are only known in backward, so dW cannot be precomputed: backward recomputes the chunk logits
     from the saved per-token logsumexp.
   * triton (CUDA, or CPU tensors under TRITON_INTERPRET=1): see triton_lce.py; always the
-    recompute scheme, which needs no workspace at all.
+    recompute scheme (forward 2NHV FLOPs, backward 8NHV); its only workspace is up to 4 partial
+    fp32 dX buffers (N x H) when the vocabulary is split across programs.
 
 Both backends expose the same two primitives so that the autograd functions (and the
 vocab-parallel variant in vocab_parallel.py) are backend-agnostic:
@@ -41,9 +42,10 @@ _REDUCTIONS = ("mean", "sum", "none")
 _IMPLS = ("auto", "triton", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Logit elements per chunk of the torch path. The chunk workspace is about 2-3 fp32 buffers of
-# this size (logits/probabilities, plus tanh values with softcap, plus a low-precision copy of the
-# logits for bf16/fp16 inputs): 2^23 elements -> ~100 MB, independent of N.
+# Logit elements per chunk of the torch path. The chunk workspace is one fp32 buffer of this size
+# (logits -> probabilities -> dlogits, in place), two with softcap (the tanh values), plus a
+# transient one on CUDA without mm(out_dtype=...): 2^23 elements = 32 MiB, independent of N.
+# (bf16/fp16 on CPU add a fixed fp32 copy of the weight, see _matmul_weight.)
 CHUNK_ELEMS = int(os.environ.get("MEGACPT_LCE_CHUNK_ELEMS", str(1 << 23)))
 
 # Target range checking (see _maybe_check_targets): "always" | "first" | "never".
@@ -176,11 +178,37 @@ def _local_targets(targets: Tensor, vocab_start: int, v_local: int):
     return torch.where(in_shard, local, 0), in_shard
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, softcap: Optional[float]):
+def _matmul_weight(weight: Tensor) -> Tensor:
+    """The weight operand of the chunk matmuls.
+
+    bf16/fp16 on CPU: an fp32 copy, made once per call (a fixed V x H workspace, the size of the
+    fp32 dW buffer). CPUs without bf16 units run bf16 matmuls ~30x slower than fp32, and bf16
+    logits lose ~3 significant digits (confident targets' p - 1 and loss with them). Elsewhere the
+    weight itself (on CUDA the logits come out in fp32 via mm's out_dtype, see _chunk_logits).
+    """
+    if weight.device.type == "cpu" and weight.dtype != torch.float32:
+        return weight.float()
+    return weight
+
+
+_mm_out_dtype_ok: Optional[bool] = None  # does torch.mm(..., out_dtype=fp32) work here?
+
+
+def _chunk_logits(h: Tensor, w_mm: Tensor, softcap: Optional[float]):
     """fp32 (capped) logits of a chunk, and tanh(z / softcap) for the gradient (or None)."""
-    z = torch.mm(h, weight.t())
-    if z.dtype != torch.float32:
-        z = z.float()
+    global _mm_out_dtype_ok
+    if w_mm.dtype == torch.float32:
+        z = torch.mm(h.float(), w_mm.t())
+    else:
+        z = None
+        if _mm_out_dtype_ok is not False:
+            try:  # fp32 logits from bf16/fp16 operands without an fp32 weight copy (CUDA)
+                z = torch.mm(h, w_mm.t(), out_dtype=torch.float32)
+                _mm_out_dtype_ok = True
+            except (TypeError, RuntimeError, NotImplementedError):
+                _mm_out_dtype_ok = False
+        if z is None:
+            z = torch.mm(h, w_mm.t()).float()
     if softcap is None:
         return z, None
     th = z.div_(softcap).tanh_()
@@ -201,23 +229,23 @@ def _probs_to_dlogits(p: Tensor, th: Optional[Tensor], local: Tensor, in_shard: 
     return p.mul_(row_scale.unsqueeze(1))
 
 
-def _accumulate_grads(dz: Tensor, h: Tensor, weight: Tensor, dx: Optional[Tensor],
+def _accumulate_grads(dz: Tensor, h: Tensor, w_mm: Tensor, dx: Optional[Tensor],
                       dw: Optional[Tensor], i: int, j: int) -> None:
     if dx is not None:
-        if weight.dtype == torch.float32:
-            torch.mm(dz, weight, out=dx[i:j])
+        if w_mm.dtype == torch.float32:
+            torch.mm(dz, w_mm, out=dx[i:j])
         else:
-            dx[i:j] = torch.mm(dz.to(weight.dtype), weight)
+            dx[i:j] = torch.mm(dz.to(w_mm.dtype), w_mm)
     if dw is not None:
         # fp32 operands so the cross-chunk sum of dW is accumulated in fp32 throughout.
-        dw.addmm_(dz.t(), h if h.dtype == torch.float32 else h.float())
+        dw.addmm_(dz.t(), h.float())
 
 
 # The per-chunk work lives in functions of its own so that a chunk's buffers are freed when the
 # function returns -- before the next chunk allocates its logits (a loop body would keep the
 # previous chunk's buffer alive while the next one is created: twice the workspace).
-def _stats_chunk(h, weight, local, in_shard, softcap, need_sum):
-    s, _ = _chunk_logits(h, weight, softcap)
+def _stats_chunk(h, w_mm, local, in_shard, softcap, need_sum):
+    s, _ = _chunk_logits(h, w_mm, softcap)
     m = s.amax(1)
     t = torch.where(in_shard, s.gather(1, local.unsqueeze(1)).squeeze(1), 0.0)
     total = s.sum(1) if need_sum else None
@@ -225,17 +253,17 @@ def _stats_chunk(h, weight, local, in_shard, softcap, need_sum):
     return m, se, t, total
 
 
-def _grads_chunk(h, weight, local, in_shard, row_max, log_sumexp, lse, row_scale, softcap, z_loss,
+def _grads_chunk(h, w_mm, local, in_shard, row_max, log_sumexp, lse, row_scale, softcap, z_loss,
                  eps, vocab_total, dx, dw, i, j):
-    s, th = _chunk_logits(h, weight, softcap)
+    s, th = _chunk_logits(h, w_mm, softcap)
     p = s.sub_(row_max.unsqueeze(1)).sub_(log_sumexp.unsqueeze(1)).exp_()
     dz = _probs_to_dlogits(p, th, local, in_shard, lse, row_scale, z_loss, eps, vocab_total)
     del th, s, p
-    _accumulate_grads(dz, h, weight, dx, dw, i, j)
+    _accumulate_grads(dz, h, w_mm, dx, dw, i, j)
 
 
-def _fused_chunk(h, weight, local, in_shard, valid, softcap, z_loss, eps, dx, dw, i, j):
-    s, th = _chunk_logits(h, weight, softcap)
+def _fused_chunk(h, w_mm, local, in_shard, valid, softcap, z_loss, eps, dx, dw, i, j):
+    s, th = _chunk_logits(h, w_mm, softcap)
     m = s.amax(1)
     t = torch.where(in_shard, s.gather(1, local.unsqueeze(1)).squeeze(1), 0.0)
     total = s.sum(1) if eps else None
@@ -243,9 +271,10 @@ def _fused_chunk(h, weight, local, in_shard, valid, softcap, z_loss, eps, dx, dw
     se = e.sum(1)
     if dx is not None or dw is not None:
         p = e.div_(se.unsqueeze(1))
-        dz = _probs_to_dlogits(p, th, local, in_shard, m + se.log(), valid, z_loss, eps, weight.shape[0])
+        dz = _probs_to_dlogits(p, th, local, in_shard, m + se.log(), valid, z_loss, eps,
+                               w_mm.shape[0])
         del th, s, e, p
-        _accumulate_grads(dz, h, weight, dx, dw, i, j)
+        _accumulate_grads(dz, h, w_mm, dx, dw, i, j)
     return m, se, t, total
 
 
@@ -256,10 +285,11 @@ def torch_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *, vocab_start:
     n, v = hidden.shape[0], weight.shape[0]
     out = torch.empty((4, n), dtype=torch.float32, device=hidden.device)
     local, in_shard = _local_targets(targets, vocab_start, v)
+    w_mm = _matmul_weight(weight)
     c = chunk_rows(n, v, chunk_elems)
     for i in range(0, n, c):
         j = min(i + c, n)
-        for k, x in enumerate(_stats_chunk(hidden[i:j], weight, local[i:j], in_shard[i:j], softcap,
+        for k, x in enumerate(_stats_chunk(hidden[i:j], w_mm, local[i:j], in_shard[i:j], softcap,
                                            need_sum)):
             if x is not None:
                 out[k, i:j] = x
@@ -277,10 +307,11 @@ def torch_grads(hidden: Tensor, weight: Tensor, targets: Tensor, row_max: Tensor
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
     local, in_shard = _local_targets(targets, vocab_start, v)
     lse = row_max + log_sumexp if z_loss else row_max  # only z-loss needs lse itself
+    w_mm = _matmul_weight(weight)
     c = chunk_rows(n, v, chunk_elems)
     for i in range(0, n, c):
         j = min(i + c, n)
-        _grads_chunk(hidden[i:j], weight, local[i:j], in_shard[i:j], row_max[i:j], log_sumexp[i:j],
+        _grads_chunk(hidden[i:j], w_mm, local[i:j], in_shard[i:j], row_max[i:j], log_sumexp[i:j],
                      lse[i:j], row_scale[i:j], softcap, z_loss, label_smoothing, vocab_total, dx, dw, i, j)
     return dx, dw
 
@@ -296,10 +327,11 @@ def torch_fused(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
     local, in_shard = _local_targets(targets, 0, v)
     valid = (targets != ignore_index).float()
+    w_mm = _matmul_weight(weight)
     c = chunk_rows(n, v, chunk_elems)
     for i in range(0, n, c):
         j = min(i + c, n)
-        for k, x in enumerate(_fused_chunk(hidden[i:j], weight, local[i:j], in_shard[i:j], valid[i:j],
+        for k, x in enumerate(_fused_chunk(hidden[i:j], w_mm, local[i:j], in_shard[i:j], valid[i:j],
                                            softcap, z_loss, label_smoothing, dx, dw, i, j)):
             if x is not None:
                 out[k, i:j] = x
@@ -431,6 +463,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
     impl: "auto" (Triton on CUDA tensors when triton imports, torch otherwise) | "triton" |
     "torch". "triton" on CPU tensors needs TRITON_INTERPRET=1 set before megacpt.kernels.triton_lce
     is first imported (it is imported lazily, on first use).
+    Targets outside [0, V) other than ignore_index raise ValueError (CPU: every call; CUDA: the
+    first call, later ones give a NaN loss instead -- see _maybe_check_targets).
+    Limitation: the torch path with reduction "mean"/"sum" scales its precomputed gradients in
+    place, so a second backward through the same graph (retain_graph=True) raises RuntimeError.
+    _chunk_elems (private, tests/benchmarks): overrides CHUNK_ELEMS for the torch path.
     """
     _validate(hidden, weight, targets, reduction, impl, z_loss, label_smoothing, softcap)
     softcap = float(softcap) if softcap is not None else None

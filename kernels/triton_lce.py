@@ -1,17 +1,21 @@
 """Triton kernels for the fused linear + cross-entropy (imported lazily by linear_cross_entropy.py).
 
 Nothing of size N x V ever reaches global memory:
-  * _lce_fwd_kernel: one program per block of tokens streams the weight in (BLOCK_V x BLOCK_H)
-    tiles, forms a (BLOCK_N x BLOCK_V) logit tile with tl.dot and folds it into an online
-    softmax (running max and sum-exp), also picking the target logit and, for label smoothing,
-    the logit sum. Output: 4 floats per token.
-  * backward recomputes the logit tiles from the saved per-token logsumexp, in two kernels so that
-    every output element has exactly one writer and a fixed summation order (deterministic, no
-    atomics):
-      _lce_bwd_dx_kernel: one program per token block loops over V; dX rows are accumulated in an
-        fp32 buffer that only this program touches.
+  * _lce_fwd_kernel: one program per (block of tokens, slice of the vocabulary) streams the
+    weight in (BLOCK_V x BLOCK_H) tiles, forms a (BLOCK_N x BLOCK_V) logit tile with tl.dot and
+    folds it into an online softmax (running max and sum-exp), also picking the target logit and,
+    for label smoothing, the logit sum. Output: 4 floats per token and slice, merged in torch.
+  * backward recomputes the logit tiles from the saved per-token softmax statistics, in two
+    kernels so that every output element has exactly one writer and a fixed summation order
+    (deterministic, no atomics):
+      _lce_bwd_dx_kernel: one program per (token block, vocabulary slice) loops over its slice;
+        dX rows are accumulated in an fp32 buffer of that slice that only this program touches;
+        the (<= 4) slices are summed afterwards.
       _lce_bwd_dw_kernel: one program per vocabulary block loops over N; likewise for dW rows.
+    Blocks of ignored tokens (row scale 0) are skipped in both.
     Cost: forward 2NHV FLOPs, backward 8NHV (two recomputes + two gradient products).
+Untested on a real GPU in this repository's CI (no GPU there): correctness is checked under the
+interpreter and the kernels are compiled ahead of time for sm_90 in tests/test_kernels.py.
 
 Offsets are int64 (row * stride overflows int32 once N*H or V*H passes 2^31).
 Under TRITON_INTERPRET=1 (CPU tensors) bf16/fp16 tiles are upcast to fp32 before tl.dot, which the
