@@ -40,7 +40,7 @@ def runs(tmp_path_factory):
     _run(1, cfg("single", 0))
     # 2 ranks, ZeRO-3 sharding everything, 2 micro-batches per rank per step.
     out["zero3"] = tmp / "zero3"
-    _run(2, cfg("zero3", 3))
+    _run(2, cfg("zero3", 3, tensorboard=True))
     # The same, stopped after 2 steps and resumed (a second launch).
     out["zero3_resumed"] = tmp / "zero3_resumed"
     c = cfg("zero3_resumed", 3)
@@ -99,6 +99,8 @@ def test_metrics_fields(runs):
     valid = [x for x in lines if "valid/new/ppl" in x]
     assert [x["step"] for x in valid] == [0, 5]
     assert "valid/original/ppl" in valid[-1] and "valid/new/ppl_vs_base" in valid[-1]
+    events = list((runs["zero3"] / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
 
 
 def _checkpoint_tensors(ckpt_dir: Path) -> dict:
