@@ -20,6 +20,8 @@ _SUBCOMMAND_MODULES = [
     "megacpt.export",
     "megacpt.bench.cli",
     "megacpt.preflight",
+    "megacpt.report",
+    "megacpt.vocab",
 ]
 
 

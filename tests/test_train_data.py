@@ -58,6 +58,14 @@ def runs(tmp_path_factory):
     _run(2, c, "train.stop_after=2")
     _run(1, c)
     out["one_rank"], out["two_then_one"] = tmp / "one_rank", tmp / "two_then_one"
+    # The same with ZeRO-3 partitions, resharded from 2 ranks to 1 through a universal checkpoint.
+    c = write_config(tmp / "z3_two_then_one.yaml",
+                     tiny_run_config(tmp, model, tmp / "z3_two_then_one", steps=5, zero=3,
+                                     deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    _run(2, c, "train.stop_after=2")
+    r = _run(1, c)
+    assert "resharding checkpoint from 2 to 1 ranks" in r.stdout
+    out["z3_two_then_one"] = tmp / "z3_two_then_one"
     return out
 
 
@@ -74,14 +82,25 @@ def test_phase_declared_later_equals_declared_up_front(runs):
     assert a[6]["lr"] < a[5]["lr"] < a[4]["lr"]
 
 
-def test_resume_on_fewer_ranks_sees_the_same_samples(runs):
-    a, b = train_losses(runs["one_rank"]), train_losses(runs["two_then_one"])
+@pytest.mark.parametrize("resumed", ["two_then_one", "z3_two_then_one"])
+def test_resume_on_fewer_ranks_sees_the_same_samples(runs, resumed, tmp_path):
+    a, b = train_losses(runs["one_rank"]), train_losses(runs[resumed])
     assert [a[s]["samples_fingerprint"] for s in range(1, 6)] == [b[s]["samples_fingerprint"] for s in range(1, 6)]
     assert len({a[s]["samples_fingerprint"] for s in range(1, 6)}) == 5
     la = torch.tensor([a[s]["loss"] for s in range(1, 6)], dtype=torch.float64)
     lb = torch.tensor([b[s]["loss"] for s in range(1, 6)], dtype=torch.float64)
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
     assert [a[s]["tokens/new"] for s in range(1, 6)] == [b[s]["tokens/new"] for s in range(1, 6)]
+    # and the final weights are equivalent (export both and compare)
+    from megacpt.cli import main
+    from megacpt.models.hf import HFWeights
+
+    for name in ("one_rank", resumed):
+        assert main(["export", str(runs[name]), "--output", str(tmp_path / name)]) == 0
+    wa, wb = HFWeights(tmp_path / "one_rank"), HFWeights(tmp_path / resumed)
+    assert set(wa.keys()) == set(wb.keys())
+    for k in wa.keys():
+        torch.testing.assert_close(wb.get(k), wa.get(k), rtol=1e-4, atol=1e-5)
 
 
 def test_changing_an_existing_phase_is_refused(runs, capsys):

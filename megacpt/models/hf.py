@@ -381,6 +381,11 @@ def save_hf(state: dict, args: ModelArgs, base_cfg: dict, out_dir, source_dir=No
                 src = Path(source_dir) / fname
                 if src.is_file():
                     shutil.copy2(src, tmp / fname)
+        # safetensors writes 0600 files; an exported model is meant to be shared (umask decides).
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)

@@ -24,6 +24,7 @@ import torch
 STATE_FILE = "megacpt_state.json"
 HF_CONFIG_FILE = "hf_config.json"
 LATEST = "latest"
+UNIVERSAL = "universal"
 
 
 def tag_for(step: int) -> str:
@@ -172,3 +173,26 @@ def restore_rng(ckpt_dir, rank: int) -> None:
     gauss = float(state["python_gauss"])
     random.setstate((3, tuple(int(x) for x in state["python"].tolist()), None if gauss != gauss else gauss))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+
+
+def make_universal(ckpt_dir) -> Path:
+    """Convert a ZeRO checkpoint into DeepSpeed's universal format (world-size independent), once."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    from megacpt.train.safe_load import check_torch_file
+
+    ckpt_dir = Path(ckpt_dir)
+    out = ckpt_dir / UNIVERSAL
+    if (out / "zero").is_dir():
+        return out
+    for f in ckpt_dir.glob("*.pt"):
+        check_torch_file(f)
+    tmp = ckpt_dir / f".{UNIVERSAL}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(ckpt_dir), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    ds_to_universal.main(args)
+    os.replace(tmp, out)
+    return out

@@ -2,8 +2,10 @@
 
 deepspeed / torchrun set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT. Under `srun` with one
 task per rank we read SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (the batch script exports
-MASTER_ADDR/PORT); under `mpirun` (Open MPI) OMPI_COMM_WORLD_*. A bare `megacpt train` is a
-world of one on a free local port.
+MASTER_ADDR/PORT); under `mpirun` (Open MPI) OMPI_COMM_WORLD_*, or PMI_* (MPICH, Intel MPI). Under
+mpirun MASTER_ADDR/MASTER_PORT may be left unset: rank 0 then picks its address and a free port
+and mpi4py broadcasts them (`_mpi_rendezvous`). A bare `megacpt train` is a world of one on a
+free local port.
 """
 
 from __future__ import annotations
@@ -39,10 +41,56 @@ def discover() -> DistInfo:
     return DistInfo(0, 1, 0)
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _under_mpi() -> bool:
+    return "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ
+
+
+def _routable_address() -> str:
+    """An IPv4 address of this host that other hosts can reach (not 127.x), else the host name."""
+    host = socket.gethostname()
+    try:
+        addrs = [ai[4][0] for ai in socket.getaddrinfo(host, None, socket.AF_INET)]
+    except OSError:
+        addrs = []
+    for a in addrs:
+        if not a.startswith("127."):
+            return a
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:  # picks the interface of the default route; a UDP connect sends nothing
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+        except OSError:
+            return host
+
+
+def _mpi_rendezvous(info: DistInfo) -> None:
+    """Under mpirun without MASTER_ADDR/MASTER_PORT: rank 0's address and a free port, via mpi4py."""
+    from megacpt.errors import UserError
+
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise UserError("under mpirun, export MASTER_ADDR and MASTER_PORT to every rank "
+                        "(mpirun -x MASTER_ADDR=HOST -x MASTER_PORT=PORT) or pip install mpi4py") from None
+    comm = MPI.COMM_WORLD
+    if (comm.Get_rank(), comm.Get_size()) != (info.rank, info.world_size):
+        raise RuntimeError(f"MPI says rank {comm.Get_rank()} of {comm.Get_size()}, the environment "
+                           f"rank {info.rank} of {info.world_size}")
+    hosts = comm.allgather(socket.gethostname())
+    pair = None
+    if info.rank == 0:
+        one_host = len(set(hosts)) == 1
+        addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if one_host else _routable_address())
+        port = os.environ.get("MASTER_PORT") or str(_free_port("127.0.0.1" if one_host else ""))
+        pair = (addr, port)
+    addr, port = comm.bcast(pair, root=0)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
 
 
 def init(timeout_s: float = 1800.0) -> DistInfo:
@@ -59,6 +107,8 @@ def init(timeout_s: float = 1800.0) -> DistInfo:
     if info.world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    elif ("MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ) and _under_mpi():
+        _mpi_rendezvous(info)
     elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         from megacpt.errors import UserError
 

@@ -203,20 +203,32 @@ def train(cfg: Config) -> int:
     ds_config = deepspeed_config(cfg, derived, dtype)
     if rank == 0:
         ckpt.clean_partial(ckpt_root)
+    load_tag = resume_dir.name if resume_dir is not None else None
+    if resume_dir is not None and int(state.get("world_size", world)) != world and cfg.parallel.zero_stage > 0:
+        # ZeRO partitions depend on the data-parallel size: reshard through DeepSpeed's
+        # universal checkpoint (converted once, next to the original, by rank 0).
+        if rank == 0:
+            ckpt.make_universal(resume_dir)
+        dist.barrier()
+        ds_config = dict(ds_config, checkpoint={"load_universal": True})
+        load_tag = f"{resume_dir.name}/{ckpt.UNIVERSAL}"
+        if rank == 0:
+            print(f"resharding checkpoint from {state['world_size']} to {world} ranks (universal checkpoint)", flush=True)
     model = build_model(args, ds_config, dtype, cfg.parallel.zero_stage, weights=weights)
     model.activation_checkpointing = cfg.model.activation_checkpointing
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
-    )
+    groups = param_groups(model, cfg.optim.weight_decay)
+    group_decay = [g["weight_decay"] for g in groups]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     device = engine.device
 
     step = 0
     base_valid = {}
     if resume_dir is not None:
         _secure_load_check(resume_dir)
-        engine.load_checkpoint(str(ckpt_root), tag=resume_dir.name, load_optimizer_states=True,
+        engine.load_checkpoint(str(ckpt_root), tag=load_tag, load_optimizer_states=True,
                                load_lr_scheduler_states=False)
         ckpt.restore_rng(resume_dir, rank)
+        _repair_optimizer_after_load(engine, group_decay)
         step = int(state["step"])
         base_valid = state.get("base_valid", {})
         if rank == 0:
@@ -388,6 +400,21 @@ def _rank_batches(dataset, first_sample: int, mb: int, gas: int, dp_rank: int, d
         out.append({"input_ids": tokens[:, :-1].contiguous(), "labels": labels, "segments": segs[:, :-1].contiguous(),
                     "fingerprint": fp})
     return out
+
+
+def _repair_optimizer_after_load(engine, group_decay: list) -> None:
+    """Undo two slips of DeepSpeed 0.19's universal-checkpoint loader (harmless otherwise):
+    it copies the first group's hyperparameters into every group (weight decay would hit norms
+    and biases), and it gives every group the *same* Adam step tensor, which torch increments in
+    place once per group, so bias correction would advance by several steps per step."""
+    import torch
+
+    for g, wd in zip(engine.optimizer.param_groups, group_decay):
+        g["weight_decay"] = wd
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for st in inner.state.values():
+        if isinstance(st.get("step"), torch.Tensor):
+            st["step"] = st["step"].clone()
 
 
 def _write_layout(run_dir: Path, module, rank: int, world: int, zero_stage: int) -> None:
