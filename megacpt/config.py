@@ -85,6 +85,10 @@ class TrainConfig:
     log_interval: int = 1
     stop_after: Optional[int] = None
     eval_at_start: bool = True  # measure the base model before the first step
+    nonfinite: Literal["rollback", "stop"] = "rollback"  # on a NaN/inf loss or gradient norm
+    max_rollbacks: int = 3  # rollbacks (each skipping the offending batch) before giving up
+    spike_factor: float = 3.0  # log a loss_spike event when loss > factor × median of the last 50; 0: off
+    collective_timeout_s: float = 1800.0  # a rank that stops participating fails the others after this
 
 
 @dataclass(frozen=True)
@@ -416,6 +420,10 @@ RESUME_SAFE_KEYS = (
     "train.log_interval",
     "train.eval_interval",
     "train.eval_at_start",
+    "train.nonfinite",
+    "train.max_rollbacks",
+    "train.spike_factor",
+    "train.collective_timeout_s",
     "data.valid",
     "data.valid_tokens",
     "checkpoint.",

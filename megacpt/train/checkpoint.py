@@ -103,7 +103,12 @@ def clean_partial(ckpt_root) -> None:
 
 
 def save(engine, ckpt_root, step: int, state: dict, hf_config: dict, keep: int, rank: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+    """Collective: every rank calls it. Returns the final checkpoint path.
+
+    Ranks agree (all-reduce) on whether their part was written before anything is renamed, so
+    a write error on one rank (disk full, quota) fails every rank the same way and leaves the
+    previous checkpoint named by `latest`.
+    """
     import torch.distributed as dist
 
     root = Path(ckpt_root)
@@ -114,16 +119,34 @@ def save(engine, ckpt_root, step: int, state: dict, hf_config: dict, keep: int, 
         if (root / tmp_tag).exists():
             shutil.rmtree(root / tmp_tag)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-    rng_dir = root / tmp_tag / "rng"
-    rng_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), rng_dir / f"rank_{rank:05d}.pt")
-    dist.barrier()
+    error = None
+    try:
+        engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+        rng_dir = root / tmp_tag / "rng"
+        rng_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), rng_dir / f"rank_{rank:05d}.pt")
+    except OSError as e:
+        error = e
+    _fault_point("save", step, rank)
     final = root / tag
+    if rank == 0 and error is None:
+        try:
+            write_json_atomic(root / tmp_tag / HF_CONFIG_FILE, hf_config)
+            write_json_atomic(root / tmp_tag / STATE_FILE, state)
+            _fsync_dir(root / tmp_tag)
+        except OSError as e:
+            error = e
+    ok = torch.tensor([0 if error else 1])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not int(ok):
+        if rank == 0:
+            shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        dist.barrier()
+        prev = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else "none"
+        raise CheckpointError(f"checkpoint at step {step} could not be written "
+                              f"({error or 'another rank failed to write its part'}); "
+                              f"the previous checkpoint ({prev}) is intact — free disk space and rerun to resume")
     if rank == 0:
-        write_json_atomic(root / tmp_tag / HF_CONFIG_FILE, hf_config)
-        write_json_atomic(root / tmp_tag / STATE_FILE, state)
-        _fsync_dir(root / tmp_tag)
         if final.exists():  # re-saving a step (e.g. a resumed run that stops at once)
             shutil.rmtree(final)
         os.replace(root / tmp_tag, final)
@@ -132,6 +155,20 @@ def save(engine, ckpt_root, step: int, state: dict, hf_config: dict, keep: int, 
         _prune(root, keep)
     dist.barrier()
     return final
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _fault_point(where: str, step: int, rank: int) -> None:
+    """Fault injection for the reliability tests: MEGACPT_FAULT=kill:save:STEP:RANK kills this
+    process with SIGKILL after its checkpoint files are written but before anything is renamed."""
+    spec = os.environ.get("MEGACPT_FAULT")
+    if spec and spec == f"kill:{where}:{step}:{rank}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _prune(root: Path, keep: int) -> None:

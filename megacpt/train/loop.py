@@ -11,10 +11,12 @@ data.train, then the declared `phases`). Global batch k of a phase is that phase
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 import zlib
@@ -74,7 +76,9 @@ def build_datasets(cfg: Config, phases: list[Phase], vocab_size: int) -> None:
     G = cfg.train.global_batch_size
     for p in phases:
         srcs = [Source(s.name, s.path, s.weight) for s in p.sources]
-        p.dataset = BlendedDataset(srcs, cfg.data.seq_len, p.seed, p.steps * G, vocab_size=vocab_size)
+        # Room for batches skipped after non-finite rollbacks (samples are prefix-stable).
+        n = (p.steps + cfg.train.max_rollbacks) * G
+        p.dataset = BlendedDataset(srcs, cfg.data.seq_len, p.seed, n, vocab_size=vocab_size)
 
 
 def lr_for(phases: list[Phase], step: int) -> float:
@@ -86,10 +90,13 @@ def lr_for(phases: list[Phase], step: int) -> float:
                  decay_fraction=s.decay_fraction, decay_shape=s.decay_shape)
 
 
-def tokens_per_source(phases: list[Phase], step: int, G: int) -> dict:
+def tokens_per_source(phases: list[Phase], step: int, G: int, skips: dict | None = None) -> dict:
+    """Tokens drawn from each source up to `step` (skipped batches included: they were read)."""
     out: dict = {}
     for p in phases:
-        done = min(max(step - p.start, 0), p.steps) * G
+        k = min(max(step - p.start, 0), p.steps)
+        skipped = (skips or {}).get(p.name, [])
+        done = (data_batch_index(k - 1, skipped) + 1) * G if k > 0 else 0
         for name, n in p.dataset.tokens_per_source(done).items():
             out[name] = out.get(name, 0) + n
     return out
@@ -194,7 +201,7 @@ def train(cfg: Config) -> int:
     from megacpt.train.engine import build_model, deepspeed_config, param_groups, resolve_precision
     from megacpt.train.metrics import MetricsLogger, device_name, format_console, peak_flops, peak_memory_mb, throughput
 
-    mdist.init()
+    mdist.init(timeout_s=cfg.train.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     dp_rank, dp_size = rank, derived.dp_size
     torch.manual_seed(cfg.seed + rank)
@@ -223,6 +230,7 @@ def train(cfg: Config) -> int:
 
     step = 0
     base_valid = {}
+    skips: dict = {}  # phase name -> data batch indices skipped after non-finite losses
     if resume_dir is not None:
         _secure_load_check(resume_dir)
         engine.load_checkpoint(str(ckpt_root), tag=load_tag, load_optimizer_states=True,
@@ -231,6 +239,7 @@ def train(cfg: Config) -> int:
         _repair_optimizer_after_load(engine, group_decay)
         step = int(state["step"])
         base_valid = state.get("base_valid", {})
+        skips = {k: list(v) for k, v in state.get("skipped_batches", {}).items()}
         if rank == 0:
             print(f"resuming from {resume_dir} at step {step}", flush=True)
 
@@ -263,7 +272,8 @@ def train(cfg: Config) -> int:
             "step": step_now,
             "phase": phase_at(phases, min(step_now, total_steps - 1)).name,
             "consumed_samples": step_now * G,
-            "tokens_per_source": tokens_per_source(phases, step_now, G),
+            "tokens_per_source": tokens_per_source(phases, step_now, G, skips),
+            "skipped_batches": skips,
             "base_valid": base_valid,
             "config": cfg.to_dict(),
             "world_size": world,
@@ -296,54 +306,64 @@ def train(cfg: Config) -> int:
     steps_this_run = 0
     last_saved = step if resume_dir is not None else -1
     stopped_by = None
+    rollbacks = 0
+    recent = collections.deque(maxlen=50)  # losses, for spike detection
+    where = {"op": "start"}  # what the step is doing, to name a collective that times out
     engine.train()
     while step < total_steps:
         phase = phase_at(phases, step)
         t0 = time.perf_counter()
-        batches = _rank_batches(phase.dataset, (step - phase.start) * G, mb, gas, dp_rank, dp_size, use_segments,
+        batch_index = data_batch_index(step - phase.start, skips.get(phase.name, []))
+        batches = _rank_batches(phase.dataset, batch_index * G, mb, gas, dp_rank, dp_size, use_segments,
                                 cfg.data.mask_eos_loss)
         lr = lr_for(phases, step)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        local = torch.tensor([sum(int((b["labels"] != IGNORE).sum()) for b in batches)], dtype=torch.float64)
-        dist.all_reduce(local)
-        global_tokens = max(float(local.item()), 1.0)
-        # DeepSpeed divides by the accumulation steps and averages over data-parallel ranks;
-        # scaling by (dp × gas / tokens) turns that into the token mean of the whole global batch.
-        scale = dp_size * gas / global_tokens
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        plain_norm = None
-        for i, b in enumerate(batches):
-            kwargs = {"segment_ids": b["segments"].to(device)} if use_segments else {}
-            out = engine(b["input_ids"].to(device), labels=b["labels"].to(device), **kwargs)
-            engine.backward(out * scale)
-            if i == len(batches) - 1 and cfg.parallel.zero_stage == 0:
-                # Without ZeRO, DeepSpeed clips but does not report the norm: measure the
-                # (already data-parallel averaged) gradients before the optimizer step.
-                plain_norm = _grad_norm(engine.module)
-            engine.step()
-            loss_sum += out.detach().double().cpu()
-        stats = torch.stack([loss_sum, torch.tensor(float(stopper.flag), dtype=torch.float64)])
-        dist.all_reduce(stats[:1])
-        dist.all_reduce(stats[1:], op=dist.ReduceOp.MAX)
-        fingerprint = torch.tensor([sum(b["fingerprint"] for b in batches)], dtype=torch.int64)
-        dist.all_reduce(fingerprint)
-        loss = float(stats[0]) / global_tokens
-        grad_norm = plain_norm if plain_norm is not None else engine.get_global_grad_norm()
+        try:
+            out = _train_step(engine, batches, dp_size, gas, cfg.parallel.zero_stage, stopper.flag, device,
+                              use_segments, where)
+        except RuntimeError as e:
+            raise _collective_error(e, rank, step + 1, where) from e
+        if not (math.isfinite(out.loss) and (out.grad_norm is None or math.isfinite(out.grad_norm))):
+            # Every rank sees the same all-reduced loss and global norm, so all decide alike.
+            event = {"step": step + 1, "event": "nonfinite", "loss": out.loss, "grad_norm": out.grad_norm}
+            logger.log(event)
+            last = ckpt.latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
+            if cfg.train.nonfinite == "stop" or last is None or rollbacks >= cfg.train.max_rollbacks:
+                why = ("train.nonfinite is stop" if cfg.train.nonfinite == "stop" else
+                       "no checkpoint to roll back to" if last is None else f"{rollbacks} rollbacks already")
+                raise RuntimeError(f"non-finite loss/gradient at step {step + 1} ({why}); last good checkpoint: "
+                                   f"{last or 'none'}; lower optim.lr or check the data, then rerun to resume")
+            rollbacks += 1
+            skips.setdefault(phase.name, []).append(batch_index)
+            engine.load_checkpoint(str(ckpt_root), tag=last.name, load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
+            _repair_optimizer_after_load(engine, group_decay)
+            ckpt.restore_rng(last, rank)
+            step = int(ckpt.read_state(last)["step"])
+            if rank == 0:
+                _say(f"non-finite loss at data batch {batch_index} of phase {phase.name}: rolled back to {last.name}, "
+                     f"skipping that batch ({rollbacks}/{cfg.train.max_rollbacks})")
+            continue
         step += 1
         steps_this_run += 1
         dt = time.perf_counter() - t0
+        if cfg.train.spike_factor and len(recent) >= 10 and out.loss > cfg.train.spike_factor * statistics.median(recent):
+            logger.log({"step": step, "event": "loss_spike", "loss": out.loss, "median": statistics.median(recent)})
+            if rank == 0:
+                _say(f"warning: loss spike at step {step}: {out.loss:.4f} > {cfg.train.spike_factor} × median "
+                     f"{statistics.median(recent):.4f} of the last {len(recent)} steps")
+        recent.append(out.loss)
         if rank == 0 and (step % cfg.train.log_interval == 0 or step == total_steps):
-            rec = {"step": step, "phase": phase.name, "loss": loss, "lr": lr,
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            rec = {"step": step, "phase": phase.name, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
                    "step_time_s": dt, "peak_memory_mb": peak_memory_mb(), "consumed_samples": step * G,
-                   "samples_fingerprint": int(fingerprint) % 2**48}
+                   "samples_fingerprint": out.fingerprint % 2**48}
             rec.update(throughput(G * S, dt, world, flops_tok, peak))
-            for name, n in tokens_per_source(phases, step, G).items():
+            for name, n in tokens_per_source(phases, step, G, skips).items():
                 rec[f"tokens/{name}"] = n
             logger.log(rec)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{lr:.2e}")
             else:
                 print(format_console(rec), flush=True)
         if bar is not None:
@@ -353,7 +373,7 @@ def train(cfg: Config) -> int:
             logger.log(rec)
             if rank == 0:
                 _say("valid: " + ", ".join(f"{n} ppl={rec[f'valid/{n}/ppl']:.3f}" for n in valid))
-        if stats[1] > 0:
+        if out.stop_signal:
             stopped_by = stopper.name or "signal"
         elif cfg.train.stop_after is not None and steps_this_run >= cfg.train.stop_after and step < total_steps:
             stopped_by = "train.stop_after"
@@ -376,6 +396,72 @@ def train(cfg: Config) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+@dataclass
+class StepOut:
+    loss: float  # token mean over the global batch
+    grad_norm: float | None
+    fingerprint: int
+    stop_signal: bool
+
+
+def _train_step(engine, batches: list[dict], dp_size: int, gas: int, zero_stage: int, stop_flag: bool, device,
+                use_segments: bool, where: dict) -> StepOut:
+    import torch
+    import torch.distributed as dist
+
+    where["op"] = "all-reduce of the token count"
+    local = torch.tensor([sum(int((b["labels"] != IGNORE).sum()) for b in batches)], dtype=torch.float64)
+    dist.all_reduce(local)
+    global_tokens = max(float(local.item()), 1.0)
+    # DeepSpeed divides by the accumulation steps and averages over data-parallel ranks;
+    # scaling by (dp × gas / tokens) turns that into the token mean of the whole global batch.
+    scale = dp_size * gas / global_tokens
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    plain_norm = None
+    for i, b in enumerate(batches):
+        kwargs = {"segment_ids": b["segments"].to(device)} if use_segments else {}
+        where["op"] = f"forward of micro-batch {i} (ZeRO parameter all-gather)"
+        out = engine(b["input_ids"].to(device), labels=b["labels"].to(device), **kwargs)
+        where["op"] = f"backward of micro-batch {i} (gradient reduce-scatter)"
+        engine.backward(out * scale)
+        if i == len(batches) - 1 and zero_stage == 0:
+            # Without ZeRO, DeepSpeed clips but does not report the norm: measure the
+            # (already data-parallel averaged) gradients before the optimizer step.
+            plain_norm = _grad_norm(engine.module)
+        where["op"] = "optimizer step"
+        engine.step()
+        loss_sum += out.detach().double().cpu()
+    where["op"] = "all-reduce of the loss and stop flag"
+    stats = torch.stack([loss_sum, torch.tensor(float(stop_flag), dtype=torch.float64)])
+    dist.all_reduce(stats[:1])
+    dist.all_reduce(stats[1:], op=dist.ReduceOp.MAX)
+    fingerprint = torch.tensor([sum(b["fingerprint"] for b in batches)], dtype=torch.int64)
+    dist.all_reduce(fingerprint)
+    norm = plain_norm if plain_norm is not None else engine.get_global_grad_norm()
+    return StepOut(loss=float(stats[0]) / global_tokens, grad_norm=None if norm is None else float(norm),
+                   fingerprint=int(fingerprint), stop_signal=bool(stats[1] > 0))
+
+
+def _collective_error(e: RuntimeError, rank: int, step: int, where: dict) -> RuntimeError:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    low = msg.lower()
+    if any(w in low for w in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")):
+        return RuntimeError(f"rank {rank}: collective failed at step {step} during {where['op']}: {msg} — another "
+                            f"rank stopped participating or died (see its log); rerun to resume from the last checkpoint")
+    return e
+
+
+def data_batch_index(k: int, skipped: list[int]) -> int:
+    """The k-th batch index of a phase that was not skipped (after a non-finite rollback)."""
+    idx = k
+    for s in sorted(skipped):
+        if s <= idx:
+            idx += 1
+        else:
+            break
+    return idx
 
 
 def _rank_batches(dataset, first_sample: int, mb: int, gas: int, dp_rank: int, dp_size: int,

@@ -1,0 +1,82 @@
+"""Which (tp, pp, zero_stage) layouts a model and world size allow, checked at config time.
+
+Rules (each rejection names the rule and lists the (tp, pp) pairs that would work):
+- tp × pp divides the world size (dp = world / (tp × pp));
+- tensor parallel splits query heads, the MLP's intermediate size and the vocabulary evenly, so
+  num_heads, intermediate_size and vocab_size are multiples of tp;
+- KV heads are split when num_kv_heads is a multiple of tp, and replicated (each rank keeps the
+  KV head its query heads use) when tp is a multiple of num_kv_heads; anything else is rejected;
+- pipeline stages hold at least one layer each: pp ≤ num_layers;
+- DeepSpeed's pipeline engine supports only ZeRO-0/1: pp > 1 needs zero_stage ≤ 1.
+"""
+
+from __future__ import annotations
+
+from megacpt.errors import ConfigError
+from megacpt.models.llama import ModelArgs
+
+__all__ = ["validate_layout", "valid_layouts", "tp_problems"]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def tp_problems(args: ModelArgs, tp: int) -> list[str]:
+    """Why the model cannot be split over `tp` tensor-parallel ranks (empty when it can)."""
+    out = []
+    if args.num_heads % tp:
+        out.append(f"num_heads {args.num_heads} is not divisible by tp={tp}")
+    kv = args.num_kv_heads
+    if kv % tp and tp % kv:
+        out.append(f"num_kv_heads {kv} neither divisible by tp={tp} (split) nor dividing it (replicated)")
+    if args.intermediate_size % tp:
+        out.append(f"intermediate_size {args.intermediate_size} is not divisible by tp={tp}")
+    if args.vocab_size % tp:
+        out.append(f"vocab_size {args.vocab_size} is not divisible by tp={tp}")
+    return out
+
+
+def pp_problems(args: ModelArgs, pp: int, zero_stage: int) -> list[str]:
+    out = []
+    if pp > args.num_layers:
+        out.append(f"pp={pp} pipeline stages but only {args.num_layers} layers")
+    if pp > 1 and zero_stage > 1:
+        out.append(f"DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only, not zero_stage={zero_stage}")
+    return out
+
+
+def valid_layouts(args: ModelArgs, world_size: int, zero_stage: int) -> list[tuple[int, int]]:
+    """Every (tp, pp) with tp × pp dividing world_size that the model and ZeRO stage allow."""
+    return [(tp, pp) for tp in _divisors(world_size) for pp in _divisors(world_size // tp)
+            if not tp_problems(args, tp) and not pp_problems(args, pp, zero_stage)]
+
+
+def _format_pairs(pairs, world_size) -> str:
+    if not pairs:
+        return "none"
+    return ", ".join(f"tp={tp} pp={pp} (dp={world_size // (tp * pp)})" for tp, pp in pairs)
+
+
+def validate_layout(args: ModelArgs, world_size: int, tp: int, pp: int, zero_stage: int) -> None:
+    """Raise ConfigError when (tp, pp, zero_stage) does not fit this model on `world_size` ranks."""
+    for name, v in (("parallel.tp", tp), ("parallel.pp", pp), ("world size", world_size)):
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    if zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+    problems = []
+    if world_size % (tp * pp):
+        problems.append(f"tp × pp = {tp}×{pp} = {tp * pp} does not divide the world size {world_size}")
+    problems += tp_problems(args, tp) + pp_problems(args, pp, zero_stage)
+    if not problems:
+        return
+    ok = valid_layouts(args, world_size, zero_stage)
+    hint = f"layouts that work for this model on {world_size} ranks with zero_stage={zero_stage}: " \
+           f"{_format_pairs(ok, world_size)}"
+    if pp > 1 and zero_stage > 1:
+        lower = [p for p in valid_layouts(args, world_size, 1) if p[1] > 1]
+        if lower:
+            hint += f"; with zero_stage 0 or 1 also: {_format_pairs(lower, world_size)}"
+    raise ConfigError(f"parallel layout tp={tp} pp={pp} zero_stage={zero_stage} is not possible: "
+                      f"{'; '.join(problems)}. {hint}")

@@ -1,0 +1,509 @@
+"""Megatron-style tensor parallelism, swapped into the plain Transformer after construction.
+
+`apply_tp(model, topology)` replaces, in every layer,
+  q/k/v_proj, gate/up_proj  → ColumnParallelLinear (output features split: attention by heads)
+  o_proj, down_proj         → RowParallelLinear (input features split, output all-reduced)
+and embed_tokens / lm_head → VocabParallelEmbedding / VocabParallelLMHead (vocabulary rows
+split). Norms stay whole (replicated) on every tensor-parallel rank.
+
+Communication per layer (Megatron's): forward, one all-reduce after o_proj and one after
+down_proj; backward, one all-reduce of the input gradient of the attention block and one of the
+MLP block. The latter two are the "copy to tensor-parallel region" (identity forward, all-reduce
+backward) applied once to the block's input by a forward pre-hook on `self_attn` / `mlp`, so
+q, k and v (and gate, up) share it; the column layers themselves do no communication. The
+vocab-parallel head's loss (megacpt.kernels.vocab_parallel_linear_cross_entropy) all-reduces its
+own input gradient, so nothing wraps its input.
+
+Because every rank of a tensor group enters each norm with the same activations and the same
+(all-reduced) output gradient, the replicated parameters (norms) get identical, complete
+gradients on every tp rank; nothing needs reducing. The one exception is replicated KV heads:
+when num_kv_heads < tp, each KV head is kept by tp / num_kv_heads ranks, each of which sees the
+gradient from its own query heads only, so the k/v weight (and bias) gradients are all-reduced
+over those ranks (the "KV replica group") in backward.
+
+Each split parameter records how its slice maps to the full Hugging Face tensor (`Shard`:
+dimension and [start, stop)), so `load_tp_weights` reads only those rows or columns of the files
+and `gather_tp_state` reassembles full tensors for export. Split parameters carry
+`tensor_model_parallel = True` (DeepSpeed counts their gradient norm on every tp rank; the rest
+on tp rank 0 only); of a replicated KV head only the first rank of its replica group is marked.
+
+`apply_tp` works on a meta-device model (nothing is allocated: the new parameters are meta too)
+or on a materialised one (the new parameters are copies of the slices).
+Sequence parallelism is not implemented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megacpt.errors import ConfigError
+from megacpt.models.llama import IGNORE_INDEX
+
+__all__ = [
+    "Shard", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "VocabParallelLMHead",
+    "apply_tp", "tp_shards", "tp_grad_norm", "load_tp_weights", "init_tp_weights", "gather_tp_state",
+    "iter_tp_state", "copy_to_tp_region", "reduce_from_tp_region", "gather_from_tp_region",
+]
+
+
+# ---- communication as autograd functions -----------------------------------------------------
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+class _CopyToRegion(torch.autograd.Function):
+    """Identity forward; all-reduce (sum) of the gradient over `group` in backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    """All-reduce (sum) over `group` forward; identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromRegion(torch.autograd.Function):
+    """All-gather along the last dim forward (rank order); own slice of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        n = dist.get_world_size(group)
+        parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(n)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, r = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        return grad.chunk(n, dim=-1)[r].contiguous(), None
+
+
+def copy_to_tp_region(x, group):
+    return x if _size(group) == 1 else _CopyToRegion.apply(x, group)
+
+
+def reduce_from_tp_region(x, group):
+    return x if _size(group) == 1 else _ReduceFromRegion.apply(x, group)
+
+
+def gather_from_tp_region(x, group):
+    return x if _size(group) == 1 else _GatherFromRegion.apply(x, group)
+
+
+# ---- layers ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's slice of a full tensor: indices [start, stop) of dimension `dim`."""
+
+    dim: int
+    start: int
+    stop: int
+    full_shape: tuple
+    # Count this copy in a global gradient norm (False on all but one rank of a replica group).
+    counted: bool = True
+
+    def index(self) -> tuple:
+        return (slice(None),) * self.dim + (slice(self.start, self.stop),)
+
+    @property
+    def shape(self) -> tuple:
+        s = list(self.full_shape)
+        s[self.dim] = self.stop - self.start
+        return tuple(s)
+
+
+def _new_param(full: nn.Parameter, shard: Shard | None) -> nn.Parameter:
+    """A parameter for `shard` of `full`: meta if `full` is meta, else a copy of the slice."""
+    if full.is_meta:
+        shape = shard.shape if shard is not None else tuple(full.shape)
+        return nn.Parameter(torch.empty(shape, dtype=full.dtype, device="meta"), requires_grad=full.requires_grad)
+    data = full.detach()
+    if shard is not None:
+        data = data[shard.index()]
+    return nn.Parameter(data.clone(), requires_grad=full.requires_grad)
+
+
+class _TPModule(nn.Module):
+    """Common bookkeeping: `tp_shards` maps a local parameter name to its Shard."""
+
+    tp_shards: dict
+
+    def _mark(self):
+        for name, shard in self.tp_shards.items():
+            p = getattr(self, name, None)
+            if p is not None:
+                p.tensor_model_parallel = shard.counted
+
+
+class ColumnParallelLinear(_TPModule):
+    """y_local = x W_shardᵀ (+ b_shard): rows [start, stop) of W (output features).
+
+    The input must already be in the tensor-parallel region (wrapped by copy_to_tp_region, here
+    done once per block by apply_tp's pre-hook) unless `copy_input=True`.
+    `replica_group`: ranks holding the same slice (replicated KV heads); their weight gradients
+    are summed over it in backward.
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, shard: Shard, group, *,
+                 copy_input: bool = False, replica_group=None):
+        super().__init__()
+        self.weight = _new_param(weight, shard)
+        b_shard = Shard(0, shard.start, shard.stop, (shard.full_shape[0],), shard.counted)
+        self.bias = _new_param(bias, b_shard) if bias is not None else None
+        self.tp_shards = {"weight": shard}
+        if bias is not None:
+            self.tp_shards["bias"] = b_shard
+        self.group, self.copy_input, self.replica_group = group, copy_input, replica_group
+        self._mark()
+
+    def forward(self, x):
+        if self.copy_input:
+            x = copy_to_tp_region(x, self.group)
+        w, b = self.weight, self.bias
+        if _size(self.replica_group) > 1:
+            w = copy_to_tp_region(w, self.replica_group)
+            b = copy_to_tp_region(b, self.replica_group) if b is not None else None
+        return F.linear(x, w, b)
+
+    def extra_repr(self):
+        s = self.tp_shards["weight"]
+        return f"in={s.shape[1]}, out={s.shape[0]} (rows {s.start}:{s.stop} of {s.full_shape[0]})"
+
+
+class RowParallelLinear(_TPModule):
+    """y = all_reduce(x_local W_shardᵀ) (+ b): columns [start, stop) of W (input features)."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, shard: Shard, group):
+        super().__init__()
+        self.weight = _new_param(weight, shard)
+        self.bias = _new_param(bias, None) if bias is not None else None  # replicated, added once
+        self.tp_shards = {"weight": shard}
+        self.group = group
+        self._mark()
+
+    def forward(self, x):
+        y = reduce_from_tp_region(F.linear(x, self.weight), self.group)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self):
+        s = self.tp_shards["weight"]
+        return f"in={s.shape[1]}, out={s.shape[0]} (cols {s.start}:{s.stop} of {s.full_shape[1]})"
+
+
+class VocabParallelEmbedding(_TPModule):
+    """Rows [start, stop) of the embedding; other ids give zeros here, and the all-reduce sums
+    the one rank's row that holds each id."""
+
+    def __init__(self, weight: nn.Parameter, shard: Shard, group):
+        super().__init__()
+        self.weight = _new_param(weight, shard)
+        self.tp_shards = {"weight": shard}
+        self.vocab_start, self.vocab_end = shard.start, shard.stop
+        self.group = group
+        self._mark()
+
+    def forward(self, ids):
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local = torch.where(outside, torch.zeros_like(ids), ids - self.vocab_start)
+        out = F.embedding(local, self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp_region(out, self.group)
+
+    def extra_repr(self):
+        return f"rows {self.vocab_start}:{self.vocab_end} of {self.tp_shards['weight'].full_shape[0]}"
+
+
+class VocabParallelLMHead(_TPModule):
+    """Output head over vocabulary rows [start, stop).
+
+    forward(h, targets) → summed token loss (fp32 scalar, equal on every tp rank) via the
+    vocab-parallel fused linear cross-entropy (no logits materialised, not even local ones);
+    forward(h) → full logits (…, V), all-gathered over the vocabulary.
+    """
+
+    def __init__(self, weight: nn.Parameter, shard: Shard, group):
+        super().__init__()
+        self.weight = _new_param(weight, shard)
+        self.tp_shards = {"weight": shard}
+        self.vocab_start, self.vocab_size = shard.start, shard.full_shape[0]
+        self.group = group
+        self._mark()
+
+    def forward(self, h, targets=None):
+        if targets is None:
+            local = F.linear(copy_to_tp_region(h, self.group), self.weight)
+            return gather_from_tp_region(local, self.group)
+        from megacpt.kernels import linear_cross_entropy, vocab_parallel_linear_cross_entropy
+
+        h2, t1 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        if _size(self.group) == 1:
+            return linear_cross_entropy(h2, self.weight, t1, ignore_index=IGNORE_INDEX, reduction="sum")
+        return vocab_parallel_linear_cross_entropy(
+            h2, self.weight, t1, self.group, vocab_start=self.vocab_start, vocab_size=self.vocab_size,
+            ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def extra_repr(self):
+        s = self.tp_shards["weight"]
+        return f"rows {s.start}:{s.stop} of {s.full_shape[0]}"
+
+
+class _CopyInputHook:
+    """Forward pre-hook: the block's input enters the tensor-parallel region (one backward
+    all-reduce shared by the block's column-parallel layers)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, module, args):
+        return (copy_to_tp_region(args[0], self.group), *args[1:])
+
+
+# ---- applying and loading ---------------------------------------------------------------------
+
+def _split(n: int, parts: int, i: int) -> tuple[int, int]:
+    step = n // parts
+    return i * step, (i + 1) * step
+
+
+def apply_tp(model: nn.Module, topology) -> nn.Module:
+    """Swap the tensor-parallel layers into `model` (a megacpt Transformer) in place; returns it.
+
+    Collective: every rank of the world calls it once, in the same order relative to other group
+    creation (replicated KV heads create their sub-groups here). With tp = 1 it changes nothing.
+    """
+    tp, r, group = topology.tp_size, topology.tp_rank, topology.tp_group
+    if tp == 1:
+        return model
+    if getattr(model, "tp_topology", None) is not None:
+        raise RuntimeError("apply_tp was already applied to this model")
+    from megacpt.parallel.layouts import tp_problems
+
+    args = model.args
+    problems = tp_problems(args, tp)
+    if problems:
+        raise ConfigError(f"cannot split the model over tp={tp}: {'; '.join(problems)}")
+    d, nh, nkv = args.head_dim, args.num_heads, args.num_kv_heads
+    # KV heads: split when nkv % tp == 0, else each group of tp/nkv ranks shares one head.
+    if nkv % tp == 0:
+        kv0, kv1 = _split(nkv, tp, r)
+        kv_counted, kv_group = True, None
+    else:
+        rep = tp // nkv
+        kv0 = r // rep
+        kv1 = kv0 + 1
+        kv_counted = r % rep == 0
+        kv_group = topology.tp_subgroup(rep)  # collective; all ranks reach it (same args)
+    q0, q1 = _split(nh, tp, r)
+    i0, i1 = _split(args.intermediate_size, tp, r)
+    v0, v1 = _split(args.vocab_size, tp, r)
+    h = args.hidden_size
+
+    def col(lin, start, stop, counted=True, replica_group=None):
+        shard = Shard(0, start, stop, (lin.out_features, lin.in_features), counted)
+        return ColumnParallelLinear(lin.weight, lin.bias, shard, group, replica_group=replica_group)
+
+    def row(lin, start, stop):
+        return RowParallelLinear(lin.weight, lin.bias, Shard(1, start, stop, (lin.out_features, lin.in_features)),
+                                 group)
+
+    for layer in model.layers:
+        a, m = layer.self_attn, layer.mlp
+        a.q_proj = col(a.q_proj, q0 * d, q1 * d)
+        a.k_proj = col(a.k_proj, kv0 * d, kv1 * d, kv_counted, kv_group)
+        a.v_proj = col(a.v_proj, kv0 * d, kv1 * d, kv_counted, kv_group)
+        a.o_proj = row(a.o_proj, q0 * d, q1 * d)
+        m.gate_proj = col(m.gate_proj, i0, i1)
+        m.up_proj = col(m.up_proj, i0, i1)
+        m.down_proj = row(m.down_proj, i0, i1)
+        a.register_forward_pre_hook(_CopyInputHook(group))
+        m.register_forward_pre_hook(_CopyInputHook(group))
+    vocab_shard = Shard(0, v0, v1, (args.vocab_size, h))
+    # A pipeline stage may lack the embedding or the head (None or absent): split what is there.
+    if getattr(model, "embed_tokens", None) is not None:
+        model.embed_tokens = VocabParallelEmbedding(model.embed_tokens.weight, vocab_shard, group)
+    if getattr(model, "lm_head", None) is not None:
+        model.lm_head = VocabParallelLMHead(model.lm_head.weight, vocab_shard, group)
+        if args.tie_word_embeddings and getattr(model, "embed_tokens", None) is not None:
+            model.lm_head.weight = model.embed_tokens.weight
+    model.tp_topology = topology
+    return model
+
+
+def tp_shards(model: nn.Module) -> dict[str, Shard]:
+    """Full parameter name → Shard for every split parameter (absent: replicated whole)."""
+    out = {}
+    for mname, mod in model.named_modules():
+        for pname, shard in getattr(mod, "tp_shards", {}).items():
+            out[f"{mname}.{pname}" if mname else pname] = shard
+    return out
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(param) → every (module, attribute) holding it (tied parameters have two)."""
+    out: dict[int, list] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            owners = out.setdefault(id(p), [])
+            if not any(o is mod and n == pname for o, n in owners):
+                owners.append((mod, pname))
+    return out
+
+
+@torch.no_grad()
+def load_tp_weights(model: nn.Module, weights, device=None, dtype=None) -> None:
+    """Load this rank's slice of every parameter from `weights` (an HF dir or a WeightSource),
+    reading only the rows/columns it keeps. Meta parameters are replaced by real ones (on
+    `device`, default CPU; in `dtype`, default the parameter's); real ones are copied into.
+    Tied parameters stay one shared parameter."""
+    from megacpt.errors import UserError
+    from megacpt.models.hf import as_weights, check_weights
+
+    weights = as_weights(weights)
+    where = getattr(weights, "dir", "checkpoint")
+    check_weights(weights, model, where)
+    shards = tp_shards(model)
+    owners = _owners(model)
+    for name, p in list(model.named_parameters()):
+        shard = shards.get(name)
+        full = tuple(weights.shape(name))
+        expect = shard.full_shape if shard is not None else tuple(p.shape)
+        if full != tuple(expect):
+            raise UserError(f"{where}: {name} has shape {full}, config implies {tuple(expect)}")
+        t = weights.get(name, shard.index()) if shard is not None else weights.get(name)
+        if tuple(t.shape) != tuple(p.shape):
+            raise RuntimeError(f"{name}: read {tuple(t.shape)} for a local shape {tuple(p.shape)}")
+        _assign(p, t, owners, device, dtype)
+
+
+@torch.no_grad()
+def init_tp_weights(model: nn.Module, seed: int, std: float = 0.02, device=None, dtype=None) -> None:
+    """Random initialisation that does not depend on the layout: each parameter's full tensor is
+    drawn from its own generator (seeded by `seed` and its name), then this rank keeps its slice.
+    Norm weights are ones, biases zeros, matrices normal(0, std). So replicated parameters (norms,
+    shared KV heads) are identical on every rank, and any tp gives the same model as tp = 1.
+    Each rank draws one full tensor at a time (fine for random-init runs, which are small).
+    Meta parameters are replaced as in load_tp_weights."""
+    import zlib
+
+    shards = tp_shards(model)
+    owners = _owners(model)
+    for name, p in list(model.named_parameters()):
+        shard = shards.get(name)
+        full_shape = shard.full_shape if shard is not None else tuple(p.shape)
+        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        if name.endswith("norm.weight"):
+            full = torch.ones(full_shape)
+        elif name.endswith(".bias"):
+            full = torch.zeros(full_shape)
+        else:
+            full = torch.empty(full_shape).normal_(0.0, std, generator=g)
+        t = full[shard.index()] if shard is not None else full
+        _assign(p, t, owners, device, dtype)
+
+
+def _assign(p, t, owners, device, dtype) -> None:
+    """Put tensor `t` into parameter `p`: replace a meta parameter everywhere it is held (keeping
+    ties and the tensor_model_parallel flag), or copy into a real one."""
+    if p.is_meta:
+        new = nn.Parameter(t.to(device=device or "cpu", dtype=dtype or p.dtype).contiguous(),
+                           requires_grad=p.requires_grad)
+        if hasattr(p, "tensor_model_parallel"):
+            new.tensor_model_parallel = p.tensor_model_parallel
+        for mod, attr in owners[id(p)]:
+            setattr(mod, attr, new)
+    else:
+        p.copy_(t)
+
+
+def _gathered(p):
+    """Context that makes a ZeRO-3 partitioned parameter whole (no-op otherwise)."""
+    import contextlib
+
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([p], modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def iter_tp_state(model: nn.Module, topology, grads: bool = False):
+    """Yield (name, full tensor) on tp rank 0, (name, None) elsewhere, one parameter at a time.
+
+    Collective over the tensor group (and, for ZeRO-3 parameters, the data-parallel group): every
+    rank must iterate to the end. A tied head is not repeated (named_parameters de-duplicates).
+    grads=True gathers `p.grad` instead (plain or ZeRO-0 models; zeros where a grad is None).
+    """
+    shards = tp_shards(model)
+    group, tp = topology.tp_group, topology.tp_size
+    layouts = [shards] if tp == 1 else [None] * tp
+    if tp > 1:
+        dist.all_gather_object(layouts, shards, group=group)
+    lead = topology.tp_rank == 0
+    for name, p in model.named_parameters():
+        shard = shards.get(name)
+        parts = None
+        with _gathered(p):
+            # Collectives on the parameter's own device (NCCL needs CUDA tensors); results to CPU.
+            local = p.grad if grads and p.grad is not None else (torch.zeros_like(p) if grads else p)
+            local = local.detach().contiguous()
+            if shard is None or tp == 1:
+                out = local.cpu().clone() if lead else None
+            else:
+                parts = [torch.empty_like(local) for _ in range(tp)] if lead else None
+                dist.gather(local, parts, dst=topology.tp_ranks[0], group=group)
+                out = None
+        if parts is not None:
+            out = torch.empty(shard.full_shape, dtype=local.dtype)
+            for part, lay in zip(parts, layouts):
+                out[lay[name].index()] = part.cpu()
+        yield name, out
+
+
+def gather_tp_state(model: nn.Module, topology, grads: bool = False) -> dict:
+    """Full tensors by megacpt name on tp rank 0 ({} on the other tp ranks)."""
+    return {n: t for n, t in iter_tp_state(model, topology, grads) if t is not None}
+
+
+@torch.no_grad()
+def tp_grad_norm(model: nn.Module, topology) -> torch.Tensor:
+    """Global L2 norm of the gradients of a model split by apply_tp (and/or pipeline stages),
+    counting each replicated parameter once: split parameters (`tensor_model_parallel`) on every
+    rank, the others on tp rank 0 only, summed over the model-parallel (tp × pp) group. The
+    same rule as DeepSpeed's clipping with an mpu; for plain (ZeRO-0) grads after the dp average."""
+    device = next((p.grad.device for p in model.parameters() if p.grad is not None), torch.device("cpu"))
+    sq = torch.zeros((), dtype=torch.float64, device=device)  # on the grads' device (NCCL needs CUDA)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if getattr(p, "tensor_model_parallel", False) or topology.tp_rank == 0:
+            sq += p.grad.detach().double().pow(2).sum()
+    if topology.mp_group is not None and _size(topology.mp_group) > 1:
+        dist.all_reduce(sq, group=topology.mp_group)
+    return sq.sqrt()
