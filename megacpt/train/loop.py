@@ -320,8 +320,9 @@ def train(cfg: Config) -> int:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         try:
+            poison = os.environ.get("MEGACPT_FAULT") == f"nan:{phase.name}:{batch_index}"
             out = _train_step(engine, batches, dp_size, gas, cfg.parallel.zero_stage, stopper.flag, device,
-                              use_segments, where)
+                              use_segments, where, poison)
         except RuntimeError as e:
             raise _collective_error(e, rank, step + 1, where) from e
         if not (math.isfinite(out.loss) and (out.grad_norm is None or math.isfinite(out.grad_norm))):
@@ -407,7 +408,7 @@ class StepOut:
 
 
 def _train_step(engine, batches: list[dict], dp_size: int, gas: int, zero_stage: int, stop_flag: bool, device,
-                use_segments: bool, where: dict) -> StepOut:
+                use_segments: bool, where: dict, poison: bool = False) -> StepOut:
     import torch
     import torch.distributed as dist
 
@@ -424,6 +425,8 @@ def _train_step(engine, batches: list[dict], dp_size: int, gas: int, zero_stage:
         kwargs = {"segment_ids": b["segments"].to(device)} if use_segments else {}
         where["op"] = f"forward of micro-batch {i} (ZeRO parameter all-gather)"
         out = engine(b["input_ids"].to(device), labels=b["labels"].to(device), **kwargs)
+        if poison:
+            out = out * float("nan")  # fault injection (MEGACPT_FAULT=nan:STEP): a diverging batch
         where["op"] = f"backward of micro-batch {i} (gradient reduce-scatter)"
         engine.backward(out * scale)
         if i == len(batches) - 1 and zero_stage == 0:
