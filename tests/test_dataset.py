@@ -231,7 +231,7 @@ def test_vocab_overflow_in_token_ids(tmp_path):
 
 def test_vocab_overflow_in_sidecar(tmp_path):
     p = write_shard(tmp_path / "web", [[1, 2, 3], [4, 5]])
-    (tmp_path / "web.json").write_text(json.dumps({"vocab_size": 5000}))
+    (tmp_path / "web.json").write_text(json.dumps({"format": "megacpt-tokenized", "vocab_size": 5000}))
     with pytest.raises(DataError, match="vocabulary of 5000 tokens but the model has 1000"):
         BlendedDataset([Source("web", p, 1.0)], 2, 0, 4, vocab_size=1000)
     BlendedDataset([Source("web", p, 1.0)], 2, 0, 4, vocab_size=5000)

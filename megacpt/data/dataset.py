@@ -234,20 +234,20 @@ def check_vocab(prefix: str, vocab_size: int, shard: IndexedDataset | None = Non
     every token id, read in chunks so memory stays bounded. Nothing is cached: a shard rewritten
     in place is checked again.
     """
+    from megacpt.data.prepare import read_sidecar
+
     vocab_size = int(vocab_size)
-    sidecar = f"{prefix}.json"
-    if os.path.isfile(sidecar):
-        try:
-            with open(sidecar) as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{sidecar}: unreadable shard metadata ({e}); delete it or re-run megacpt prepare")
-        tok_vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
-        if isinstance(tok_vocab, int) and tok_vocab > vocab_size:
-            raise DataError(
-                f"{prefix}: tokenized with a vocabulary of {tok_vocab} tokens but the model has "
-                f"{vocab_size}; re-run megacpt prepare with the model's tokenizer"
-            )
+    try:
+        # Also finds the sidecar of PREFIX_00000-style split shards and of PREFIX_valid.
+        meta = read_sidecar(prefix)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{prefix}: unreadable shard metadata ({e}); delete it or re-run megacpt prepare") from None
+    tok_vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if isinstance(tok_vocab, int) and tok_vocab > vocab_size:
+        raise DataError(
+            f"{prefix}: tokenized with a vocabulary of {tok_vocab} tokens but the model has "
+            f"{vocab_size}; re-run megacpt prepare with the model's tokenizer"
+        )
     ds = shard if shard is not None else IndexedDataset(prefix)
     tokens = ds.all_tokens
     info = np.iinfo(ds.dtype)

@@ -17,6 +17,11 @@ from megacpt.train.safe_load import check_torch_file, safe_load
 def checkpoint_weights(ckpt_dir) -> StateDictWeights:
     ckpt_dir = Path(ckpt_dir)
     files = sorted(ckpt_dir.glob("*.pt"))
+    if any("mp_rank_01" in f.name for f in files):
+        from megacpt.errors import UserError
+
+        raise UserError(f"{ckpt_dir} is a tensor-parallel checkpoint; consolidating those is not supported yet "
+                        f"(resume it in the same layout)")
     for f in files:
         check_torch_file(f)  # before DeepSpeed unpickles anything with weights_only=False
     if any(f.name.endswith("optim_states.pt") for f in files):

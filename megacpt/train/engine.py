@@ -78,13 +78,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def mpu_for(topology):
+    """DeepSpeed's `mpu=` adapter when tensor parallelism splits the model, else None."""
+    if topology is None or topology.tp_size == 1:
+        return None
+    from megacpt.parallel import DeepSpeedMPU
+
+    return DeepSpeedMPU(topology)
+
+
 def build_model(args: ModelArgs, ds_config: dict, dtype: torch.dtype, zero_stage: int,
-                weights=None, device=None) -> Transformer:
+                weights=None, device=None, topology=None, seed: int = 0) -> Transformer:
     """Build the model for this rank, loading `weights` (an HF dir or a WeightSource) when given."""
     import deepspeed
 
     device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                         else torch.device("cpu"))
+    if topology is not None and topology.tp_size > 1:
+        return _build_tp_model(args, ds_config, dtype, zero_stage, weights, device, topology, seed)
     if zero_stage == 3:
         # No dtype= here: DeepSpeed 0.19 parses an explicit dtype as `(dtype or fp16) if fp16 else
         # bf16`, which on CPU turns float32 into bfloat16. The config's bf16 flag says the same thing.
@@ -129,3 +140,23 @@ def load_partitioned(model: torch.nn.Module, source) -> None:
         part.zero_()  # the padding of the last partition
         if n:
             part.narrow(0, 0, n).copy_(weights.get_flat_range(name, start, n))
+
+
+def _build_tp_model(args, ds_config, dtype, zero_stage, weights, device, topology, seed):
+    """Tensor parallel: meta build → apply_tp → each rank loads its slices (1/tp of the split
+    weights, on CPU) → ZeRO-3 partitions that slice over the data-parallel group."""
+    import deepspeed
+
+    from megacpt.parallel import DeepSpeedMPU, apply_tp, init_tp_weights, load_tp_weights
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    apply_tp(model, topology)
+    if weights is not None:
+        load_tp_weights(model, weights, device="cpu", dtype=dtype)
+    else:  # weights come from a checkpoint after deepspeed.initialize
+        init_tp_weights(model, seed, device="cpu", dtype=dtype)
+    if zero_stage == 3:
+        deepspeed.zero.Init(module=model, data_parallel_group=topology.dp_group, mpu=DeepSpeedMPU(topology),
+                            config_dict_or_path=ds_config, mem_efficient_linear=False)
+    return model.to(device)

@@ -144,8 +144,9 @@ def train(cfg: Config) -> int:
 
     info = mdist.discover()
     derived = derive(cfg, info.world_size)
-    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
-        raise ConfigError("parallel.tp and parallel.pp > 1 are not available yet; use tp: 1, pp: 1 with ZeRO")
+    if cfg.parallel.pp != 1:
+        raise ConfigError("parallel.pp > 1 (pipeline parallelism) is not available yet; use pp: 1 "
+                          "(tensor parallelism with parallel.tp and ZeRO data parallelism work)")
     if cfg.task != "cpt":
         raise ConfigError("task: sft is not available yet; use task: cpt")
     run_dir = Path(cfg.run_dir)
@@ -154,6 +155,7 @@ def train(cfg: Config) -> int:
     # ---- what we start from -------------------------------------------------------------------
     resume_dir = ckpt.latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
     weights = None  # what this rank loads its parameters from (an HF dir or a checkpoint's tensors)
+    init_ckpt = None
     if resume_dir is not None:
         state = ckpt.read_state(resume_dir)
         check_resume_compatible(state["config"], cfg)
@@ -181,6 +183,9 @@ def train(cfg: Config) -> int:
             f"{args.max_position_embeddings}; set model.max_seq_len (and rope_theta/rope_scaling) to extend it"
         )
     hf_cfg = hf_config_for(args, base_cfg)
+    from megacpt.parallel import validate_layout
+
+    validate_layout(args, info.world_size, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage)
 
     # ---- data (validated before anything starts) ------------------------------------------------
     phases = plan_phases(cfg)
@@ -198,12 +203,15 @@ def train(cfg: Config) -> int:
     import deepspeed
     import torch.distributed as dist
 
-    from megacpt.train.engine import build_model, deepspeed_config, param_groups, resolve_precision
+    from megacpt.train.engine import build_model, deepspeed_config, mpu_for, param_groups, resolve_precision
     from megacpt.train.metrics import MetricsLogger, device_name, format_console, peak_flops, peak_memory_mb, throughput
 
     mdist.init(timeout_s=cfg.train.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
-    dp_rank, dp_size = rank, derived.dp_size
+    from megacpt.parallel import Topology
+
+    topo = Topology.from_dist(cfg.parallel.tp, cfg.parallel.pp)
+    dp_rank, dp_size, dp_group = topo.dp_rank, topo.dp_size, topo.dp_group
     torch.manual_seed(cfg.seed + rank)
     np.random.seed((cfg.seed + rank) % 2**32)
     dtype = resolve_precision(cfg.precision)
@@ -221,11 +229,19 @@ def train(cfg: Config) -> int:
         load_tag = f"{resume_dir.name}/{ckpt.UNIVERSAL}"
         if rank == 0:
             print(f"resharding checkpoint from {state['world_size']} to {world} ranks (universal checkpoint)", flush=True)
-    model = build_model(args, ds_config, dtype, cfg.parallel.zero_stage, weights=weights)
+    if topo.tp_size > 1:
+        if resume_dir is not None and int(state.get("world_size", world)) != world:
+            raise ConfigError(f"resuming a tensor-parallel run on {world} ranks instead of {state['world_size']} "
+                              f"is not supported yet; relaunch with the original world size")
+        if init_ckpt is not None and (init_ckpt / "mp_rank_01_model_states.pt").exists():
+            raise ConfigError("model.init_from: starting from a tensor-parallel checkpoint is not supported yet")
+    model = build_model(args, ds_config, dtype, cfg.parallel.zero_stage, weights=weights, topology=topo,
+                        seed=cfg.seed)
     model.activation_checkpointing = cfg.model.activation_checkpointing
     groups = param_groups(model, cfg.optim.weight_decay)
     group_decay = [g["weight_decay"] for g in groups]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
+                                           mpu=mpu_for(topo))
     device = engine.device
 
     step = 0
@@ -259,7 +275,7 @@ def train(cfg: Config) -> int:
     def evaluate(step_now: int) -> dict:
         out = {"step": step_now}
         for name, windows in valid.items():
-            loss_sum, count = _evaluate(engine, windows, mb, dp_rank, dp_size, device)
+            loss_sum, count = _evaluate(engine, windows, mb, dp_rank, dp_size, device, dp_group)
             loss = loss_sum / max(count, 1)
             out[f"valid/{name}/loss"] = loss
             out[f"valid/{name}/ppl"] = math.exp(min(loss, 700))
@@ -321,7 +337,7 @@ def train(cfg: Config) -> int:
             group["lr"] = lr
         try:
             poison = os.environ.get("MEGACPT_FAULT") == f"nan:{phase.name}:{batch_index}"
-            out = _train_step(engine, batches, dp_size, gas, cfg.parallel.zero_stage, stopper.flag, device,
+            out = _train_step(engine, batches, topo, gas, cfg.parallel.zero_stage, stopper.flag, device,
                               use_segments, where, poison)
         except RuntimeError as e:
             raise _collective_error(e, rank, step + 1, where) from e
@@ -407,14 +423,17 @@ class StepOut:
     stop_signal: bool
 
 
-def _train_step(engine, batches: list[dict], dp_size: int, gas: int, zero_stage: int, stop_flag: bool, device,
+def _train_step(engine, batches: list[dict], topo, gas: int, zero_stage: int, stop_flag: bool, device,
                 use_segments: bool, where: dict, poison: bool = False) -> StepOut:
+    """One optimizer step over this rank's micro-batches. Sums over the data-parallel group only:
+    tensor-parallel ranks hold the same batch and would count it tp times."""
     import torch
     import torch.distributed as dist
 
+    dp_size, dp_group = topo.dp_size, topo.dp_group
     where["op"] = "all-reduce of the token count"
     local = torch.tensor([sum(int((b["labels"] != IGNORE).sum()) for b in batches)], dtype=torch.float64)
-    dist.all_reduce(local)
+    dist.all_reduce(local, group=dp_group)
     global_tokens = max(float(local.item()), 1.0)
     # DeepSpeed divides by the accumulation steps and averages over data-parallel ranks;
     # scaling by (dp × gas / tokens) turns that into the token mean of the whole global batch.
@@ -432,16 +451,16 @@ def _train_step(engine, batches: list[dict], dp_size: int, gas: int, zero_stage:
         if i == len(batches) - 1 and zero_stage == 0:
             # Without ZeRO, DeepSpeed clips but does not report the norm: measure the
             # (already data-parallel averaged) gradients before the optimizer step.
-            plain_norm = _grad_norm(engine.module)
+            plain_norm = _grad_norm(engine.module, topo)
         where["op"] = "optimizer step"
         engine.step()
         loss_sum += out.detach().double().cpu()
     where["op"] = "all-reduce of the loss and stop flag"
     stats = torch.stack([loss_sum, torch.tensor(float(stop_flag), dtype=torch.float64)])
-    dist.all_reduce(stats[:1])
-    dist.all_reduce(stats[1:], op=dist.ReduceOp.MAX)
+    dist.all_reduce(stats[:1], group=dp_group)
+    dist.all_reduce(stats[1:], op=dist.ReduceOp.MAX)  # the stop decision spans the whole world
     fingerprint = torch.tensor([sum(b["fingerprint"] for b in batches)], dtype=torch.int64)
-    dist.all_reduce(fingerprint)
+    dist.all_reduce(fingerprint, group=dp_group)
     norm = plain_norm if plain_norm is not None else engine.get_global_grad_norm()
     return StepOut(loss=float(stats[0]) / global_tokens, grad_norm=None if norm is None else float(norm),
                    fingerprint=int(fingerprint), stop_signal=bool(stats[1] > 0))
@@ -531,14 +550,14 @@ def _write_layout(run_dir: Path, module, rank: int, world: int, zero_stage: int)
             json.dump(layout, fh, indent=1)
 
 
-def _grad_norm(module) -> float:
-    import torch
+def _grad_norm(module, topo) -> float:
+    from megacpt.parallel import tp_grad_norm
 
-    sq = [p.grad.detach().double().pow(2).sum() for p in module.parameters() if p.grad is not None]
-    return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
+    return float(tp_grad_norm(module, topo))
 
 
-def _evaluate(engine, windows: np.ndarray, mb: int, dp_rank: int, dp_size: int, device) -> tuple[float, int]:
+def _evaluate(engine, windows: np.ndarray, mb: int, dp_rank: int, dp_size: int, device,
+              dp_group=None) -> tuple[float, int]:
     """Sum of token losses and token count over all windows, split over data-parallel ranks.
 
     Every rank runs the same number of forward calls (ZeRO-3 gathers parameters collectively),
@@ -568,7 +587,7 @@ def _evaluate(engine, windows: np.ndarray, mb: int, dp_rank: int, dp_size: int, 
             total[1] += float((labels != IGNORE).sum())
     if was_training:
         engine.train()
-    dist.all_reduce(total)
+    dist.all_reduce(total, group=dp_group)
     return float(total[0]), int(total[1])
 
 
