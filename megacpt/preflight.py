@@ -210,6 +210,14 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+DESCRIPTION = (
+    "Check a launch before a long job: all ranks meet, an all-reduce of a known tensor gives the known "
+    "answer on every rank, and each rank's host, device and free memory are listed. Run it under the "
+    "launcher the training uses (srun, deepspeed --module megacpt.preflight, torchrun -m megacpt.preflight, "
+    "mpirun); rank 0 prints a table and every rank exits 1 if anything is wrong."
+)
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     from megacpt.cli import add_common
 
@@ -234,15 +242,14 @@ def _cmd(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("preflight", help="check ranks, all-reduce and devices under a launcher",
-                       description=__doc__.split("\n\n")[0] + " Under a launcher every process is one rank; "
-                       "rank 0 prints a table and every rank exits 1 if anything is wrong.")
+                       description=DESCRIPTION)
     add_args(p)
 
 
 def main(argv=None) -> int:
     from megacpt.cli import run
 
-    p = argparse.ArgumentParser(prog="python -m megacpt.preflight", description="megacpt preflight (one rank)")
+    p = argparse.ArgumentParser(prog="python -m megacpt.preflight", description=DESCRIPTION)
     add_args(p)
     args = p.parse_args(argv)
     return run(args.func, args, args.debug)

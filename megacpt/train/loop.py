@@ -143,6 +143,9 @@ def train(cfg: Config) -> int:
     from megacpt.train import dist as mdist
 
     info = mdist.discover()
+    # Handlers first: a USR1/TERM during start-up (minutes on big models) becomes a clean stop
+    # after the first step instead of killing the ranks.
+    stopper = StopSignal()
     derived = derive(cfg, info.world_size)
     if cfg.parallel.pp != 1:
         raise ConfigError("parallel.pp > 1 (pipeline parallelism) is not available yet; use pp: 1 "
@@ -265,7 +268,6 @@ def train(cfg: Config) -> int:
         with open(run_dir / "config.resolved.json", "w") as f:
             json.dump({"config": cfg.to_dict(), "deepspeed": ds_config, "world_size": world,
                        "model": args.to_dict()}, f, indent=2)
-    stopper = StopSignal()
     G, S, mb, gas = cfg.train.global_batch_size, cfg.data.seq_len, cfg.train.micro_batch_size, derived.grad_accum
     flops_tok = args.flops_per_token(S)
     dev_name = device_name()
