@@ -260,7 +260,9 @@ class HFWeights(WeightSource):
                 # weights_only: a checkpoint is data, never code; mmap keeps RAM at what is touched.
                 self._bin[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
-                raise UserError(f"cannot load {path} safely (weights_only=True): {e}") from None
+                from megacpt.train.safe_load import refusal_reason
+
+                raise UserError(f"cannot load {path} safely (weights_only=True): {refusal_reason(e)}") from None
         return self._bin[path]
 
     def _handle(self, path: Path):

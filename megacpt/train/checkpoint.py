@@ -120,13 +120,21 @@ def save(engine, ckpt_root, step: int, state: dict, hf_config: dict, keep: int, 
             shutil.rmtree(root / tmp_tag)
     dist.barrier()
     error = None
+    # DeepSpeed's save ends in a barrier: a rank whose file write raised would skip it and meet
+    # the others' barrier with the all-reduce below (a hang until the collective timeout). Its
+    # writes therefore go through a wrapper that records the first error and lets it carry on.
+    writes = _RecordingWrites(engine.checkpoint_engine)
+    engine.checkpoint_engine = writes
     try:
         engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
         rng_dir = root / tmp_tag / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), rng_dir / f"rank_{rank:05d}.pt")
-    except OSError as e:
+    except _WRITE_ERRORS as e:
         error = e
+    finally:
+        engine.checkpoint_engine = writes.inner
+    error = writes.error or error
     _fault_point("save", step, rank)
     final = root / tag
     if rank == 0 and error is None:
@@ -134,7 +142,7 @@ def save(engine, ckpt_root, step: int, state: dict, hf_config: dict, keep: int, 
             write_json_atomic(root / tmp_tag / HF_CONFIG_FILE, hf_config)
             write_json_atomic(root / tmp_tag / STATE_FILE, state)
             _fsync_dir(root / tmp_tag)
-        except OSError as e:
+        except _WRITE_ERRORS as e:
             error = e
     ok = torch.tensor([0 if error else 1])
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
@@ -144,7 +152,7 @@ def save(engine, ckpt_root, step: int, state: dict, hf_config: dict, keep: int, 
         dist.barrier()
         prev = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else "none"
         raise CheckpointError(f"checkpoint at step {step} could not be written "
-                              f"({error or 'another rank failed to write its part'}); "
+                              f"({_describe(error, root) if error else 'another rank failed to write its part'}); "
                               f"the previous checkpoint ({prev}) is intact — free disk space and rerun to resume")
     if rank == 0:
         if final.exists():  # re-saving a step (e.g. a resumed run that stops at once)
@@ -159,6 +167,37 @@ def save(engine, ckpt_root, step: int, state: dict, hf_config: dict, keep: int, 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+# torch.save reports a full disk as RuntimeError ("file write failed", "unexpected pos ...").
+_WRITE_ERRORS = (OSError, RuntimeError)
+
+
+class _RecordingWrites:
+    """DeepSpeed checkpoint engine proxy: the first failed file write is recorded, later ones skipped."""
+
+    def __init__(self, inner):
+        self.inner, self.error = inner, None
+
+    def save(self, state_dict, path):
+        if self.error is None:
+            try:
+                self.inner.save(state_dict, path)
+            except _WRITE_ERRORS as e:
+                self.error = e
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _describe(error: BaseException, root: Path) -> str:
+    text = str(error).strip()
+    first = text.splitlines()[0][:300] if text else type(error).__name__
+    try:
+        free = shutil.disk_usage(root).free
+        return f"{first}; {free / 2**20:.1f} MiB free on {root}"
+    except OSError:
+        return first
 
 
 def _fault_point(where: str, step: int, rank: int) -> None:

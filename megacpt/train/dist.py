@@ -123,4 +123,21 @@ def init(timeout_s: float = 1800.0) -> DistInfo:
         rank=info.rank,
         world_size=info.world_size,
     )
+    _default_group_timeout(datetime.timedelta(seconds=timeout_s))
     return info
+
+
+def _default_group_timeout(timeout) -> None:
+    """Groups created after init (megacpt's tp/dp groups, DeepSpeed's clone of the world that its
+    gradient and ZeRO collectives use) get torch's default timeout (30 min on gloo, 10 on NCCL)
+    unless told otherwise: give them the run's train.collective_timeout_s as well."""
+    import torch.distributed as dist
+
+    real = getattr(dist.new_group, "_megacpt_real", dist.new_group)
+
+    def new_group(*args, timeout=None, **kwargs):
+        return real(*args, timeout=timeout if timeout is not None else new_group.timeout, **kwargs)
+
+    new_group._megacpt_real = real
+    new_group.timeout = timeout
+    dist.new_group = new_group

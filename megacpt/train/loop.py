@@ -355,6 +355,7 @@ def train(cfg: Config) -> int:
                                    f"{last or 'none'}; lower optim.lr or check the data, then rerun to resume")
             rollbacks += 1
             skips.setdefault(phase.name, []).append(batch_index)
+            _secure_load_check(last)
             engine.load_checkpoint(str(ckpt_root), tag=last.name, load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
             _repair_optimizer_after_load(engine, group_decay)

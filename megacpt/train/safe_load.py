@@ -41,13 +41,23 @@ def safe_load(path):
         return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
 
 
+def refusal_reason(e: BaseException) -> str:
+    """One line naming what a weights_only load refused (torch's own message spans many lines and
+    leads with advice to retry unsafely)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or "Unsupported" in ln:
+            return ln[:200]
+    return lines[0][:200] if lines else type(e).__name__
+
+
 def check_torch_file(path) -> None:
     import pickle
 
     try:
         safe_load(path)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise UserError(f"refusing to load {path}: it contains objects outside the safe allowlist ({first[:200]})") from None
+        raise UserError(f"refusing to load {path}: it contains objects outside the safe allowlist "
+                        f"({refusal_reason(e)})") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise UserError(f"cannot read checkpoint file {path}: {str(e).splitlines()[0][:200]}") from None
