@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,21 @@ def _peak_memory_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Progress:
+    """Rank 0 appends {"step", "step_time_s"} per step to OUT/progress.jsonl (the bench watches it)."""
+
+    def __init__(self, spec, rank: int):
+        self.f = None
+        if rank == 0:
+            out = Path(spec["out"])
+            out.mkdir(parents=True, exist_ok=True)
+            self.f = open(out / "progress.jsonl", "a", buffering=1)
+
+    def step(self, step: int, seconds: float) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps({"step": step, "step_time_s": seconds}) + "\n")
 
 
 def _dtype(spec):
@@ -61,6 +77,8 @@ def run_plain(spec: dict) -> int:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     ds = spec["ds_config"]
@@ -79,6 +97,7 @@ def run_plain(spec: dict) -> int:
     S, mb, gas, G = spec["seq_len"], spec["micro_batch"], spec["grad_accum"], spec["global_batch"]
     dp = world
     times, losses = [], []
+    progress = Progress(spec, rank)
     for step in range(spec["steps"]):
         t0 = time.perf_counter()
         total = torch.zeros(1, dtype=torch.float64)
@@ -91,12 +110,42 @@ def run_plain(spec: dict) -> int:
             total += out.loss.detach().double().cpu()
         dist.all_reduce(total)
         times.append(time.perf_counter() - t0)
+        progress.step(step + 1, times[-1])
         losses.append(float(total) / (gas * dp))
         if rank == 0:
             print(f"step {step + 1} | loss={losses[-1]:.4f} | {times[-1]:.2f} s/step", flush=True)
     _write(spec, rank, times, losses)
     dist.barrier()
     return 0
+
+
+def _accelerate_cpu_workaround() -> bool:
+    """Let accelerate see a multi-rank CPU DeepSpeed launch as multi-rank.
+
+    accelerate 1.x picks no process-group backend for a non-CPU-flagged launch without an
+    accelerator, so under `deepspeed --num_gpus N` on CPU every rank's TrainingArguments reports
+    world_size 1 (while DeepSpeed itself shards over N) and the Trainer refuses the DeepSpeed
+    JSON's train_batch_size. Returning gloo / MULTI_CPU there (what accelerate does when told
+    cpu=True) fixes the bookkeeping; the state still becomes DEEPSPEED and the training path is
+    the Trainer's own. Only applied without CUDA.
+    """
+    import torch
+
+    if torch.cuda.is_available() or int(os.environ.get("LOCAL_RANK", -1)) == -1:
+        return False
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    orig = PartialState._prepare_backend
+
+    def _prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+        b, kind = orig(self, cpu, sagemaker_dp, backend)
+        if b is None and kind == DistributedType.NO:
+            return "gloo", DistributedType.MULTI_CPU
+        return b, kind
+
+    PartialState._prepare_backend = _prepare_backend
+    return True
 
 
 def run_trainer(spec: dict) -> int:
@@ -107,6 +156,7 @@ def run_trainer(spec: dict) -> int:
     ds = spec["ds_config"]
     o = spec["optim"]
     bf16 = spec["precision"] == "bf16"
+    patched = _accelerate_cpu_workaround()
     args = TrainingArguments(
         output_dir=str(Path(spec["out"]) / "trainer_out"),
         per_device_train_batch_size=spec["micro_batch"],
@@ -144,15 +194,17 @@ def run_trainer(spec: dict) -> int:
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.times, self.last = [], None
+            self.times, self.last, self.progress = [], None, None
 
         def on_train_begin(self, a, state, control, **kw):
+            self.progress = Progress(spec, a.process_index)
             self.last = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
             now = time.perf_counter()
             self.times.append(now - self.last)
             self.last = now
+            self.progress.step(state.global_step, self.times[-1])
 
     timer = Timer()
     trainer = Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[timer])
@@ -161,7 +213,8 @@ def run_trainer(spec: dict) -> int:
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    _write(spec, rank, timer.times, losses)
+    _write(spec, rank, timer.times, losses, {"world_size_seen_by_trainer": args.world_size,
+                                             "accelerate_cpu_workaround": patched})
     if dist.is_initialized():
         dist.barrier()
     return 0

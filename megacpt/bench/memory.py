@@ -1,0 +1,246 @@
+"""`megacpt bench memory`: ZeRO-3 model-state memory per rank at several world sizes.
+
+For each world size W the bench starts W local ranks with the `deepspeed` launcher
+(`python -m megacpt.bench.memory worker SPEC.json`). Each rank builds the model and engine the
+way the trainer does (megacpt.train.engine: deepspeed_config → build_model under zero.Init,
+loading its own partition of the HF weights → param_groups → deepspeed.initialize), runs one
+optimizer step on random tokens, and then adds up, from the engine's own objects:
+
+  params          each parameter's partition (p.ds_tensor: numel × element size, padding included)
+  persistent      whole copies of parameters below stage3_param_persistence_threshold
+                  (kept on every rank; 0 with the default --persistence-threshold 0)
+  fp32_master     the optimizer's fp32 partitions (fp32_partitioned_groups_flat) where they are a
+                  separate copy (fp32_master_shared tells). In fp32 DeepSpeed 0.19 means to reuse
+                  the parameter partitions, but its check compares a torch.device with a string
+                  ('cpu', 'cuda:0'), which is never equal, so it keeps a copy: 20 bytes/parameter
+  grads           the flat gradient-partition buffer (grad_partitions_flat_buffer)
+  adam            every tensor in the inner optimizer's state (exp_avg, exp_avg_sq, step)
+
+model_state = the sum; expected = 16 · P / W bytes (fp32: 4 parameter/master + 4 gradient + 8
+Adam moments). With --precision bf16 the parts are 2-byte parameters and gradients next to
+4-byte masters, so compare against the breakdown rather than 16 · P / W. Buffers that are not model
+state (the reduce bucket, allocated with torch.empty: on CPU untouched pages are not resident) and the
+process RSS after the step (VmRSS, VmHWM) are reported next to it for context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from megacpt.errors import UserError
+
+
+def add_memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="small", metavar="HF_DIR_OR_SHAPE",
+                   help="HF dir or shape name (default: small, ~7M parameters)")
+    p.add_argument("--world-sizes", default="1,2,4", help="comma-separated world sizes (default 1,2,4)")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--persistence-threshold", type=int, default=0,
+                   help="stage3_param_persistence_threshold (default 0: every parameter is partitioned; "
+                        "DeepSpeed's own default 100000 keeps small ones whole on every rank)")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
+    p.add_argument("--json", metavar="OUT.json", default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--timeout", type=float, default=1200)
+
+
+def _nbytes(t) -> int:
+    return int(t.numel()) * int(t.element_size())
+
+
+def _proc_status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def measure_engine(engine) -> dict:
+    """Model-state bytes this rank holds, by kind (see the module docstring)."""
+    opt = engine.optimizer
+    params = persistent = 0
+    for p in engine.module.parameters():
+        if hasattr(p, "ds_tensor"):
+            params += _nbytes(p.ds_tensor)
+            if getattr(p, "ds_persist", False):
+                persistent += _nbytes(p.data)
+        else:
+            params += _nbytes(p.data)
+    lp = list(getattr(opt, "fp16_partitioned_groups_flat", []))
+    lp_ptrs = {t.untyped_storage().data_ptr() for t in lp if t is not None and t.numel()}
+    master = 0
+    shared = True
+    for t in getattr(opt, "fp32_partitioned_groups_flat", []):
+        if t is None or not t.numel():
+            continue
+        if t.untyped_storage().data_ptr() in lp_ptrs:
+            continue
+        shared = False
+        master += _nbytes(t)
+    gbuf = getattr(opt, "grad_partitions_flat_buffer", None)
+    grads = _nbytes(gbuf) if gbuf is not None else 0
+    inner = getattr(opt, "optimizer", opt)
+    adam = 0
+    import torch
+
+    for st in inner.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                adam += _nbytes(v)
+    buffers = 0
+    for bucket in getattr(opt, "ipg_buckets", {}).values():
+        buf = getattr(bucket, "buffer", None)
+        if isinstance(buf, torch.Tensor):
+            buffers += _nbytes(buf)
+    return {"params": params, "persistent": persistent, "fp32_master": master, "fp32_master_shared": shared,
+            "grads": grads, "adam": adam, "model_state": params + persistent + master + grads + adam,
+            "reduce_bucket_allocated": buffers}
+
+
+def worker(spec: dict) -> int:
+    import deepspeed
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from megacpt.config import config_from_dict, derive
+    from megacpt.models.hf import args_from_hf_config, read_hf_config
+    from megacpt.train import dist as mdist
+    from megacpt.train.engine import build_model, deepspeed_config, param_groups, resolve_precision
+
+    info = mdist.discover()
+    hf_dir = spec["hf_dir"]
+    cfg = config_from_dict({
+        "run_dir": spec["out"],
+        "model": {"init_from": hf_dir},
+        "data": {"seq_len": spec["seq_len"]},
+        "train": {"micro_batch_size": 1, "global_batch_size": info.world_size},
+        "parallel": {"zero_stage": 3},
+        "precision": spec["precision"],
+        "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": spec["persistence_threshold"]}},
+    })
+    derived = derive(cfg, info.world_size)
+    mdist.init()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    args = args_from_hf_config(read_hf_config(hf_dir))
+    dtype = resolve_precision(cfg.precision)
+    ds = deepspeed_config(cfg, derived, dtype)
+    model = build_model(args, ds, dtype, 3, weights=hf_dir)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=ds)
+    rng = np.random.default_rng(rank)
+    x = torch.from_numpy(rng.integers(0, args.vocab_size, (1, spec["seq_len"] + 1)).astype(np.int64))
+    loss = engine(x[:, :-1].to(engine.device), labels=x[:, 1:].to(engine.device))
+    engine.backward(loss)
+    engine.step()
+    rec = measure_engine(engine)
+    rec.update({"rank": rank, "world_size": world, "vm_rss_mb": _proc_status_mb("VmRSS"),
+                "vm_hwm_mb": _proc_status_mb("VmHWM"), "param_dtype": str(dtype).replace("torch.", "")})
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps(rec))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def run_memory_bench(a) -> int:
+    from megacpt.bench.shapes import resolve_model
+    from megacpt.bench.train import bench_env, free_port, launcher, run_launcher, versions, _fail
+    from megacpt.models.hf import args_from_hf_config, read_hf_config
+    from megacpt.train.metrics import device_name
+
+    try:
+        worlds = [int(w) for w in a.world_sizes.split(",") if w.strip()]
+    except ValueError:
+        raise UserError(f"--world-sizes {a.world_sizes!r}: expected comma-separated integers like 1,2,4") from None
+    if not worlds or min(worlds) < 1:
+        raise UserError("--world-sizes: give positive integers, e.g. 1,2,4")
+    hf_dir, shape = resolve_model(a.model, "bfloat16" if a.precision == "bf16" else "float32", a.cache_dir)
+    margs = args_from_hf_config(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))
+    P = margs.num_params()
+    work = Path(tempfile.mkdtemp(prefix="megacpt-bench-memory-"))
+    env = bench_env(a.threads)
+    rows = []
+    try:
+        for W in worlds:
+            out = work / f"w{W}"
+            spec = {"hf_dir": str(hf_dir), "seq_len": a.seq_len, "precision": a.precision, "out": str(out),
+                    "persistence_threshold": a.persistence_threshold}
+            spec_path = work / f"w{W}.json"
+            spec_path.write_text(json.dumps(spec))
+            cmd = [launcher(), "--num_gpus", str(W), "--master_port", str(free_port()), "--module",
+                   "megacpt.bench.memory", "worker", str(spec_path)]
+            print(f"world {W}: {' '.join(cmd)}", flush=True)
+            log = work / f"w{W}.log"
+            rc, wall, _ = run_launcher(cmd, env, log, a.timeout)
+            if rc != 0:
+                _fail(f"memory bench at world size {W}", rc, log)
+            ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(W)]
+            expected = 16 * P / W
+            rows.append({"world_size": W, "expected_bytes_per_rank": expected,
+                         "model_state_bytes_per_rank": [r["model_state"] for r in ranks],
+                         "ratio_to_expected_max": max(r["model_state"] for r in ranks) / expected,
+                         "ranks": ranks, "wall_s": wall, "command": cmd})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = {
+        "benchmark": "memory",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": device_name(),
+        "versions": versions(),
+        "command": "megacpt bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        "model": {"arg": a.model, "shape": shape, "hf_dir": str(hf_dir), "params": P},
+        "precision": a.precision,
+        "persistence_threshold": a.persistence_threshold,
+        "expectation": "16 · params / world_size bytes per rank (fp32: 4 param, shared with the fp32 master, "
+                       "+ 4 gradient + 8 Adam moments)",
+        "measured": "per rank after one step: parameter partitions + persistent whole parameters + fp32 master "
+                    "partitions not shared with them + the gradient-partition buffer + Adam state tensors",
+        "rows": rows,
+    }
+    print(format_memory_table(out), flush=True)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {a.json}", flush=True)
+    return 0
+
+
+def format_memory_table(out: dict) -> str:
+    mb = 2**20
+    lines = ["", f"ZeRO-3 model state per rank · {out['model']['arg']} ({out['model']['params'] / 1e6:.2f}M params) · "
+                 f"{out['precision']} · persistence threshold {out['persistence_threshold']}",
+             f"{'world':>5} {'expected MiB':>13} {'measured MiB (max)':>19} {'ratio':>6}  "
+             f"{'params':>8} {'master':>8} {'grads':>8} {'adam':>8} {'persist':>8}  {'RSS MiB (max)':>13}"]
+    for r in out["rows"]:
+        worst = max(r["ranks"], key=lambda x: x["model_state"])
+        lines.append(
+            f"{r['world_size']:>5} {r['expected_bytes_per_rank'] / mb:>13.2f} {worst['model_state'] / mb:>19.2f} "
+            f"{r['ratio_to_expected_max']:>6.3f}  {worst['params'] / mb:>8.2f} {worst['fp32_master'] / mb:>8.2f} "
+            f"{worst['grads'] / mb:>8.2f} {worst['adam'] / mb:>8.2f} {worst['persistent'] / mb:>8.2f}  "
+            f"{max(x['vm_rss_mb'] or 0 for x in r['ranks']):>13.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m megacpt.bench.memory")
+    p.add_argument("mode", choices=["worker"])
+    p.add_argument("spec")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    a = p.parse_args(argv)
+    return worker(json.loads(Path(a.spec).read_text()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

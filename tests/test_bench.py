@@ -1,0 +1,143 @@
+"""`megacpt bench train` / `megacpt bench memory`: smoke runs that check the JSON, never the speed;
+the communication estimate and the named shapes against hand counts."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, cpu_env
+
+from megacpt.bench.train import comm_estimate, percentile, step_stats
+
+
+def _megacpt(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "megacpt.cli", *args], env=cpu_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_comm_estimate_hand_count():
+    # ZeRO-3, 2 ranks, fp32: one 200k-element matrix (partitioned) and one 50-element norm
+    # (below the persistence threshold). Small model: parameters stay gathered from forward to
+    # backward (reuse distance 2 × 200k < 1e9), so all-gather + reduce-scatter: 2 × 200000 × 4 × ½,
+    # plus the norm's gradient all-reduce 2 × 50 × 4 × ½, per micro-batch.
+    est = comm_estimate(3, 2, [200_000, 50], 4, 1, persistence_threshold=100_000)
+    assert est["bytes_per_step"] == 800_000 + 200 and est["estimate"] is True
+    assert comm_estimate(3, 2, [200_000, 50], 4, 3)["bytes_per_step"] == 3 * (800_000 + 200)
+    # Reuse distance 0: everything is re-gathered for the backward (3 transfers); 200k: half of it.
+    assert comm_estimate(3, 2, [200_000, 50], 4, 1, max_reuse_distance=0)["bytes_per_step"] == 1_200_000 + 200
+    assert comm_estimate(3, 2, [200_000, 50], 4, 1, max_reuse_distance=200_000)["bytes_per_step"] == 1_000_000 + 200
+    # 4 ranks move (W-1)/W = ¾ of the bytes; stage 0 all-reduces gradients once (2 × ¾ × P × b).
+    assert comm_estimate(0, 4, [1000], 2, 5)["bytes_per_step"] == 2 * 1000 * 2 * 3 // 4
+    assert comm_estimate(2, 4, [1000], 2, 2)["bytes_per_step"] == 3 * 1000 * 2 * 3 // 4
+    assert comm_estimate(3, 1, [1000], 4, 1)["bytes_per_step"] == 0
+
+
+def test_step_stats():
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 25) == pytest.approx(1.75)
+    st = step_stats([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert st["median_s"] == 3.0 and st["min_s"] == 1.0 and st["max_s"] == 5.0 and st["n"] == 5
+    assert st["p10_s"] == pytest.approx(1.4) and st["p90_s"] == pytest.approx(4.6)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("smollm2-135m", 134_515_008),     # HuggingFaceTB/SmolLM2-135M
+    ("qwen2-0.5b", 494_032_768),       # Qwen/Qwen2.5-0.5B
+    ("llama3-1b", 1_235_814_400),      # meta-llama/Llama-3.2-1B
+    ("llama3-8b", 8_030_261_248),      # meta-llama/Llama-3.1-8B
+])
+def test_shapes_match_published_parameter_counts(name, params):
+    from megacpt.bench.shapes import hf_config
+    from megacpt.models.hf import args_from_hf_config
+
+    assert args_from_hf_config(hf_config(name)).num_params() == params
+
+
+def test_shape_builds_a_loadable_hf_dir(tmp_path):
+    import transformers
+
+    from megacpt.bench.shapes import resolve_model
+    from megacpt.models.hf import args_from_hf_config, read_hf_config
+
+    hf_dir, shape = resolve_model("tiny", cache_dir=tmp_path)
+    assert shape == "tiny" and (hf_dir / "model.safetensors").is_file()
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert sum(p.numel() for p in model.parameters()) == args_from_hf_config(read_hf_config(hf_dir)).num_params()
+    assert resolve_model("tiny", cache_dir=tmp_path)[0] == hf_dir  # built once, then reused
+
+
+def test_bad_model_is_a_one_line_error(tmp_path):
+    r = _megacpt("bench", "train", "--model", str(tmp_path / "nope"), timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_bench_train_smoke_with_peers(tmp_path):
+    out = tmp_path / "train.json"
+    r = _megacpt("bench", "train", "--model", "tiny", "--seq-len", "32", "--steps", "2", "--warmup", "1",
+                 "--nproc", "2", "--zero-stage", "3", "--peers", "--repeats", "1", "--json", str(out),
+                 "--cache-dir", str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert "megacpt" in r.stdout and "hf-trainer" in r.stdout  # the table
+    assert d["benchmark"] == "train" and d["device"].startswith("cpu") and d["cuda"] is False
+    for k in ("torch", "deepspeed", "transformers", "megacpt_commit"):
+        assert d["versions"][k]
+    assert d["command"].startswith("megacpt bench train") and "--peers" in d["command"]
+    s = d["setup"]
+    assert (s["nproc"], s["zero_stage"], s["precision"], s["global_batch"], s["tokens_per_step"]) == (2, 3, "fp32", 2, 64)
+    assert d["deepspeed_config"]["zero_optimization"]["stage"] == 3
+    assert d["megacpt_config"]["data"]["seq_len"] == 32
+    assert d["comm_per_step"]["estimate"] is True and d["comm_per_step"]["bytes_per_step"] > 0
+    assert d["flops_per_token"] > 0 and len(d["loadavg_before"]) == 3 and len(d["loadavg_after"]) == 3
+    assert d["order"] == ["megacpt-r1", "hf-deepspeed-r1", "hf-trainer-r1"]
+    assert set(d["results"]) == {"megacpt", "hf-deepspeed", "hf-trainer"}
+    for name, res in d["results"].items():
+        assert res["tokens_per_s"] > 0
+        assert res["tokens_per_s_per_device"] == pytest.approx(res["tokens_per_s"] / 2)
+        assert res["tflops_per_device"] == pytest.approx(d["flops_per_token"] * res["tokens_per_s_per_device"] / 1e12)
+        assert res["mfu"] is None  # no known peak on CPU
+        st = res["step_time"]
+        assert st["n"] == 2 and st["p10_s"] <= st["median_s"] <= st["p90_s"]
+        assert len(res["peak_memory_mb_per_rank"]) == 2 and all(m and m > 0 for m in res["peak_memory_mb_per_rank"])
+        assert "cpu_s_per_step" in res and "tokens_per_cpu_s" in res
+    for peer in ("hf-deepspeed", "hf-trainer"):
+        ratio = d["ratios"][peer]
+        assert ratio["median"] == pytest.approx(d["results"]["megacpt"]["tokens_per_s"] / d["results"][peer]["tokens_per_s"])
+    for run in d["runs"]:
+        assert "cpu_s_per_step" in run and "tokens_per_cpu_s" in run  # None when the run is this short
+        assert len(run["step_times_s"]) == 3 and run["timed_step_times_s"] == run["step_times_s"][1:]
+        assert run["command"][1:3] == ["--num_gpus", "2"]
+    # The peers trained on the same model and data: the first losses agree closely (random init,
+    # HF drops the last position's label, so not exactly).
+    first = {run["system"]: run["losses"][0] for run in d["runs"]}
+    assert first["hf-deepspeed"] == pytest.approx(first["megacpt"], abs=0.05)
+
+
+@pytest.mark.slow
+def test_bench_memory_smoke(tmp_path):
+    out = tmp_path / "memory.json"
+    r = _megacpt("bench", "memory", "--model", "tiny", "--world-sizes", "1,2", "--seq-len", "16", "--json", str(out),
+                 "--cache-dir", str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    P = d["model"]["params"]
+    assert [row["world_size"] for row in d["rows"]] == [1, 2]
+    for row in d["rows"]:
+        W = row["world_size"]
+        assert row["expected_bytes_per_rank"] == pytest.approx(16 * P / W)
+        assert len(row["ranks"]) == W
+        # Every parameter is partitioned (threshold 0): the ranks' fp32 partitions add up to the
+        # model (plus at most one element of padding per parameter and rank).
+        total = sum(rk["params"] for rk in row["ranks"])
+        assert 4 * P <= total <= 4 * P + 4 * W * 21
+        for rk in row["ranks"]:
+            assert rk["persistent"] == 0
+            assert rk["grads"] == rk["params"]
+            assert rk["adam"] >= 2 * rk["params"]  # exp_avg + exp_avg_sq (+ step scalars)
+            assert rk["model_state"] == rk["params"] + rk["fp32_master"] + rk["grads"] + rk["adam"] + rk["persistent"]
+        assert row["ratio_to_expected_max"] == pytest.approx(
+            max(rk["model_state"] for rk in row["ranks"]) / row["expected_bytes_per_rank"])
