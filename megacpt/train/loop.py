@@ -245,6 +245,7 @@ def train(cfg: Config) -> int:
     group_decay = [g["weight_decay"] for g in groups]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
                                            mpu=mpu_for(topo))
+    mdist.release_shm_names(rank)
     device = engine.device
 
     step = 0
