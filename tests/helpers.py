@@ -118,6 +118,16 @@ def launch(nproc: int, module_args: list[str], timeout=600, env=None, cwd=None) 
     return subprocess.run(cmd, env=env, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def run_ok(nproc: int, cfg_path, *sets: str) -> subprocess.CompletedProcess:
+    """Launch a training run with `--set` overrides; fail the test with its output if it fails."""
+    args = [str(cfg_path)]
+    for s in sets:
+        args += ["--set", s]
+    r = launch(nproc, args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
 def free_port() -> int:
     import socket
 

@@ -5,22 +5,13 @@ appended after the run had finished."""
 import pytest
 import torch
 
-from helpers import launch, tiny_hf_model, tiny_run_config, train_losses, write_config
+from helpers import run_ok, tiny_hf_model, tiny_run_config, train_losses, write_config
 
 pytestmark = pytest.mark.slow
 
 ANNEAL = {"name": "anneal", "steps": 3, "schedule": {"kind": "linear", "warmup_steps": 0},
           "data": {"train": [{"name": "replay", "path": None, "weight": 0.5},
                              {"name": "new", "path": None, "weight": 0.5}]}}
-
-
-def _run(nproc, cfg_path, *sets):
-    args = [str(cfg_path)]
-    for s in sets:
-        args += ["--set", s]
-    r = launch(nproc, args)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -39,31 +30,31 @@ def runs(tmp_path_factory):
             c["phases"] = [anneal]
         return write_config(tmp / f"{name}-{int(with_phase)}.yaml", c)
 
-    _run(1, phased("phased_full", True))
+    run_ok(1, phased("phased_full", True))
     out["phased_full"] = tmp / "phased_full"
     # Interrupted inside the main phase, finished without knowing of the anneal, then the anneal
     # appended and interrupted inside it.
-    _run(1, phased("phased_split", False), "train.stop_after=2")
-    _run(1, phased("phased_split", False))
-    _run(1, phased("phased_split", True), "train.stop_after=1")
-    _run(1, phased("phased_split", True))
+    run_ok(1, phased("phased_split", False), "train.stop_after=2")
+    run_ok(1, phased("phased_split", False))
+    run_ok(1, phased("phased_split", True), "train.stop_after=1")
+    run_ok(1, phased("phased_split", True))
     out["phased_split"] = tmp / "phased_split"
 
     # Data-parallel size changes on resume: 2 ranks for 2 steps, then 1 rank (ZeRO-0 state is whole).
     def plain(name):
         return write_config(tmp / f"{name}.yaml", tiny_run_config(tmp, model, tmp / name, steps=5, zero=0))
 
-    _run(1, plain("one_rank"))
+    run_ok(1, plain("one_rank"))
     c = plain("two_then_one")
-    _run(2, c, "train.stop_after=2")
-    _run(1, c)
+    run_ok(2, c, "train.stop_after=2")
+    run_ok(1, c)
     out["one_rank"], out["two_then_one"] = tmp / "one_rank", tmp / "two_then_one"
     # The same with ZeRO-3 partitions, resharded from 2 ranks to 1 through a universal checkpoint.
     c = write_config(tmp / "z3_two_then_one.yaml",
                      tiny_run_config(tmp, model, tmp / "z3_two_then_one", steps=5, zero=3,
                                      deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
-    _run(2, c, "train.stop_after=2")
-    r = _run(1, c)
+    run_ok(2, c, "train.stop_after=2")
+    r = run_ok(1, c)
     assert "resharding checkpoint from 2 to 1 ranks" in r.stdout
     out["z3_two_then_one"] = tmp / "z3_two_then_one"
     return out

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import random_docs, tiny_hf_model, tiny_run_config, write_config, write_shard
+from helpers import tiny_hf_model, tiny_run_config, write_config, write_shard
 from megacpt.cli import main
 
 

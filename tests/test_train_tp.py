@@ -4,18 +4,9 @@ global batch, and exact resume in the same layout."""
 import pytest
 import torch
 
-from helpers import launch, tiny_hf_model, tiny_run_config, train_losses, write_config
+from helpers import run_ok, tiny_hf_model, tiny_run_config, train_losses, write_config
 
 pytestmark = pytest.mark.slow
-
-
-def _run(nproc, cfg_path, *sets):
-    args = [str(cfg_path)]
-    for s in sets:
-        args += ["--set", s]
-    r = launch(nproc, args)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +19,8 @@ def runs(tmp_path_factory):
         c["parallel"]["tp"] = tp
         cfg = write_config(tmp / f"{name}.yaml", c)
         if name == "tp2_z1":  # also interrupted and resumed in the same layout
-            _run(nproc, cfg, "train.stop_after=2")
-        _run(nproc, cfg)
+            run_ok(nproc, cfg, "train.stop_after=2")
+        run_ok(nproc, cfg)
         out[name] = tmp / name
     return out
 

@@ -8,20 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import launch, tiny_hf_model, tiny_run_config, train_losses, write_config
+from helpers import run_ok, tiny_hf_model, tiny_run_config, train_losses, write_config
 
 pytestmark = pytest.mark.slow
 
 ZERO3_SHARDED = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
-
-
-def _run(nproc, cfg_path, *sets):
-    args = [str(cfg_path)]
-    for s in sets:
-        args += ["--set", s]
-    r = launch(nproc, args)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -37,27 +28,27 @@ def runs(tmp_path_factory):
 
     # Reference: one process, no ZeRO, 4 micro-batches accumulated per step.
     out["single"] = tmp / "single"
-    _run(1, cfg("single", 0))
+    run_ok(1, cfg("single", 0))
     # 2 ranks, ZeRO-3 sharding everything, 2 micro-batches per rank per step.
     out["zero3"] = tmp / "zero3"
-    _run(2, cfg("zero3", 3, tensorboard=True))
+    run_ok(2, cfg("zero3", 3, tensorboard=True))
     # The same, stopped after 2 steps and resumed (a second launch).
     out["zero3_resumed"] = tmp / "zero3_resumed"
     c = cfg("zero3_resumed", 3)
-    r1 = _run(2, c, "train.stop_after=2")
+    r1 = run_ok(2, c, "train.stop_after=2")
     out["zero3_first_stdout"] = r1.stdout
-    _run(2, c)
+    run_ok(2, c)
     # One process, stopped after 3 steps and resumed.
     out["single_resumed"] = tmp / "single_resumed"
     c = cfg("single_resumed", 0)
-    _run(1, c, "train.stop_after=3")
-    _run(1, c)
+    run_ok(1, c, "train.stop_after=3")
+    run_ok(1, c)
     out["resume_cfg"] = c
     # Start from the ZeRO-3 run's checkpoint (weights only) in a fresh run: one process, ZeRO-0.
     out["from_ckpt"] = tmp / "from_ckpt"
     c = tiny_run_config(tmp, model, tmp / "from_ckpt", steps=1, zero=0)
     c["model"]["init_from"] = str(tmp / "zero3")
-    _run(1, write_config(tmp / "from_ckpt.yaml", c))
+    run_ok(1, write_config(tmp / "from_ckpt.yaml", c))
     out["tmp"] = tmp
     return out
 

@@ -28,9 +28,7 @@ offsets, the sample shuffle, the blend assignment). A sample is gathered from th
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
