@@ -100,15 +100,17 @@ def run_plain(spec: dict) -> int:
     progress = Progress(spec, rank)
     for step in range(spec["steps"]):
         t0 = time.perf_counter()
-        total = torch.zeros(1, dtype=torch.float64)
+        # On the device, so NCCL can reduce it and the loop never waits on the GPU mid-step.
+        total = torch.zeros(1, dtype=torch.float64, device=engine.device)
         for m in range(gas):
             first = step * G + m * mb * dp + rank * mb
             x = torch.from_numpy(np.asarray(samples[first:first + mb, :S], dtype=np.int64)).to(engine.device)
             out = engine(input_ids=x, labels=x)
             engine.backward(out.loss)
             engine.step()
-            total += out.loss.detach().double().cpu()
+            total += out.loss.detach().double()
         dist.all_reduce(total)
+        total = total.cpu()
         times.append(time.perf_counter() - t0)
         progress.step(step + 1, times[-1])
         losses.append(float(total) / (gas * dp))

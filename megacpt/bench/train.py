@@ -3,8 +3,8 @@
 What one invocation does
   1. Resolves --model (an HF dir, or a named shape from megacpt.bench.shapes built once with
      random weights), writes a synthetic token shard (random ids; uint16 below 65,500 ids, else
-     int32) and a megacpt config into a work dir: eval off, checkpoint interval beyond the run
-     (the trainer still writes its one final checkpoint, after the last timed step).
+     int32) and a megacpt config into a work dir: eval off, no checkpoints (interval beyond the
+     run, checkpoint.final off).
   2. For each round r = 1..--repeats it runs, one after the other, megacpt and (with --peers)
      peer a (transformers model + deepspeed.initialize, plain loop) and peer b (transformers
      Trainer + the same DeepSpeed JSON): A B C A B C ... Every run is a fresh
@@ -444,7 +444,7 @@ def megacpt_config(run_dir: Path, hf_dir: Path, data_prefix: Path, a, G: int, to
         "schedule": {"kind": "constant", "warmup_steps": 0},
         "parallel": {"zero_stage": a.zero_stage, "tp": a.tp, "pp": a.pp},
         "precision": precision,
-        "checkpoint": {"interval": 10**9, "keep": 1},
+        "checkpoint": {"interval": 10**9, "keep": 1, "final": False},
         "tensorboard": False,
     }
 

@@ -113,7 +113,9 @@ def init(timeout_s: float = 1800.0) -> DistInfo:
         from megacpt.errors import UserError
 
         raise UserError("MASTER_ADDR/MASTER_PORT are not set; start ranks with deepspeed, torchrun, srun via slurm/cpt.sh or mpirun")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # On GPUs our own small collectives (token counts, stop flags, checkpoint agreement) use CPU
+    # tensors: give those gloo and everything on CUDA tensors NCCL.
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     deepspeed.init_distributed(

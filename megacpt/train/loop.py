@@ -241,6 +241,13 @@ def train(cfg: Config) -> int:
     model = build_model(args, ds_config, dtype, cfg.parallel.zero_stage, weights=weights, topology=topo,
                         seed=cfg.seed)
     model.activation_checkpointing = cfg.model.activation_checkpointing
+    if cfg.model.compile:
+        # Per block, not the whole model: every block has the same graph, so one compilation is
+        # reused by all of them, and the fused loss head (our own kernel) stays outside.
+        for layer in model.layers:
+            layer.compile()
+        if rank == 0:
+            print(f"torch.compile: {len(model.layers)} decoder blocks (compiled at their first call)", flush=True)
     groups = param_groups(model, cfg.optim.weight_decay)
     group_decay = [g["weight_decay"] for g in groups]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
@@ -398,12 +405,12 @@ def train(cfg: Config) -> int:
             stopped_by = stopper.name or "signal"
         elif cfg.train.stop_after is not None and steps_this_run >= cfg.train.stop_after and step < total_steps:
             stopped_by = "train.stop_after"
-        if step % cfg.checkpoint.interval == 0 or step == total_steps or stopped_by:
+        if step % cfg.checkpoint.interval == 0 or (step == total_steps and cfg.checkpoint.final) or stopped_by:
             save(step)
             last_saved = step
         if stopped_by:
             break
-    if last_saved != step:
+    if last_saved != step and (cfg.checkpoint.final or step < total_steps):
         save(step)
     if bar is not None:
         bar.close()

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The benchmarks and GPU-only tests of one session on a lent GPU machine, in one command.
+#
+#   bash bench/gpu_session.sh PHASE [PHASE ...]      (results and one log under $OUT)
+#
+# Phases: setup (wheels from .whl/ + megacpt in editable mode; see bench/README.md "GPU"),
+# smoke, kernels, loss, train1b, peers1b, compile1b, offload. Each phase runs with a time limit and
+# the next one runs whatever happened, so one failure does not cost the rest of the lease.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/megacpt-gpu-out}
+mkdir -p "$OUT"
+LOG="$OUT/session.log"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export MEGACPT_CACHE=${MEGACPT_CACHE:-/tmp/megacpt-cache}
+PY=${PY:-python3}
+TAG=${TAG:-$(date +%Y%m%d)}
+DEV=${DEV:-gpu}
+
+run() {  # run NAME LIMIT_S CMD...
+  local name=$1 limit=$2
+  shift 2
+  local t0
+  t0=$(date +%s)
+  echo "=== [$name] $(date -u +%H:%M:%S) $*" | tee -a "$LOG"
+  timeout --kill-after=20 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "=== [$name] rc=$rc in $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
+  return $rc
+}
+
+bench() { "$PY" -m megacpt bench "$@"; }
+
+for phase in "$@"; do
+  case "$phase" in
+    setup)
+      if [ -d .whl ]; then
+        run wheels 300 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+          --target /tmp/site .whl/*.whl
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
+      fi
+      run editable 300 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+      run env 120 bash -c "nvidia-smi || true; $PY -c 'import torch, triton, deepspeed, transformers, megacpt.kernels;
+print(torch.__version__, torch.version.cuda, triton.__version__, deepspeed.__version__, transformers.__version__);
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no cuda\")'"
+      ;;
+    smoke)  # a tiny shape end to end through the trainer and both peers: catches setup problems fast
+      run smoke 300 bash -c "$PY -m megacpt bench train --model tiny --seq-len 256 --nproc 1 --zero-stage 1 \
+        --warmup 1 --steps 2 --peers --json $OUT/smoke.json"
+      ;;
+    kernels)
+      run kernels 400 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "gpu or aot" -rs
+      ;;
+    loss)
+      run loss 300 bash -c "$PY -m megacpt bench loss --device cuda --repeats 5 --warmup 2 \
+        --json $OUT/loss-$DEV-$TAG.json"
+      ;;
+    train1b)  # megacpt alone: MFU at the issue's shape, two micro-batch sizes
+      run train1b 420 bash -c "$PY -m megacpt bench train --model llama3-1b --seq-len 4096 --micro-batch 1 \
+        --nproc 1 --zero-stage 1 --warmup 3 --steps 10 --json $OUT/train-llama3-1b-$DEV-mb1-$TAG.json"
+      ;;
+    peers1b)
+      run peers1b 560 bash -c "$PY -m megacpt bench train --model llama3-1b --seq-len 4096 --micro-batch 1 \
+        --nproc 1 --zero-stage 1 --warmup 3 --steps 8 --peers --repeats 2 \
+        --json $OUT/train-llama3-1b-$DEV-peers-$TAG.json"
+      ;;
+    compile1b)
+      run compile1b 500 bash -c "$PY -m megacpt bench train --model llama3-1b --seq-len 4096 --micro-batch 1 \
+        --nproc 1 --zero-stage 1 --warmup 4 --steps 10 --set model.compile=true \
+        --json $OUT/train-llama3-1b-$DEV-compile-$TAG.json"
+      ;;
+    offload)  # the largest shape we try with ZeRO-3 and optimizer + parameters offloaded to CPU
+      run offload 560 bash -c "$PY -m megacpt bench train --model ${OFFLOAD_MODEL:-llama3-8b} --seq-len 4096 \
+        --micro-batch 1 --nproc 1 --zero-stage 3 --warmup 1 --steps 2 --set model.activation_checkpointing=true \
+        --set deepspeed.zero_optimization.offload_optimizer.device=cpu \
+        --set deepspeed.zero_optimization.offload_param.device=cpu \
+        --json $OUT/train-${OFFLOAD_MODEL:-llama3-8b}-$DEV-offload-$TAG.json"
+      ;;
+    *)
+      echo "unknown phase $phase" | tee -a "$LOG"
+      ;;
+  esac
+done
+echo "=== done $(date -u +%H:%M:%S)" | tee -a "$LOG"

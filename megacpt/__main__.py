@@ -1,0 +1,7 @@
+"""`python -m megacpt ...` = the `megacpt` command."""
+
+import sys
+
+from megacpt.cli import main
+
+sys.exit(main())
