@@ -3,8 +3,8 @@
 #
 #   bash bench/gpu_session.sh PHASE [PHASE ...]      (results and one log under $OUT)
 #
-# Phases: setup (wheels from .whl/ + megacpt in editable mode; see bench/README.md "GPU"),
-# smoke, kernels, loss, train1b, peers1b, compile1b, offload. Each phase runs with a time limit and
+# Phases: setup (wheels from .whl/, megacpt from the source tree; see bench/README.md "GPU"),
+# smoke, kernels, loss, profile, train1b, peers1b, compile1b, offload. Each phase runs with a time limit and
 # the next one runs whatever happened, so one failure does not cost the rest of the lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +39,10 @@ for phase in "$@"; do
           --target /tmp/site .whl/*.whl
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
       fi
-      run editable 300 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+      # No package index there and no build backend to install with: make the source tree
+      # importable as it is (kernels/ is installed as megacpt.kernels by setup.py).
+      [ -e megacpt/kernels ] || ln -s ../kernels megacpt/kernels
+      export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
       run env 120 bash -c "nvidia-smi || true; $PY -c 'import torch, triton, deepspeed, transformers, megacpt.kernels;
 print(torch.__version__, torch.version.cuda, triton.__version__, deepspeed.__version__, transformers.__version__);
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no cuda\")'"
@@ -54,6 +57,9 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no cuda\"
     loss)
       run loss 300 bash -c "$PY -m megacpt bench loss --device cuda --repeats 5 --warmup 2 \
         --json $OUT/loss-$DEV-$TAG.json"
+      ;;
+    profile)
+      run profile 300 "$PY" bench/profile_gpu.py --shape llama3-1b --seq-len 4096 --json "$OUT/profile-llama3-1b-$DEV-$TAG.json"
       ;;
     train1b)  # megacpt alone: MFU at the issue's shape, two micro-batch sizes
       run train1b 420 bash -c "$PY -m megacpt bench train --model llama3-1b --seq-len 4096 --micro-batch 1 \

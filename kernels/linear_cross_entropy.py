@@ -47,6 +47,9 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # transient one on CUDA without mm(out_dtype=...): 2^23 elements = 32 MiB, independent of N.
 # (bf16/fp16 on CPU add a fixed fp32 copy of the weight, see _matmul_weight.)
 CHUNK_ELEMS = int(os.environ.get("MEGACPT_LCE_CHUNK_ELEMS", str(1 << 23)))
+# On CUDA every chunk re-reads the whole weight in three matmuls; 2^23 logits are only 64 rows at
+# V=128k, which makes the head memory-bound. 2^26 (256 MiB of fp32 logits) gives 512 rows.
+CHUNK_ELEMS_CUDA = int(os.environ.get("MEGACPT_LCE_CHUNK_ELEMS_CUDA", str(1 << 26)))
 
 # Target range checking (see _maybe_check_targets): "always" | "first" | "never".
 TARGET_CHECK = os.environ.get("MEGACPT_LCE_CHECK_TARGETS", "first")
@@ -164,8 +167,8 @@ def _row_scale(grad_out: Tensor, reduction: str, valid: Tensor, n_valid: Tensor)
 # ----------------------------------------------------------------------------------------------
 # torch backend
 # ----------------------------------------------------------------------------------------------
-def chunk_rows(n: int, v: int, chunk_elems: Optional[int] = None) -> int:
-    budget = CHUNK_ELEMS if chunk_elems is None else chunk_elems
+def chunk_rows(n: int, v: int, chunk_elems: Optional[int] = None, cuda: bool = False) -> int:
+    budget = (CHUNK_ELEMS_CUDA if cuda else CHUNK_ELEMS) if chunk_elems is None else chunk_elems
     c = max(1, budget // max(v, 1))
     if c >= 16:
         c -= c % 8  # friendlier matmul shapes
@@ -237,8 +240,31 @@ def _accumulate_grads(dz: Tensor, h: Tensor, w_mm: Tensor, dx: Optional[Tensor],
         else:
             dx[i:j] = torch.mm(dz.to(w_mm.dtype), w_mm)
     if dw is not None:
-        # fp32 operands so the cross-chunk sum of dW is accumulated in fp32 throughout.
-        dw.addmm_(dz.t(), h.float())
+        if w_mm.dtype == torch.float32:
+            dw.addmm_(dz.t(), h.float())
+        else:
+            # bf16/fp16 operands (tensor cores; dlogits rounded like eager autograd rounds them),
+            # the product and the cross-chunk sum of dW kept in fp32.
+            dz_lp = dz.to(h.dtype).t()
+            if not _addmm_fp32_into(dw, dz_lp, h):
+                dw.add_(torch.mm(dz_lp, h).float())
+
+
+_addmm_out_dtype_ok: Optional[bool] = None
+
+
+def _addmm_fp32_into(acc: Tensor, a: Tensor, b: Tensor) -> bool:
+    """acc += a @ b for low-precision a, b into an fp32 acc, with no temporary; False if unsupported."""
+    global _addmm_out_dtype_ok
+    if _addmm_out_dtype_ok is False or acc.device.type != "cuda":
+        return False
+    try:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        _addmm_out_dtype_ok = True
+        return True
+    except (TypeError, RuntimeError, NotImplementedError):
+        _addmm_out_dtype_ok = False
+        return False
 
 
 # The per-chunk work lives in functions of its own so that a chunk's buffers are freed when the
@@ -286,7 +312,7 @@ def torch_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *, vocab_start:
     out = torch.empty((4, n), dtype=torch.float32, device=hidden.device)
     local, in_shard = _local_targets(targets, vocab_start, v)
     w_mm = _matmul_weight(weight)
-    c = chunk_rows(n, v, chunk_elems)
+    c = chunk_rows(n, v, chunk_elems, hidden.is_cuda)
     for i in range(0, n, c):
         j = min(i + c, n)
         for k, x in enumerate(_stats_chunk(hidden[i:j], w_mm, local[i:j], in_shard[i:j], softcap,
@@ -308,7 +334,7 @@ def torch_grads(hidden: Tensor, weight: Tensor, targets: Tensor, row_max: Tensor
     local, in_shard = _local_targets(targets, vocab_start, v)
     lse = row_max + log_sumexp if z_loss else row_max  # only z-loss needs lse itself
     w_mm = _matmul_weight(weight)
-    c = chunk_rows(n, v, chunk_elems)
+    c = chunk_rows(n, v, chunk_elems, hidden.is_cuda)
     for i in range(0, n, c):
         j = min(i + c, n)
         _grads_chunk(hidden[i:j], w_mm, local[i:j], in_shard[i:j], row_max[i:j], log_sumexp[i:j],
@@ -328,7 +354,7 @@ def torch_fused(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index
     local, in_shard = _local_targets(targets, 0, v)
     valid = (targets != ignore_index).float()
     w_mm = _matmul_weight(weight)
-    c = chunk_rows(n, v, chunk_elems)
+    c = chunk_rows(n, v, chunk_elems, hidden.is_cuda)
     for i in range(0, n, c):
         j = min(i + c, n)
         for k, x in enumerate(_fused_chunk(hidden[i:j], w_mm, local[i:j], in_shard[i:j], valid[i:j],
@@ -360,13 +386,10 @@ def get_backend(impl: str, device: torch.device, chunk_elems: Optional[int] = No
     if impl == "torch":
         return TorchBackend(chunk_elems)
     if impl == "auto":
-        if device.type != "cuda":
-            return TorchBackend(chunk_elems)
-        try:
-            from . import triton_lce
-        except ImportError:
-            return TorchBackend(chunk_elems)
-        return triton_lce.TritonBackend()
+        # Also on CUDA: chunks through cuBLAS measured 7x faster than our all-in-one Triton
+        # kernels on an H100 (bench/README.md, loss kernel), whose backward re-reads and
+        # re-writes fp32 dX/dW tiles for every vocabulary tile.
+        return TorchBackend(chunk_elems)
     from . import triton_lce  # impl == "triton": let an ImportError surface
 
     return triton_lce.TritonBackend()
