@@ -65,10 +65,20 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no cuda\"
       run train1b 420 bash -c "$PY -m megacpt bench train --model llama3-1b --seq-len 4096 --micro-batch 1 \
         --nproc 1 --zero-stage 1 --warmup 3 --steps 10 --json $OUT/train-llama3-1b-$DEV-mb1-$TAG.json"
       ;;
-    peers1b)
-      run peers1b 560 bash -c "$PY -m megacpt bench train --model llama3-1b --seq-len 4096 --micro-batch 1 \
-        --nproc 1 --zero-stage 1 --warmup 3 --steps 8 --peers --repeats 2 \
+    peers1b)  # model.compile is megacpt's own switch (the peers' DeepSpeed JSON is the same)
+      run peers1b 420 bash -c "$PY -m megacpt bench train --model llama3-1b --seq-len 4096 --micro-batch 1 \
+        --nproc 1 --zero-stage 1 --warmup 4 --steps 6 --peers --repeats 2 --set model.compile=true \
         --json $OUT/train-llama3-1b-$DEV-peers-$TAG.json"
+      ;;
+    sweep)  # megacpt alone: eager ZeRO-1, compiled ZeRO-0, compiled ZeRO-1 with 4 micro-batches per step
+      run sweep-eager 150 bash -c "$PY -m megacpt bench train --model llama3-1b --seq-len 4096 --nproc 1 \
+        --zero-stage 1 --warmup 3 --steps 8 --json $OUT/train-llama3-1b-$DEV-zero1-eager-$TAG.json"
+      run sweep-zero0 150 bash -c "$PY -m megacpt bench train --model llama3-1b --seq-len 4096 --nproc 1 \
+        --zero-stage 0 --warmup 4 --steps 8 --set model.compile=true \
+        --json $OUT/train-llama3-1b-$DEV-zero0-compile-$TAG.json"
+      run sweep-gas4 180 bash -c "$PY -m megacpt bench train --model llama3-1b --seq-len 4096 --nproc 1 \
+        --zero-stage 1 --grad-accum 4 --warmup 3 --steps 5 --set model.compile=true \
+        --json $OUT/train-llama3-1b-$DEV-zero1-compile-gas4-$TAG.json"
       ;;
     compile1b)
       run compile1b 500 bash -c "$PY -m megacpt bench train --model llama3-1b --seq-len 4096 --micro-batch 1 \

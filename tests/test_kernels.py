@@ -582,9 +582,10 @@ GPU_CASES.update({
 
 
 @_GPU
+@pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("name", sorted(GPU_CASES))
-def test_triton_gpu_matches_reference(name):
-    check_result(evaluate_case(name, "triton", device="cuda", cases=GPU_CASES))
+def test_gpu_matches_reference(name, impl):
+    check_result(evaluate_case(name, impl, device="cuda", cases=GPU_CASES))
 
 
 @_GPU
