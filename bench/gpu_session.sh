@@ -70,6 +70,11 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no cuda\"
         --nproc 1 --zero-stage 1 --warmup 4 --steps 6 --peers --repeats 2 --set model.compile=true \
         --json $OUT/train-llama3-1b-$DEV-peers-$TAG.json"
       ;;
+    peers1b-gas4)
+      run peers1b-gas4 300 bash -c "$PY -m megacpt bench train --model llama3-1b --seq-len 4096 --micro-batch 1 \
+        --nproc 1 --zero-stage 1 --grad-accum 4 --warmup 3 --steps 4 --peers --set model.compile=true \
+        --json $OUT/train-llama3-1b-$DEV-peers-gas4-$TAG.json"
+      ;;
     sweep)  # megacpt alone: eager ZeRO-1, compiled ZeRO-0, compiled ZeRO-1 with 4 micro-batches per step
       run sweep-eager 150 bash -c "$PY -m megacpt bench train --model llama3-1b --seq-len 4096 --nproc 1 \
         --zero-stage 1 --warmup 3 --steps 8 --json $OUT/train-llama3-1b-$DEV-zero1-eager-$TAG.json"

@@ -98,6 +98,14 @@ def main(argv=None) -> int:
 
     for name, fn in (("head_ours_auto", head_ours), ("head_ours_triton", head_triton), ("head_eager", head_eager)):
         out["ms"][name] = timed(fn, a.steps, 1) * 1e3
+    for log2 in (25, 27, 28):  # the torch path's chunk budget (CHUNK_ELEMS_CUDA is 2^26)
+        def head_chunk(e=1 << log2):
+            linear_cross_entropy(h, w, tgt, reduction="sum", impl="torch", _chunk_elems=e).backward()
+        out["ms"][f"head_ours_chunk_2^{log2}"] = timed(head_chunk, a.steps, 1) * 1e3
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        head_chunk()
+        out[f"head_ours_chunk_2^{log2}_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
 
     # Optimizer on fp32 masters of the same size.
     masters = [p.detach().float().requires_grad_() for p in model.parameters()]
