@@ -95,6 +95,7 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no cuda\"
         --micro-batch 1 --nproc 1 --zero-stage 3 --warmup 1 --steps 2 --set model.activation_checkpointing=true \
         --set deepspeed.zero_optimization.offload_optimizer.device=cpu \
         --set deepspeed.zero_optimization.offload_param.device=cpu \
+        --set deepspeed.zero_force_ds_cpu_optimizer=false --set deepspeed.optimizer.params.fused=false \
         --json $OUT/train-${OFFLOAD_MODEL:-llama3-8b}-$DEV-offload-$TAG.json"
       ;;
     *)
