@@ -99,6 +99,9 @@ def cpu_env(**extra) -> dict:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONHASHSEED": "0"})
+    # DeepSpeed JIT-builds its CPU shm all-reduce op into TORCH_EXTENSIONS_DIR with this venv's
+    # paths baked in: a cache shared with other checkouts' venvs is rebuilt (~20 s) at every switch.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.executable).parent.parent / "torch_extensions"))
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     env.pop("LOCAL_RANK", None)
