@@ -457,7 +457,9 @@ def train(cfg: Config) -> int:
             rec = evaluate(step)
             logger.log(rec)
             if rank == 0:
-                _say("valid: " + ", ".join(f"{n} ppl={rec[f'valid/{n}/ppl']:.3f}" for n in valid))
+                _say("valid: " + ", ".join(f"{n} ppl={rec[f'valid/{n}/ppl']:.3f}" + "".join(
+                    f" {k}={rec[f'valid/{n}/{k}']:.3f}" for k in ("exact_match", "token_f1", "bleu")
+                    if f"valid/{n}/{k}" in rec) for n in valid))
             if step < total_steps:
                 early = early_stop(rec)
         if early:
