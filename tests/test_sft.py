@@ -26,7 +26,8 @@ def chat(tmp_path_factory):
     plain = tmp / "plain"  # the same tokenizer without a chat template
     tiny_chat_tokenizer(plain, chat_template=False)
     tiny_hf_model(plain, vocab=len(tok), max_pos=128)
-    return {"tmp": tmp, "dir": d, "tok": tok, "tk": sft.load_tokenizer(d), "plain": plain}
+    bare = tiny_hf_model(tmp / "bare", vocab=len(tok), max_pos=128)  # weights, no tokenizer files
+    return {"tmp": tmp, "dir": d, "tok": tok, "tk": sft.load_tokenizer(d), "plain": plain, "bare": bare}
 
 
 def ours(model_dir):
@@ -94,6 +95,7 @@ def test_labels_are_the_response_only(chat):
             loss = model(inp, labels=lab, segment_ids=seg)
             hook.remove()
             (g,) = torch.autograd.grad(loss, grabbed["h"])
+        loss = loss.detach()
         assert float(loss) == pytest.approx(float(expect), rel=1e-5)
         per_pos = g[0].abs().sum(-1)
         prompt_pos = lab[0] == IGNORE
@@ -237,6 +239,7 @@ BAD = {
     "no_chat_template": ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
                          "need a tokenizer with a chat template"),
     "missing_file": (None, "no such SFT data file"),
+    "model_without_tokenizer": ([{"prompt": "a", "response": "b"}], "cannot load a tokenizer from"),
     "unknown_sft_key": ([{"prompt": "a", "response": "b"}], "unknown config key 'sft.max_tokens'"),
     "early_stopping_unknown_metric": ([{"prompt": "a", "response": "b"}],
                                       "train.early_stopping.metric 'valid/nope/loss' is not a validation metric"),
@@ -256,7 +259,7 @@ def test_bad_sft_input(name, chat, tmp_path, capsys, monkeypatch):
     elif records is not None:
         write_jsonl(data, records)
     good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "response": "b"}])
-    model = chat["plain"] if name == "no_chat_template" else chat["dir"]
+    model = {"no_chat_template": chat["plain"], "model_without_tokenizer": chat["bare"]}.get(name, chat["dir"])
     cfg = tiny_run_config(chat["tmp"], model, tmp_path / "run", seq=32, vocab=len(chat["tok"]), task="sft")
     cfg["data"]["train"] = [{"name": "sft", "path": str(data)}]
     cfg["data"]["valid"] = [{"name": "sft", "path": good}]

@@ -425,6 +425,9 @@ def train(cfg: Config) -> int:
             _repair_optimizer_after_load(engine, group_decay)
             ckpt.restore_rng(last, rank)
             step = int(ckpt.read_state(last)["step"])
+            if early_stopper is not None:  # the evaluations after `last` are made again
+                early_stopper = EarlyStopper.from_config(cfg.train.early_stopping,
+                                                         ckpt.read_state(last).get("early_stopping"))
             if rank == 0:
                 _say(f"non-finite loss at data batch {batch_index} of phase {phase.name}: rolled back to {last.name}, "
                      f"skipping that batch ({rollbacks}/{cfg.train.max_rollbacks})")
