@@ -45,6 +45,27 @@ class EarlyStopper:
         self.stopped_at = step
         return self.reason()
 
+    def after_eval(self, rec: dict, logger, can_stop: bool = True) -> str | None:
+        """update() from a validation record, ranks agreeing, the stop logged as an event."""
+        import torch
+        import torch.distributed as dist
+
+        value = rec.get(self.metric)
+        if value is None:  # e.g. ppl_vs_base at step 0
+            return None
+        why = self.update(rec["step"], value)
+        if not can_stop:  # a non-finite base value counts as a bad evaluation but cannot stop by itself
+            why, self.stopped_at, self.bad_evals = None, None, min(self.bad_evals, self.patience - 1)
+        # Evaluations are all-reduced, so ranks already agree; the MAX makes it a guarantee.
+        flag = torch.tensor([1.0 if why else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self.stopped_at = rec["step"]
+            why = why or self.reason()
+            logger.log({"step": rec["step"], "event": "early_stop", "metric": self.metric, "best": self.best,
+                        "best_step": self.best_step, "reason": why})
+        return why
+
     def reason(self) -> str:
         best = "none" if self.best is None else f"{self.best:.6g} at step {self.best_step}"
         return (f"early stopping: {self.metric} did not improve by more than {self.min_delta:g} "

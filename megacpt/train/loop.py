@@ -283,7 +283,8 @@ def train(cfg: Config) -> int:
     if cfg.train.early_stopping is not None:
         from megacpt.train.early_stop import EarlyStopper
 
-        early_stopper = EarlyStopper.from_config(cfg.train.early_stopping, state.get("early_stopping") if state else None)
+        early_stopper = EarlyStopper.from_config(cfg.train.early_stopping,
+                                                 state.get("early_stopping") if state else None)
     skips: dict = {}  # phase name -> data batch indices skipped after non-finite losses
     if resume_dir is not None:
         _secure_load_check(resume_dir)
@@ -358,28 +359,12 @@ def train(cfg: Config) -> int:
         else:
             print(msg, flush=True)
 
-    def early_stop(rec: dict) -> str | None:
-        value = rec.get(early_stopper.metric) if early_stopper else None
-        if value is None:  # e.g. ppl_vs_base at step 0
-            return None
-        why = early_stopper.update(rec["step"], value)
-        # Evaluations are all-reduced, so ranks already agree; the MAX makes it a guarantee.
-        flag = torch.tensor([1.0 if why else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not why:
-            why = early_stopper.reason()
-        if why:
-            early_stopper.stopped_at = rec["step"]
-            logger.log({"step": rec["step"], "event": "early_stop", "metric": early_stopper.metric, "best": early_stopper.best,
-                        "best_step": early_stopper.best_step, "reason": why})
-        return why
-
     if valid and step == 0 and cfg.train.eval_at_start and not base_valid:
         rec = evaluate(0)
         base_valid = {n: rec[f"valid/{n}/ppl"] for n in valid}
         logger.log(rec)
-        if early_stopper is not None and rec.get(early_stopper.metric) is not None:
-            early_stopper.update(0, rec[early_stopper.metric])  # the base model sets the first best
+        if early_stopper is not None:
+            early_stopper.after_eval(rec, logger, can_stop=False)  # the base model sets the first best
         if rank == 0:
             _say("base model: " + ", ".join(f"{n} ppl={base_valid[n]:.3f}" for n in valid))
 
@@ -463,8 +448,8 @@ def train(cfg: Config) -> int:
                 _say("valid: " + ", ".join(f"{n} ppl={rec[f'valid/{n}/ppl']:.3f}" + "".join(
                     f" {k}={rec[f'valid/{n}/{k}']:.3f}" for k in ("exact_match", "token_f1", "bleu")
                     if f"valid/{n}/{k}" in rec) for n in valid))
-            if step < total_steps:
-                early = early_stop(rec)
+            if early_stopper is not None and step < total_steps:
+                early = early_stopper.after_eval(rec, logger)
         if early:
             stopped_by = early
         elif out.stop_signal:
