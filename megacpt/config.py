@@ -76,6 +76,15 @@ class PhaseConfig:
     schedule: Optional[ScheduleConfig] = None  # None: the top-level schedule
     lr: Optional[float] = None  # None: the top-level optim.lr
     min_lr: Optional[float] = None
+    trainable: Optional[Literal["all", "embeddings"]] = None  # None: train.trainable
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    metric: str  # a validation metric, e.g. valid/new/loss or valid/sft/exact_match
+    patience: int = 3  # evaluations in a row without improvement before stopping
+    min_delta: float = 0.0  # an improvement must beat the best value by more than this
+    mode: Optional[Literal["min", "max"]] = None  # None: max for exact_match/token_f1/bleu, else min
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,10 @@ class TrainConfig:
     max_rollbacks: int = 3  # rollbacks (each skipping the offending batch) before giving up
     spike_factor: float = 3.0  # log a loss_spike event when loss > factor × median of the last 50; 0: off
     collective_timeout_s: float = 1800.0  # a rank that stops participating fails the others after this
+    # embeddings: only embed_tokens (and an untied lm_head) learn in the main phase; the rest
+    # keeps its weights bit for bit (e.g. right after extend-vocab). Phases may override it.
+    trainable: Literal["all", "embeddings"] = "all"
+    early_stopping: Optional[EarlyStoppingConfig] = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,9 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1.0e-8
+    # Peak LR of embed_tokens and an untied lm_head; they follow the same schedule scaled by
+    # embedding_lr / lr (phases with their own lr too). None: the same LR as everything else.
+    embedding_lr: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +137,15 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    tokenizer: Optional[str] = None  # tokenizer dir (and chat template); None: the model's HF dir
+    eval_examples: int = 32  # held-out examples generated per set for exact_match/token_f1/bleu; 0: loss only
+    max_new_tokens: int = 64  # greedy generation length limit
+    eval_batch_size: int = 8  # prompts generated together per rank
+    bleu: bool = True  # sacrebleu corpus BLEU of the generations (generation tasks)
+
+
+@dataclass(frozen=True)
 class Config:
     run_dir: str = "runs/demo"
     seed: int = 1234
@@ -134,6 +159,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)  # task: sft only
     tensorboard: bool = True
     deepspeed: dict = field(default_factory=dict)  # merged last into the generated DeepSpeed config
 
@@ -359,6 +385,10 @@ def validate(cfg: Config) -> None:
         ("optim.lr", o.lr),
     ]:
         _positive(v, name)
+    _positive(o.embedding_lr, "optim.embedding_lr")
+    _positive(cfg.sft.max_new_tokens, "sft.max_new_tokens")
+    _positive(cfg.sft.eval_batch_size, "sft.eval_batch_size")
+    _positive(cfg.sft.eval_examples, "sft.eval_examples", allow_zero=True)
     for name, v in [("optim.min_lr", o.min_lr), ("optim.weight_decay", o.weight_decay),
                     ("optim.grad_clip", o.grad_clip), ("data.valid_tokens", d.valid_tokens),
                     ("schedule.warmup_steps", cfg.schedule.warmup_steps)]:
@@ -386,6 +416,10 @@ def validate(cfg: Config) -> None:
         names = [s.name for s in items]
         if len(set(names)) != len(names):
             raise ConfigError(f"{group}: source names must be unique, got {names}")
+    _validate_early_stopping(cfg)
+    if cfg.task == "sft" and cfg.sft.max_new_tokens >= d.seq_len:
+        raise ConfigError(f"sft.max_new_tokens ({cfg.sft.max_new_tokens}) must be below data.seq_len ({d.seq_len}): "
+                          f"prompt and generation share the sequence")
     names = [p.name for p in cfg.phases]
     if len(set(names)) != len(names):
         raise ConfigError(f"phases: names must be unique, got {names}")
@@ -394,6 +428,35 @@ def validate(cfg: Config) -> None:
         for j, src in enumerate((p.data.train if p.data else [])):
             if not src.weight > 0:
                 raise ConfigError(f"phases.{i}.data.train.{j} ({src.name}): weight must be > 0, got {src.weight}")
+
+
+SFT_METRICS = ("exact_match", "token_f1", "bleu")
+VALID_METRICS = ("loss", "ppl", "ppl_vs_base")
+
+
+def _validate_early_stopping(cfg: Config) -> None:
+    es = cfg.train.early_stopping
+    if es is None:
+        return
+    _positive(es.patience, "train.early_stopping.patience")
+    _positive(es.min_delta, "train.early_stopping.min_delta", allow_zero=True)
+    parts = es.metric.split("/")
+    names = [v.name for v in cfg.data.valid]
+    kinds = VALID_METRICS + (SFT_METRICS if cfg.task == "sft" else ())
+    if len(parts) != 3 or parts[0] != "valid" or parts[1] not in names or parts[2] not in kinds:
+        example = f"valid/{names[0]}/loss" if names else "valid/NAME/loss with a data.valid entry NAME"
+        raise ConfigError(f"train.early_stopping.metric {es.metric!r} is not a validation metric of this run; "
+                          f"use valid/<data.valid name>/<{'|'.join(kinds)}>, e.g. {example}")
+    if parts[2] == "bleu" and not cfg.sft.bleu:
+        raise ConfigError("train.early_stopping.metric is BLEU but sft.bleu is false; enable it or pick another metric")
+    if parts[2] in SFT_METRICS and cfg.sft.eval_examples == 0:
+        raise ConfigError(f"train.early_stopping.metric {es.metric!r} needs generations: set sft.eval_examples > 0")
+
+
+def early_stopping_mode(es: EarlyStoppingConfig) -> str:
+    if es.mode is not None:
+        return es.mode
+    return "max" if es.metric.rsplit("/", 1)[-1] in SFT_METRICS else "min"
 
 
 @dataclass(frozen=True)
@@ -439,6 +502,10 @@ RESUME_SAFE_KEYS = (
     "checkpoint.",
     "tensorboard",
     "phases",
+    "sft.eval_examples",
+    "sft.max_new_tokens",
+    "sft.eval_batch_size",
+    "sft.bleu",
 )
 
 

@@ -99,6 +99,9 @@ def cpu_env(**extra) -> dict:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONHASHSEED": "0"})
+    # DeepSpeed JIT-builds its CPU shm all-reduce op into TORCH_EXTENSIONS_DIR with this venv's
+    # paths baked in: a cache shared with other checkouts' venvs is rebuilt (~20 s) at every switch.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.executable).parent.parent / "torch_extensions"))
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     env.pop("LOCAL_RANK", None)
@@ -145,3 +148,57 @@ def read_metrics(run_dir) -> list[dict]:
 
 def train_losses(run_dir) -> dict:
     return {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SFT_WORDS = ("what is the capital of france paris germany berlin spain madrid italy rome add two and three "
+             "five one four six seven eight nine ten answer question please say hello world yes no color "
+             "sky blue grass green").split()
+
+
+def tiny_chat_tokenizer(path, chat_template=True):
+    """A small byte-level BPE with ChatML special tokens (and template), saved with save_pretrained."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rnd = random.Random(0)
+    text = [" ".join(rnd.choice(SFT_WORDS) for _ in range(12)) for _ in range(300)]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(text, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                  pad_token="<|endoftext|>")
+    if chat_template:
+        tok.chat_template = CHATML
+    tok.save_pretrained(str(path))
+    return tok
+
+
+def sft_examples(n, seed=0):
+    """JSON-able SFT records, half prompt/response and half chat messages."""
+    import random
+
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        q = " ".join(rnd.choice(SFT_WORDS) for _ in range(rnd.randint(2, 6)))
+        a = " ".join(rnd.choice(SFT_WORDS) for _ in range(rnd.randint(1, 4)))
+        if i % 2:
+            out.append({"prompt": q + "?", "response": " " + a})
+        else:
+            out.append({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": q},
+                                     {"role": "assistant", "content": a}]})
+    return out
+
+
+def write_jsonl(path, records) -> str:
+    import json
+
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)

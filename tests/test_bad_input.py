@@ -129,7 +129,6 @@ CASES.update({
     "phase_zero_steps": simple("phases.0.steps must be > 0", setkey("phases", [{"name": "anneal", "steps": 0}])),
     "no_train_sources": simple("data.train is empty", setkey("data.train", [])),
     "init_from_unset": simple("model.init_from is not set", setkey("model.init_from", None)),
-    "task_sft_not_available": simple("task: sft", setkey("task", "sft")),
     # --set
     "set_without_equals": simple("expected key=value", sets=["optim.lr"]),
     "set_index_out_of_range": simple("data.train.5 is not an index of a list of 2 items", sets=["data.train.5.weight=1"]),

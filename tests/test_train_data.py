@@ -101,3 +101,28 @@ def test_changing_an_existing_phase_is_refused(runs, capsys):
     rc = main(["train", str(cfg), "--set", "phases.0.steps=5"])
     assert rc == 2
     assert "existing phases changed" in capsys.readouterr().err
+
+
+def test_tied_export_reloads_with_the_same_perplexity(runs, tmp_path):
+    """The tied Qwen2 model of the ZeRO-3 run (tests/test_train_zero.py covers untied Llama)."""
+    import json
+    import math
+
+    import transformers
+
+    from megacpt.cli import main
+    from megacpt.eval.perplexity import eval_windows
+
+    run, data = runs["z3_two_then_one"], runs["tmp"] / "data" / "old_valid"
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--output", str(out)]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.tie_word_embeddings
+    w = torch.from_numpy(eval_windows(data, 16, 256))
+    with torch.no_grad():
+        logits = model(w[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), w[:, 1:].reshape(-1))
+    assert main(["eval", "--model", str(run), "--data", f"old={data}", "--seq-len", "16", "--max-tokens", "256",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    ours = json.loads((tmp_path / "e.json").read_text())["old"]
+    assert ours["tokens"] == 256 and math.exp(float(loss)) == pytest.approx(ours["ppl"], rel=1e-3)

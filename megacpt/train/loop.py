@@ -42,6 +42,7 @@ class Phase:
     lr: float
     min_lr: float
     seed: int
+    trainable: str = "all"  # all | embeddings
     dataset: object = None
 
 
@@ -49,7 +50,7 @@ def plan_phases(cfg: Config) -> list[Phase]:
     import hashlib
 
     phases = [Phase("main", 0, cfg.train.steps, list(cfg.data.train), cfg.schedule, cfg.optim.lr,
-                    cfg.optim.min_lr, cfg.seed)]
+                    cfg.optim.min_lr, cfg.seed, cfg.train.trainable)]
     for p in cfg.phases:
         prev = phases[-1]
         sources = list(p.data.train) if p.data and p.data.train else prev.sources
@@ -57,7 +58,8 @@ def plan_phases(cfg: Config) -> list[Phase]:
         seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}/{p.name}".encode()).digest()[:4], "little")
         phases.append(Phase(p.name, prev.start + prev.steps, p.steps, sources, p.schedule or cfg.schedule,
                             p.lr if p.lr is not None else cfg.optim.lr,
-                            p.min_lr if p.min_lr is not None else cfg.optim.min_lr, seed))
+                            p.min_lr if p.min_lr is not None else cfg.optim.min_lr, seed,
+                            p.trainable or cfg.train.trainable))
     return phases
 
 
@@ -103,6 +105,19 @@ def tokens_per_source(phases: list[Phase], step: int, G: int, skips: dict | None
 
 
 def check_resume_compatible(old: dict, new: Config) -> None:
+    from megacpt.config import config_from_dict
+    from megacpt.train.stages import needs_embedding_group
+
+    try:
+        # Through today's schema: keys added since the checkpoint was written take their defaults.
+        old_cfg = config_from_dict(old)
+        old = old_cfg.to_dict()
+    except ConfigError:
+        old_cfg = None
+    if old_cfg is not None and needs_embedding_group(old_cfg) != needs_embedding_group(new):
+        raise ConfigError("the optimizer's parameter groups would change (an embedding group comes with "
+                          "optim.embedding_lr or a trainable: embeddings phase): set them from the run's start, "
+                          "or use a new run_dir with model.init_from pointing at this run")
     new_d = new.to_dict()
     diffs = run_changing_diff(old, new_d)
     old_ph, new_ph = old.get("phases", []), new_d.get("phases", [])
@@ -150,8 +165,6 @@ def train(cfg: Config) -> int:
     if cfg.parallel.pp != 1:
         raise ConfigError("parallel.pp > 1 (pipeline parallelism) is not available yet; use pp: 1 "
                           "(tensor parallelism with parallel.tp and ZeRO data parallelism work)")
-    if cfg.task != "cpt":
-        raise ConfigError("task: sft is not available yet; use task: cpt")
     run_dir = Path(cfg.run_dir)
     ckpt_root = run_dir / "checkpoints"
 
@@ -162,6 +175,12 @@ def train(cfg: Config) -> int:
     if resume_dir is not None:
         state = ckpt.read_state(resume_dir)
         check_resume_compatible(state["config"], cfg)
+        stopped_at = (state.get("early_stopping") or {}).get("stopped_at")
+        if stopped_at is not None:
+            if info.rank == 0:
+                print(f"{resume_dir} stopped early at step {stopped_at}; nothing to do (use a new run_dir to "
+                      f"train on)", flush=True)
+            return 0
         base_cfg = json.loads((resume_dir / ckpt.HF_CONFIG_FILE).read_text())
         source_dir = state.get("source_dir")
     else:
@@ -192,10 +211,16 @@ def train(cfg: Config) -> int:
 
     # ---- data (validated before anything starts) ------------------------------------------------
     phases = plan_phases(cfg)
-    build_datasets(cfg, phases, args.vocab_size)
     total_steps = phases[-1].start + phases[-1].steps
     valid = {}
-    for v in cfg.data.valid:
+    sft = cfg.task == "sft"
+    if sft:
+        from megacpt.data import sft as sft_data
+
+        tokenizer, valid, sft_cut = sft_data.build(cfg, phases, args.vocab_size, source_dir)
+    else:
+        build_datasets(cfg, phases, args.vocab_size)
+    for v in [] if sft else cfg.data.valid:
         w = eval_windows(v.path, cfg.data.seq_len, cfg.data.valid_tokens)
         if w.max() >= args.vocab_size:
             raise UserError(f"data.valid {v.name}: token id {int(w.max())} ≥ model vocab {args.vocab_size}; "
@@ -206,7 +231,7 @@ def train(cfg: Config) -> int:
     import deepspeed
     import torch.distributed as dist
 
-    from megacpt.train.engine import build_model, deepspeed_config, mpu_for, param_groups, resolve_precision
+    from megacpt.train.engine import build_model, deepspeed_config, mpu_for, resolve_precision
     from megacpt.train.metrics import MetricsLogger, device_name, format_console, peak_flops, peak_memory_mb, throughput
 
     mdist.init(timeout_s=cfg.train.collective_timeout_s)
@@ -248,7 +273,11 @@ def train(cfg: Config) -> int:
             layer.compile()
         if rank == 0:
             print(f"torch.compile: {len(model.layers)} decoder blocks (compiled at their first call)", flush=True)
-    groups = param_groups(model, cfg.optim.weight_decay)
+    from megacpt.train.stages import Stages, needs_embedding_group
+    from megacpt.train.stages import param_groups as stage_groups
+
+    groups, kinds = stage_groups(model, cfg.optim.weight_decay, needs_embedding_group(cfg))
+    stages = Stages(model, kinds, cfg.optim.lr, cfg.optim.embedding_lr)
     group_decay = [g["weight_decay"] for g in groups]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
                                            mpu=mpu_for(topo))
@@ -257,6 +286,12 @@ def train(cfg: Config) -> int:
 
     step = 0
     base_valid = {}
+    early_stopper = None
+    if cfg.train.early_stopping is not None:
+        from megacpt.train.early_stop import EarlyStopper
+
+        early_stopper = EarlyStopper.from_config(cfg.train.early_stopping,
+                                                 state.get("early_stopping") if state else None)
     skips: dict = {}  # phase name -> data batch indices skipped after non-finite losses
     if resume_dir is not None:
         _secure_load_check(resume_dir)
@@ -280,15 +315,23 @@ def train(cfg: Config) -> int:
     flops_tok = args.flops_per_token(S)
     dev_name = device_name()
     peak = peak_flops(dev_name)
-    use_segments = cfg.data.document_mask
+    use_segments = cfg.data.document_mask or sft
+    if sft and rank == 0 and sft_cut:
+        print(f"note: {sft_cut} SFT examples are longer than data.seq_len+1 = {S + 1} tokens and were cut", flush=True)
 
     def evaluate(step_now: int) -> dict:
         out = {"step": step_now}
         for name, windows in valid.items():
-            loss_sum, count = _evaluate(engine, windows, mb, dp_rank, dp_size, device, dp_group)
-            loss = loss_sum / max(count, 1)
-            out[f"valid/{name}/loss"] = loss
-            out[f"valid/{name}/ppl"] = math.exp(min(loss, 700))
+            if sft:
+                from megacpt.eval.sft import evaluate as sft_evaluate
+
+                res = sft_evaluate(engine, windows, tokenizer, cfg.sft, mb, dp_rank, dp_size, device, dp_group)
+                out.update({f"valid/{name}/{k}": v for k, v in res.items() if k != "tokens"})
+            else:
+                loss_sum, count = _evaluate(engine, windows, mb, dp_rank, dp_size, device, dp_group)
+                loss = loss_sum / max(count, 1)
+                out[f"valid/{name}/loss"] = loss
+                out[f"valid/{name}/ppl"] = math.exp(min(loss, 700))
             if name in base_valid:
                 out[f"valid/{name}/ppl_vs_base"] = out[f"valid/{name}/ppl"] / base_valid[name]
         return out
@@ -301,6 +344,7 @@ def train(cfg: Config) -> int:
             "tokens_per_source": tokens_per_source(phases, step_now, G, skips),
             "skipped_batches": skips,
             "base_valid": base_valid,
+            "early_stopping": early_stopper.state() if early_stopper else None,
             "config": cfg.to_dict(),
             "world_size": world,
             "source_dir": str(source_dir) if source_dir else None,
@@ -326,6 +370,8 @@ def train(cfg: Config) -> int:
         rec = evaluate(0)
         base_valid = {n: rec[f"valid/{n}/ppl"] for n in valid}
         logger.log(rec)
+        if early_stopper is not None:
+            early_stopper.after_eval(rec, logger, can_stop=False)  # the base model sets the first best
         if rank == 0:
             _say("base model: " + ", ".join(f"{n} ppl={base_valid[n]:.3f}" for n in valid))
 
@@ -340,11 +386,13 @@ def train(cfg: Config) -> int:
         phase = phase_at(phases, step)
         t0 = time.perf_counter()
         batch_index = data_batch_index(step - phase.start, skips.get(phase.name, []))
-        batches = _rank_batches(phase.dataset, batch_index * G, mb, gas, dp_rank, dp_size, use_segments,
-                                cfg.data.mask_eos_loss)
+        if sft:
+            batches = sft_data.rank_batches(phase.dataset, batch_index * G, mb, gas, dp_rank, dp_size)
+        else:
+            batches = _rank_batches(phase.dataset, batch_index * G, mb, gas, dp_rank, dp_size, use_segments,
+                                    cfg.data.mask_eos_loss)
         lr = lr_for(phases, step)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
+        lr_log = stages.apply(engine.optimizer, lr, phase.trainable)
         try:
             poison = os.environ.get("MEGACPT_FAULT") == f"nan:{phase.name}:{batch_index}"
             out = _train_step(engine, batches, topo, gas, cfg.parallel.zero_stage, stopper.flag, device,
@@ -369,6 +417,9 @@ def train(cfg: Config) -> int:
             _repair_optimizer_after_load(engine, group_decay)
             ckpt.restore_rng(last, rank)
             step = int(ckpt.read_state(last)["step"])
+            if early_stopper is not None:  # the evaluations after `last` are made again
+                early_stopper = EarlyStopper.from_config(cfg.train.early_stopping,
+                                                         ckpt.read_state(last).get("early_stopping"))
             if rank == 0:
                 _say(f"non-finite loss at data batch {batch_index} of phase {phase.name}: rolled back to {last.name}, "
                      f"skipping that batch ({rollbacks}/{cfg.train.max_rollbacks})")
@@ -385,7 +436,7 @@ def train(cfg: Config) -> int:
         if rank == 0 and (step % cfg.train.log_interval == 0 or step == total_steps):
             rec = {"step": step, "phase": phase.name, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
                    "step_time_s": dt, "peak_memory_mb": peak_memory_mb(), "consumed_samples": step * G,
-                   "samples_fingerprint": out.fingerprint % 2**48}
+                   "samples_fingerprint": out.fingerprint % 2**48, **lr_log}
             rec.update(throughput(G * S, dt, world, flops_tok, peak))
             for name, n in tokens_per_source(phases, step, G, skips).items():
                 rec[f"tokens/{name}"] = n
@@ -396,12 +447,19 @@ def train(cfg: Config) -> int:
                 print(format_console(rec), flush=True)
         if bar is not None:
             bar.update(1)
+        early = None
         if valid and (step % cfg.train.eval_interval == 0 or step == total_steps):
             rec = evaluate(step)
             logger.log(rec)
             if rank == 0:
-                _say("valid: " + ", ".join(f"{n} ppl={rec[f'valid/{n}/ppl']:.3f}" for n in valid))
-        if out.stop_signal:
+                _say("valid: " + ", ".join(f"{n} ppl={rec[f'valid/{n}/ppl']:.3f}" + "".join(
+                    f" {k}={rec[f'valid/{n}/{k}']:.3f}" for k in ("exact_match", "token_f1", "bleu")
+                    if f"valid/{n}/{k}" in rec) for n in valid))
+            if early_stopper is not None and step < total_steps:
+                early = early_stopper.after_eval(rec, logger)
+        if early:
+            stopped_by = early
+        elif out.stop_signal:
             stopped_by = stopper.name or "signal"
         elif cfg.train.stop_after is not None and steps_this_run >= cfg.train.stop_after and step < total_steps:
             stopped_by = "train.stop_after"
@@ -415,7 +473,9 @@ def train(cfg: Config) -> int:
     if bar is not None:
         bar.close()
     if rank == 0:
-        if stopped_by:
+        if early_stopper is not None and early_stopper.stopped_at is not None:
+            print(f"stopped at step {step}/{total_steps} ({stopped_by}); checkpoint written", flush=True)
+        elif stopped_by:
             print(f"stopped at step {step}/{total_steps} ({stopped_by}); checkpoint written, rerun to resume", flush=True)
         elif valid and base_valid:
             final = evaluate_summary_from_log(run_dir)
