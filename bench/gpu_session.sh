@@ -3,6 +3,10 @@
 #
 #   bash bench/gpu_session.sh PHASE [PHASE ...]      (results and one log under $OUT)
 #
+# Wheels the device image lacks, put into .whl/ here and carried (device README): deepspeed 0.19.8
+# (`pip wheel --no-deps --no-build-isolation deepspeed==0.19.8`), pydantic 2.14.3, pydantic_core
+# 2.50.4 (cp312 manylinux), annotated-types 0.8.0, typing-inspection 0.4.5, hjson 3.1.0, and
+# optionally liger-kernel 0.8.5 (a peer in the loss benchmark).
 # Phases: setup (wheels from .whl/, megacpt from the source tree; see bench/README.md "GPU"),
 # smoke, kernels, loss, profile, train1b, peers1b, compile1b, offload. Each phase runs with a time limit and
 # the next one runs whatever happened, so one failure does not cost the rest of the lease.
