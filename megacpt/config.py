@@ -107,6 +107,8 @@ class ParallelConfig:
     zero_stage: int = 3
     tp: int = 1
     pp: int = 1
+    # How pipeline stages are balanced: "parameters" (embedding and head counted) or "layers".
+    pp_balance: str = "parameters"
 
 
 @dataclass(frozen=True)
@@ -362,6 +364,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr})")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    if cfg.parallel.pp_balance not in ("parameters", "layers"):
+        raise ConfigError(f"parallel.pp_balance must be parameters or layers, got {cfg.parallel.pp_balance!r}")
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size ({t.global_batch_size}) is not a multiple of train.micro_batch_size "

@@ -142,7 +142,13 @@ CASES.update({
                                           setkey("parallel.tp", 2)),
     "tp_not_dividing_heads": simple("num_heads 4 is not divisible by tp=3", setkey("parallel.tp", 3),
                                     env={"RANK": "0", "WORLD_SIZE": "3"}),
-    "pipeline_parallel": simple("parallel.pp", setkey("parallel.pp", 2), env={"RANK": "0", "WORLD_SIZE": "2"}),
+    "pipeline_with_zero3": simple("DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only, not zero_stage=3",
+                                  lambda c: c["parallel"].update(pp=2, zero_stage=3),
+                                  env={"RANK": "0", "WORLD_SIZE": "2"}),
+    "pipeline_more_stages_than_layers": simple("pp=3 pipeline stages but only 2 layers", setkey("parallel.pp", 3),
+                                               env={"RANK": "0", "WORLD_SIZE": "3"}),
+    "pp_balance_unknown": simple("parallel.pp_balance must be parameters or layers",
+                                 setkey("parallel.pp_balance", "flops")),
     "tp_zero": simple("parallel.tp must be > 0", setkey("parallel.tp", 0)),
 })
 

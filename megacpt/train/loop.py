@@ -147,9 +147,6 @@ def train(cfg: Config) -> int:
     # after the first step instead of killing the ranks.
     stopper = StopSignal()
     derived = derive(cfg, info.world_size)
-    if cfg.parallel.pp != 1:
-        raise ConfigError("parallel.pp > 1 (pipeline parallelism) is not available yet; use pp: 1 "
-                          "(tensor parallelism with parallel.tp and ZeRO data parallelism work)")
     if cfg.task != "cpt":
         raise ConfigError("task: sft is not available yet; use task: cpt")
     run_dir = Path(cfg.run_dir)
@@ -232,19 +229,28 @@ def train(cfg: Config) -> int:
         load_tag = f"{resume_dir.name}/{ckpt.UNIVERSAL}"
         if rank == 0:
             print(f"resharding checkpoint from {state['world_size']} to {world} ranks (universal checkpoint)", flush=True)
-    if topo.tp_size > 1:
+    if topo.tp_size > 1 or topo.pp_size > 1:
         if resume_dir is not None and int(state.get("world_size", world)) != world:
-            raise ConfigError(f"resuming a tensor-parallel run on {world} ranks instead of {state['world_size']} "
-                              f"is not supported yet; relaunch with the original world size")
-        if init_ckpt is not None and (init_ckpt / "mp_rank_01_model_states.pt").exists():
-            raise ConfigError("model.init_from: starting from a tensor-parallel checkpoint is not supported yet")
-    model = build_model(args, ds_config, dtype, cfg.parallel.zero_stage, weights=weights, topology=topo,
-                        seed=cfg.seed)
-    model.activation_checkpointing = cfg.model.activation_checkpointing
+            raise ConfigError(f"resuming a tensor/pipeline-parallel run on {world} ranks instead of "
+                              f"{state['world_size']} is not supported yet; relaunch with the original world size")
+    pipe_run = None
+    if topo.pp_size > 1:
+        from megacpt.train import pipeline
+
+        ds_config, own_clip = pipeline.ds_config_for(ds_config, cfg.parallel.zero_stage, dtype)
+        model, pipe_state = pipeline.build(args, topo, weights=weights, seed=cfg.seed, dtype=dtype,
+                                           balance=cfg.parallel.pp_balance,
+                                           activation_checkpointing=cfg.model.activation_checkpointing)
+    else:
+        model = build_model(args, ds_config, dtype, cfg.parallel.zero_stage, weights=weights, topology=topo,
+                            seed=cfg.seed)
+        model.activation_checkpointing = cfg.model.activation_checkpointing
     groups = param_groups(model, cfg.optim.weight_decay)
     group_decay = [g["weight_decay"] for g in groups]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
-                                           mpu=mpu_for(topo))
+                                           mpu=None if topo.pp_size > 1 else mpu_for(topo))
+    if topo.pp_size > 1:
+        pipe_run = pipeline.PipelineRun(engine, pipe_state, topo, own_clip)
     mdist.release_shm_names(rank)
     device = engine.device
 
@@ -264,7 +270,8 @@ def train(cfg: Config) -> int:
             print(f"resuming from {resume_dir} at step {step}", flush=True)
 
     logger = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.tensorboard)
-    _write_layout(run_dir, engine.module, rank, world, cfg.parallel.zero_stage)
+    _write_layout(run_dir, engine.module, rank, world, cfg.parallel.zero_stage, topo,
+                  rename=pipeline.rename if pipe_run else None)
     if rank == 0:
         with open(run_dir / "config.resolved.json", "w") as f:
             json.dump({"config": cfg.to_dict(), "deepspeed": ds_config, "world_size": world,
@@ -278,7 +285,10 @@ def train(cfg: Config) -> int:
     def evaluate(step_now: int) -> dict:
         out = {"step": step_now}
         for name, windows in valid.items():
-            loss_sum, count = _evaluate(engine, windows, mb, dp_rank, dp_size, device, dp_group)
+            if pipe_run is not None:
+                loss_sum, count = pipe_run.evaluate(windows, mb)
+            else:
+                loss_sum, count = _evaluate(engine, windows, mb, dp_rank, dp_size, device, dp_group)
             loss = loss_sum / max(count, 1)
             out[f"valid/{name}/loss"] = loss
             out[f"valid/{name}/ppl"] = math.exp(min(loss, 700))
@@ -340,8 +350,11 @@ def train(cfg: Config) -> int:
             group["lr"] = lr
         try:
             poison = os.environ.get("MEGACPT_FAULT") == f"nan:{phase.name}:{batch_index}"
-            out = _train_step(engine, batches, topo, gas, cfg.parallel.zero_stage, stopper.flag, device,
-                              use_segments, where, poison)
+            if pipe_run is not None:
+                out = pipe_run.train_step(batches, gas, stopper.flag, use_segments, where, poison)
+            else:
+                out = _train_step(engine, batches, topo, gas, cfg.parallel.zero_stage, stopper.flag, device,
+                                  use_segments, where, poison)
         except RuntimeError as e:
             raise _collective_error(e, rank, step + 1, where) from e
         if not (math.isfinite(out.loss) and (out.grad_norm is None or math.isfinite(out.grad_norm))):
@@ -529,27 +542,33 @@ def _repair_optimizer_after_load(engine, group_decay: list) -> None:
             st["step"] = st["step"].clone()
 
 
-def _write_layout(run_dir: Path, module, rank: int, world: int, zero_stage: int) -> None:
-    """run_dir/layout.json: how many elements of each parameter every rank holds (shows sharding)."""
-    import torch
+def _write_layout(run_dir: Path, module, rank: int, world: int, zero_stage: int, topo=None, rename=None) -> None:
+    """run_dir/layout.json: how many elements of each parameter every rank holds (shows sharding:
+    ZeRO partitions, tensor-parallel slices, pipeline stages — 0 where a rank has none of it)."""
     import torch.distributed as dist
 
-    names, full, local = [], [], []
+    mine = {}
     for name, p in module.named_parameters():
-        names.append(name)
-        full.append(int(getattr(p, "ds_numel", p.numel())))
-        local.append(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else int(p.numel()))
-    mine = torch.tensor(local, dtype=torch.int64)
-    every = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine)
+        full = int(getattr(p, "ds_numel", p.numel()))
+        local = int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else int(p.numel())
+        mine[rename(name) if rename else name] = (full, local)
+    every = [None] * world
+    dist.all_gather_object(every, mine)
     if rank == 0:
+        names: dict = {}
+        for held in every:
+            for n, (full, _) in held.items():
+                names.setdefault(n, full)
         layout = {
             "world_size": world,
             "zero_stage": zero_stage,
-            "params": {n: {"numel": f, "per_rank": [int(t[i]) for t in every]} for i, (n, f) in enumerate(zip(names, full))},
-            "per_rank_total": [int(t.sum()) for t in every],
-            "total": sum(full),
+            "params": {n: {"numel": f, "per_rank": [held.get(n, (0, 0))[1] for held in every]}
+                       for n, f in names.items()},
+            "per_rank_total": [sum(v[1] for v in held.values()) for held in every],
+            "total": sum(names.values()),
         }
+        if topo is not None:
+            layout["ranks"] = [dict(zip(("pp", "dp", "tp"), topo.layout.coords(r))) for r in range(world)]
         with open(run_dir / "layout.json", "w") as fh:
             json.dump(layout, fh, indent=1)
 
