@@ -160,6 +160,25 @@ def config_not_utf8(tmp_path, ctx):
     return argv, "cannot read config", paths, env
 
 
+@case
+def resume_pipeline_run_on_another_world_size(tmp_path, ctx):
+    """A PP=2 run saved on 2 ranks, restarted on 4: refused before anything starts."""
+    import shutil
+
+    from megacpt.config import load_config
+
+    argv, paths, _ = train(tmp_path, ctx, lambda c: c["parallel"].update(pp=2, zero_stage=1))
+    run = paths[0]
+    step = run / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_00000002\n")
+    (step / "megacpt_state.json").write_text(json.dumps({"step": 2, "world_size": 2,
+                                                         "config": load_config(argv[1]).to_dict()}))
+    shutil.copy(ctx["model"] / "config.json", step / "hf_config.json")
+    return argv, "resuming a tensor/pipeline-parallel run on 4 ranks instead of 2 is not supported yet", [], \
+        {"RANK": "0", "WORLD_SIZE": "4"}
+
+
 # ---- data: missing, corrupted, truncated, vocabulary --------------------------------------------
 
 @case

@@ -186,6 +186,11 @@ def train(cfg: Config) -> int:
     from megacpt.parallel import validate_layout
 
     validate_layout(args, info.world_size, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage)
+    if (cfg.parallel.tp > 1 or cfg.parallel.pp > 1) and resume_dir is not None \
+            and int(state.get("world_size", info.world_size)) != info.world_size:
+        raise ConfigError(f"resuming a tensor/pipeline-parallel run on {info.world_size} ranks instead of "
+                          f"{state['world_size']} is not supported yet; relaunch with the original world size "
+                          f"(or start a new run_dir with model.init_from pointing at this run)")
 
     # ---- data (validated before anything starts) ------------------------------------------------
     phases = plan_phases(cfg)
@@ -229,10 +234,6 @@ def train(cfg: Config) -> int:
         load_tag = f"{resume_dir.name}/{ckpt.UNIVERSAL}"
         if rank == 0:
             print(f"resharding checkpoint from {state['world_size']} to {world} ranks (universal checkpoint)", flush=True)
-    if topo.tp_size > 1 or topo.pp_size > 1:
-        if resume_dir is not None and int(state.get("world_size", world)) != world:
-            raise ConfigError(f"resuming a tensor/pipeline-parallel run on {world} ranks instead of "
-                              f"{state['world_size']} is not supported yet; relaunch with the original world size")
     pipe_run = None
     if topo.pp_size > 1:
         from megacpt.train import pipeline

@@ -13,6 +13,8 @@ of the global batch, as in the non-pipeline path.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -52,14 +54,16 @@ def build(args, topology, *, weights, seed: int, dtype, balance: str, activation
     # Same rank order as our Topology (pipe, data, model with model fastest).
     ds_topo = (PipeModelDataParallelTopology(num_pp=t.pp_size, num_mp=t.tp_size, num_dp=t.dp_size) if t.tp_size > 1
                else PipeDataParallelTopology(num_pp=t.pp_size, num_dp=t.dp_size))
-    module = _StagedPipeline(items, item_bounds(layer_bounds), tied, t.embed_group, topology=ds_topo,
-                             loss_fn=loss_fn, partition_method="uniform")
+    module = _staged_pipeline_class()(items, item_bounds(layer_bounds), tied, t.embed_group, topology=ds_topo,
+                                      loss_fn=loss_fn, partition_method="uniform")
     mark_norm_counting(module, t, tied)
     module.layer_bounds = layer_bounds
     return module, state
 
 
+@functools.lru_cache(maxsize=None)
 def _staged_pipeline_class():
+    """Defined on first use: importing deepspeed.pipe is slow and this module is imported early."""
     from deepspeed.pipe import PipelineModule
 
     class StagedPipeline(PipelineModule):
@@ -70,6 +74,7 @@ def _staged_pipeline_class():
         we hand it the boundaries and the (weight, group) pair it all-reduces after backward."""
 
         def __init__(self, items, bounds, tied, tied_group, **kw):
+            # Read by _partition_layers during PipelineModule.__init__, so set before it.
             object.__setattr__(self, "_megacpt_bounds", list(bounds))
             object.__setattr__(self, "_megacpt_tied", tied)
             object.__setattr__(self, "_megacpt_tied_group", tied_group)
@@ -95,10 +100,6 @@ def _staged_pipeline_class():
                     dist.all_reduce(w.grad, group=group)
 
     return StagedPipeline
-
-
-def _StagedPipeline(*a, **kw):
-    return _staged_pipeline_class()(*a, **kw)
 
 
 def rename(pipe_name: str) -> str:
