@@ -433,6 +433,10 @@ RESUME_SAFE_KEYS = (
     "checkpoint.",
     "tensorboard",
     "phases",
+    # The layout does not change what is computed: a resume in another one re-slices the state.
+    "parallel.tp",
+    "parallel.pp",
+    "parallel.pp_balance",
 )
 
 

@@ -151,6 +151,23 @@ def check_pipeline(model_dir: str, topo, zero: int, label: str, work: Path, step
         full = ref_params[n].detach()
         exp = full[shards[n].index()] if shards.get(n) is not None else full
         _close(p.detach(), exp, f"{label} param {n} after {steps} steps", atol=ADAM_ATOL)
+    # The checkpoint read back layout-free (what a resume in another layout starts from): full
+    # fp32 weights and Adam moments equal the reference's, and the step count.
+    engine.save_checkpoint(str(root), tag="t5", save_latest=False)
+    dist.barrier()
+    if topo.rank == 0:
+        from megacpt.train.relayout import read_layout_free
+
+        full, adam_step = read_layout_free(root / "t5", args, {"tp": topo.tp_size, "pp": topo.pp_size,
+                                                               "zero_stage": zero})
+        assert adam_step == steps, adam_step
+        ref_state = {n: ref_opt.state[p] for n, p in ref.named_parameters()}
+        assert sorted(full) == sorted(ref_state), sorted(set(full) ^ set(ref_state))
+        for n, st in full.items():
+            _close(st["fp32"], ref_params[n].detach(), f"{label} layout-free weight {n}", atol=ADAM_ATOL)
+            _close(st["exp_avg"], ref_state[n]["exp_avg"], f"{label} exp_avg {n}", rtol=1e-4, atol=1e-8)
+            _close(st["exp_avg_sq"], ref_state[n]["exp_avg_sq"], f"{label} exp_avg_sq {n}", rtol=1e-4, atol=1e-10)
+    dist.barrier()
     # Validation through the engine's inference schedule equals the plain model's loss sum.
     windows = torch.randint(0, args.vocab_size, (3, 13), generator=torch.Generator().manual_seed(5)).numpy()
     loss_sum, count = run.evaluate(windows, mb)

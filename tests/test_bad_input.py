@@ -161,13 +161,14 @@ def config_not_utf8(tmp_path, ctx):
 
 
 @case
-def resume_pipeline_run_on_another_world_size(tmp_path, ctx):
-    """A PP=2 run saved on 2 ranks, restarted on 4: refused before anything starts."""
+def resume_zero3_tp_run_on_another_world_size(tmp_path, ctx):
+    """A TP=2 ZeRO-3 run saved on 2 ranks, restarted on 4: its state cannot be re-sliced (other
+    layouts can); refused before anything starts."""
     import shutil
 
     from megacpt.config import load_config
 
-    argv, paths, _ = train(tmp_path, ctx, lambda c: c["parallel"].update(pp=2, zero_stage=1))
+    argv, paths, _ = train(tmp_path, ctx, lambda c: c["parallel"].update(tp=2, zero_stage=3))
     run = paths[0]
     step = run / "checkpoints" / "step_00000002"
     step.mkdir(parents=True)
@@ -175,8 +176,8 @@ def resume_pipeline_run_on_another_world_size(tmp_path, ctx):
     (step / "megacpt_state.json").write_text(json.dumps({"step": 2, "world_size": 2,
                                                          "config": load_config(argv[1]).to_dict()}))
     shutil.copy(ctx["model"] / "config.json", step / "hf_config.json")
-    return argv, "resuming a tensor/pipeline-parallel run on 4 ranks instead of 2 is not supported yet", [], \
-        {"RANK": "0", "WORLD_SIZE": "4"}
+    return argv, "resuming a ZeRO-3 run in another layout (tp/pp, or world size with tp/pp > 1) is not supported", \
+        [], {"RANK": "0", "WORLD_SIZE": "4"}
 
 
 # ---- data: missing, corrupted, truncated, vocabulary --------------------------------------------

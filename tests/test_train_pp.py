@@ -2,9 +2,11 @@
 after 2 steps and resumed) and TP=2×PP=2 (ZeRO-0, 4 ranks) against one process on the same
 global batch — losses, clipped grad norms, sample fingerprints, validation losses, exported
 weights — with document masking on and tied embeddings (Qwen2) split across the first and last
-stage; layout.json shows each rank holding only its own stage."""
+stage; layout.json shows each rank holding only its own stage; a PP=2 checkpoint resumed as
+TP=2 continues exactly."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -29,6 +31,12 @@ def runs(tmp_path_factory):
         cfg = write_config(tmp / f"{name}.yaml", c)
         if name == "pp2_z1":  # interrupted and resumed in the same layout
             run_ok(nproc, cfg, "train.stop_after=2")
+            # ... and, from a copy of that step-2 checkpoint, resumed as TP=2 (another layout).
+            relay = tmp / "relayout"
+            shutil.copytree(tmp / name, relay)
+            c2 = dict(c, run_dir=str(relay))
+            run_ok(2, write_config(tmp / "relayout.yaml", c2), "parallel.pp=1", "parallel.tp=2")
+            out["relayout"] = relay
         run_ok(nproc, cfg)
         out[name] = tmp / name
     from megacpt.export import export
@@ -43,7 +51,7 @@ def _valid(run_dir):
     return {(r["step"], k): v for r in read_metrics(run_dir) for k, v in r.items() if k.endswith("/loss")}
 
 
-@pytest.mark.parametrize("layout", ["pp2_z1", "tp2pp2_z0"])
+@pytest.mark.parametrize("layout", ["pp2_z1", "tp2pp2_z0", "relayout"])
 def test_pp_matches_single_process(runs, layout):
     a, b = train_losses(runs["single"]), train_losses(runs[layout])
     for key in ("loss", "grad_norm"):
@@ -97,3 +105,14 @@ def test_pp_checkpoints_and_resume(runs):
     assert {f"layer_{i:02d}-model_states.pt" for i in range(5)} <= files  # embed, 3 layers, head
     files = {p.name for p in (runs["tp2pp2_z0"] / "checkpoints" / "step_00000005").glob("*.pt")}
     assert {f"layer_{i:02d}-model_{t:02d}-model_states.pt" for i in range(5) for t in (0, 1)} <= files
+
+
+def test_resumed_in_another_layout(runs):
+    """PP=2 stopped at step 2, resumed as TP=2: weights and Adam moments re-sliced (the loss
+    match of steps 3–5 above needs both), data position kept; its new checkpoint is TP's."""
+    ckpts = sorted(p.name for p in (runs["relayout"] / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000002", "step_00000005"]
+    files = {p.name for p in (runs["relayout"] / "checkpoints" / "step_00000005").glob("*.pt")}
+    assert "mp_rank_01_model_states.pt" in files and not any(f.startswith("layer_") for f in files)
+    lay = json.loads((runs["relayout"] / "layout.json").read_text())
+    assert lay["ranks"] == [{"pp": 0, "dp": 0, "tp": 0}, {"pp": 0, "dp": 0, "tp": 1}]

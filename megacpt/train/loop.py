@@ -186,11 +186,11 @@ def train(cfg: Config) -> int:
     from megacpt.parallel import validate_layout
 
     validate_layout(args, info.world_size, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage)
-    if (cfg.parallel.tp > 1 or cfg.parallel.pp > 1) and resume_dir is not None \
-            and int(state.get("world_size", info.world_size)) != info.world_size:
-        raise ConfigError(f"resuming a tensor/pipeline-parallel run on {info.world_size} ranks instead of "
-                          f"{state['world_size']} is not supported yet; relaunch with the original world size "
-                          f"(or start a new run_dir with model.init_from pointing at this run)")
+    relayout = resume_dir is not None and _layout_changed(state, cfg, info.world_size)
+    if relayout and int(state["config"].get("parallel", {}).get("zero_stage", 0)) >= 3:
+        raise ConfigError(f"resuming a ZeRO-3 run in another layout (tp/pp, or world size with tp/pp > 1) is not "
+                          f"supported; relaunch with its own layout ({_layout_of(state)}), or start a new run_dir "
+                          f"with model.init_from pointing at this run")
 
     # ---- data (validated before anything starts) ------------------------------------------------
     phases = plan_phases(cfg)
@@ -224,7 +224,18 @@ def train(cfg: Config) -> int:
     if rank == 0:
         ckpt.clean_partial(ckpt_root)
     load_tag = resume_dir.name if resume_dir is not None else None
-    if resume_dir is not None and int(state.get("world_size", world)) != world and cfg.parallel.zero_stage > 0:
+    moments = None
+    if relayout:
+        from megacpt.models.hf import StateDictWeights
+        from megacpt.train.relayout import read_layout_free
+
+        full, adam_step = read_layout_free(resume_dir, args, state["config"].get("parallel", {}))
+        weights = StateDictWeights({n: v["fp32"] for n, v in full.items()})
+        moments = (full, adam_step)
+        if rank == 0:
+            print(f"re-laying out checkpoint {_layout_of(state)} as tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
+                  f"on {world} ranks (weights and Adam moments re-sliced)", flush=True)
+    elif resume_dir is not None and int(state.get("world_size", world)) != world and cfg.parallel.zero_stage > 0:
         # ZeRO partitions depend on the data-parallel size: reshard through DeepSpeed's
         # universal checkpoint (converted once, next to the original, by rank 0).
         if rank == 0:
@@ -260,10 +271,15 @@ def train(cfg: Config) -> int:
     skips: dict = {}  # phase name -> data batch indices skipped after non-finite losses
     if resume_dir is not None:
         _secure_load_check(resume_dir)
-        engine.load_checkpoint(str(ckpt_root), tag=load_tag, load_optimizer_states=True,
-                               load_lr_scheduler_states=False)
+        if moments is not None:
+            from megacpt.train.relayout import apply_moments
+
+            apply_moments(engine, engine.module, topo, *moments, rename=pipeline.rename if pipe_run else None)
+        else:
+            engine.load_checkpoint(str(ckpt_root), tag=load_tag, load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
+            _repair_optimizer_after_load(engine, group_decay)
         ckpt.restore_rng(resume_dir, rank)
-        _repair_optimizer_after_load(engine, group_decay)
         step = int(state["step"])
         base_valid = state.get("base_valid", {})
         skips = {k: list(v) for k, v in state.get("skipped_batches", {}).items()}
@@ -482,6 +498,21 @@ def _train_step(engine, batches: list[dict], topo, gas: int, zero_stage: int, st
     norm = plain_norm if plain_norm is not None else engine.get_global_grad_norm()
     return StepOut(loss=float(stats[0]) / global_tokens, grad_norm=None if norm is None else float(norm),
                    fingerprint=int(fingerprint), stop_signal=bool(stats[1] > 0))
+
+
+def _layout_of(state: dict) -> str:
+    par = state["config"].get("parallel", {})
+    return f"tp={par.get('tp', 1)} pp={par.get('pp', 1)} on {state.get('world_size')} ranks"
+
+
+def _layout_changed(state: dict, cfg: Config, world: int) -> bool:
+    """A resume that needs the checkpoint re-sliced: tp or pp changed, or the world size changed
+    while either layout splits the model (a dp-only change goes through universal checkpoints)."""
+    par = state["config"].get("parallel", {})
+    old = (int(par.get("tp", 1)), int(par.get("pp", 1)), par.get("pp_balance", "parameters"))
+    new = (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.pp_balance)
+    split = max(old[0], old[1], new[0], new[1]) > 1
+    return old != new or (split and int(state.get("world_size", world)) != world)
 
 
 def _collective_error(e: RuntimeError, rank: int, step: int, where: dict) -> RuntimeError:
