@@ -109,6 +109,8 @@ class ParallelConfig:
     pp: int = 1
     # How pipeline stages are balanced: "parameters" (embedding and head counted) or "layers".
     pp_balance: str = "parameters"
+    # Megatron sequence parallelism inside the tensor group (norms/residuals on seq_len/tp positions).
+    sequence_parallel: bool = False
 
 
 @dataclass(frozen=True)
@@ -364,6 +366,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr})")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    if cfg.parallel.sequence_parallel:
+        if cfg.parallel.tp < 2:
+            raise ConfigError("parallel.sequence_parallel splits positions over the tensor-parallel group: "
+                              "set parallel.tp ≥ 2, or turn sequence_parallel off")
+        if cfg.parallel.pp > 1:
+            raise ConfigError("parallel.sequence_parallel is not available with pipeline parallelism (pp > 1) yet; "
+                              "use pp: 1 or turn sequence_parallel off")
+        if d.seq_len % cfg.parallel.tp:
+            raise ConfigError(f"parallel.sequence_parallel needs data.seq_len ({d.seq_len}) divisible by "
+                              f"parallel.tp ({cfg.parallel.tp})")
     if cfg.parallel.pp_balance not in ("parameters", "layers"):
         raise ConfigError(f"parallel.pp_balance must be parameters or layers, got {cfg.parallel.pp_balance!r}")
     if t.global_batch_size % t.micro_batch_size:

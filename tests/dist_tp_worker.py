@@ -52,7 +52,7 @@ def reference(model_dir):
     return m
 
 
-def tp_model(model_dir, topo):
+def tp_model(model_dir, topo, sequence_parallel: bool = False):
     """meta build → apply_tp → each rank reads its own slices."""
     from megacpt.models.hf import HFWeights
     from megacpt.models.llama import Transformer
@@ -60,7 +60,7 @@ def tp_model(model_dir, topo):
 
     with torch.device("meta"):
         m = Transformer(model_args(model_dir))
-    apply_tp(m, topo)
+    apply_tp(m, topo, sequence_parallel=sequence_parallel)
     assert all(p.is_meta for p in m.parameters()), "apply_tp allocated parameters of a meta model"
     load_tp_weights(m, HFWeights(model_dir))
     assert not any(p.is_meta for p in m.parameters())
@@ -91,13 +91,14 @@ def expected_local_numel(args, tp: int) -> dict:
     return {"split": split, "replicated": replicated}
 
 
-def check_tp_model(model_dir, topo, label: str, steps: int = 3, checkpointing: bool = False) -> None:
+def check_tp_model(model_dir, topo, label: str, steps: int = 3, checkpointing: bool = False,
+                   sequence_parallel: bool = False) -> None:
     """Round trip, per-rank sizes, logits, loss, every gradient, grad norm and AdamW steps."""
     from megacpt.models.hf import HFWeights
     from megacpt.parallel import gather_tp_state, tp_grad_norm, tp_shards
 
     tp = topo.tp_size
-    ref, m = reference(model_dir), tp_model(model_dir, topo)
+    ref, m = reference(model_dir), tp_model(model_dir, topo, sequence_parallel)
     args = m.args
     shards = tp_shards(m)
     lead = topo.tp_rank == 0
@@ -190,6 +191,11 @@ def run_tp2(rank: int, world: int, init_file: str, model_dirs: dict) -> None:
         assert (topo.tp_ranks, topo.dp_ranks, topo.dp_size) == ([0, 1], [rank], 1)
         for label, path in model_dirs.items():
             check_tp_model(path, topo, label, checkpointing=label.endswith("kv1"))
+        # Sequence parallelism: the same checks (12 positions, 6 per rank), one with replicated
+        # KV heads and activation checkpointing, one with tied embeddings and q/k/v bias.
+        for label in ("llama untied kv1", "qwen2 tied kv2"):
+            check_tp_model(model_dirs[label], topo, f"{label} sequence parallel", checkpointing=label.endswith("kv1"),
+                           sequence_parallel=True)
     finally:
         dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
 """Tensor parallelism through the real trainer: TP=2 ranks against one process on the same
-global batch, exact resume in the same layout, and export of the TP checkpoints."""
+global batch (also with sequence parallelism), exact resume in the same layout, and export of
+the TP checkpoints."""
 
 import pytest
 import torch
@@ -14,9 +15,11 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp")
     model = tiny_hf_model(tmp / "model", arch="qwen2", tied=False, kv_heads=2)
     out = {}
-    for name, nproc, zero, tp in (("single", 1, 0, 1), ("tp2_z1", 2, 1, 2), ("tp2_z3", 2, 3, 2)):
+    for name, nproc, zero, tp in (("single", 1, 0, 1), ("tp2_z1", 2, 1, 2), ("tp2_z3", 2, 3, 2),
+                                  ("tp2_z3_sp", 2, 3, 2)):
         c = tiny_run_config(tmp, model, tmp / name, steps=5, zero=zero, gb=4, mb=1)
         c["parallel"]["tp"] = tp
+        c["parallel"]["sequence_parallel"] = name.endswith("_sp")
         cfg = write_config(tmp / f"{name}.yaml", c)
         if name == "tp2_z1":  # also interrupted and resumed in the same layout
             run_ok(nproc, cfg, "train.stop_after=2")
@@ -25,7 +28,7 @@ def runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("layout", ["tp2_z1", "tp2_z3"])
+@pytest.mark.parametrize("layout", ["tp2_z1", "tp2_z3", "tp2_z3_sp"])
 def test_tp_matches_single_process(runs, layout):
     a, b = train_losses(runs["single"]), train_losses(runs[layout])
     for key in ("loss", "grad_norm"):

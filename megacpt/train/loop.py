@@ -255,7 +255,7 @@ def train(cfg: Config) -> int:
                                            activation_checkpointing=cfg.model.activation_checkpointing)
     else:
         model = build_model(args, ds_config, dtype, cfg.parallel.zero_stage, weights=weights, topology=topo,
-                            seed=cfg.seed)
+                            seed=cfg.seed, sequence_parallel=cfg.parallel.sequence_parallel)
         model.activation_checkpointing = cfg.model.activation_checkpointing
     groups = param_groups(model, cfg.optim.weight_decay)
     group_decay = [g["weight_decay"] for g in groups]
