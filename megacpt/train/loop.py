@@ -509,8 +509,9 @@ def _layout_changed(state: dict, cfg: Config, world: int) -> bool:
     """A resume that needs the checkpoint re-sliced: tp or pp changed, or the world size changed
     while either layout splits the model (a dp-only change goes through universal checkpoints)."""
     par = state["config"].get("parallel", {})
-    old = (int(par.get("tp", 1)), int(par.get("pp", 1)), par.get("pp_balance", "parameters"))
-    new = (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.pp_balance)
+    old_pp, new_pp = int(par.get("pp", 1)), cfg.parallel.pp
+    old = (int(par.get("tp", 1)), old_pp, par.get("pp_balance", "parameters") if old_pp > 1 else None)
+    new = (cfg.parallel.tp, new_pp, cfg.parallel.pp_balance if new_pp > 1 else None)
     split = max(old[0], old[1], new[0], new[1]) > 1
     return old != new or (split and int(state.get("world_size", world)) != world)
 
