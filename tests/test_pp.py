@@ -102,3 +102,24 @@ def test_world4_pp2_dp2_and_tp2_pp2(tmp_path, models):
                  ("tp2pp2 llama zero1", models["llama"], 2, 2, 1),
                  ("tp2pp2 qwen2 tied zero0", models["qwen2"], 2, 2, 0)]
     mp.spawn(dist_pp_worker.run_pp, args=(4, str(tmp_path / "init"), str(tmp_path), scenarios), nprocs=4, join=True)
+
+
+def test_resume_relayout_decision():
+    """Which resumes re-slice the checkpoint (tp/pp change, or a world-size change of a split
+    model) and which keep DeepSpeed's own loading (same layout, or a dp-only change)."""
+    from types import SimpleNamespace as N
+
+    from megacpt.train.loop import _layout_changed
+
+    def cfg(tp, pp, bal="parameters"):
+        return N(parallel=N(tp=tp, pp=pp, pp_balance=bal))
+
+    def st(tp, pp, world, bal="parameters"):
+        return {"config": {"parallel": {"tp": tp, "pp": pp, "pp_balance": bal}}, "world_size": world}
+
+    assert not _layout_changed(st(1, 1, 2), cfg(1, 1), 4)  # dp only: universal checkpoint
+    assert not _layout_changed(st(2, 2, 4), cfg(2, 2), 4)
+    assert not _layout_changed(st(1, 1, 2, "layers"), cfg(1, 1), 2)  # balance of no pipeline
+    assert _layout_changed(st(1, 2, 2), cfg(2, 1), 2)
+    assert _layout_changed(st(2, 1, 2), cfg(2, 1), 4)
+    assert _layout_changed(st(1, 2, 2, "layers"), cfg(1, 2), 2)
