@@ -125,6 +125,10 @@ class ParallelConfig:
     zero_stage: int = 3
     tp: int = 1
     pp: int = 1
+    # How pipeline stages are balanced: "parameters" (embedding and head counted) or "layers".
+    pp_balance: str = "parameters"
+    # Megatron sequence parallelism inside the tensor group (norms/residuals on seq_len/tp positions).
+    sequence_parallel: bool = False
 
 
 @dataclass(frozen=True)
@@ -402,6 +406,27 @@ def validate(cfg: Config) -> None:
         # become graph breaks around each linear and the compiled code is slower than eager.
         raise ConfigError("model.compile needs parallel.zero_stage 0, 1 or 2 (ZeRO-3's per-module parameter "
                           "hooks break compiled graphs); set model.compile: false or lower the stage")
+    if cfg.parallel.pp > 1:
+        # The pipeline stages are built by megacpt/parallel/pp.py, outside the code paths of these.
+        for on, what in ((cfg.model.compile, "model.compile"), (cfg.task == "sft", "task: sft"),
+                         (cfg.optim.embedding_lr is not None, "optim.embedding_lr"),
+                         (cfg.train.trainable != "all" or any(p.trainable not in (None, "all") for p in cfg.phases),
+                          "trainable: embeddings")):
+            if on:
+                raise ConfigError(f"{what} is not available with pipeline parallelism (parallel.pp > 1) yet; "
+                                  f"use pp: 1 (tensor parallelism and ZeRO work) or drop {what}")
+    if cfg.parallel.sequence_parallel:
+        if cfg.parallel.tp < 2:
+            raise ConfigError("parallel.sequence_parallel splits positions over the tensor-parallel group: "
+                              "set parallel.tp ≥ 2, or turn sequence_parallel off")
+        if cfg.parallel.pp > 1:
+            raise ConfigError("parallel.sequence_parallel is not available with pipeline parallelism (pp > 1) yet; "
+                              "use pp: 1 or turn sequence_parallel off")
+        if d.seq_len % cfg.parallel.tp:
+            raise ConfigError(f"parallel.sequence_parallel needs data.seq_len ({d.seq_len}) divisible by "
+                              f"parallel.tp ({cfg.parallel.tp})")
+    if cfg.parallel.pp_balance not in ("parameters", "layers"):
+        raise ConfigError(f"parallel.pp_balance must be parameters or layers, got {cfg.parallel.pp_balance!r}")
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size ({t.global_batch_size}) is not a multiple of train.micro_batch_size "
@@ -506,6 +531,10 @@ RESUME_SAFE_KEYS = (
     "sft.max_new_tokens",
     "sft.eval_batch_size",
     "sft.bleu",
+    # The layout does not change what is computed: a resume in another one re-slices the state.
+    "parallel.tp",
+    "parallel.pp",
+    "parallel.pp_balance",
 )
 
 

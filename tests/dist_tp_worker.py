@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -51,7 +52,7 @@ def reference(model_dir):
     return m
 
 
-def tp_model(model_dir, topo):
+def tp_model(model_dir, topo, sequence_parallel: bool = False):
     """meta build → apply_tp → each rank reads its own slices."""
     from megacpt.models.hf import HFWeights
     from megacpt.models.llama import Transformer
@@ -59,7 +60,7 @@ def tp_model(model_dir, topo):
 
     with torch.device("meta"):
         m = Transformer(model_args(model_dir))
-    apply_tp(m, topo)
+    apply_tp(m, topo, sequence_parallel=sequence_parallel)
     assert all(p.is_meta for p in m.parameters()), "apply_tp allocated parameters of a meta model"
     load_tp_weights(m, HFWeights(model_dir))
     assert not any(p.is_meta for p in m.parameters())
@@ -90,13 +91,14 @@ def expected_local_numel(args, tp: int) -> dict:
     return {"split": split, "replicated": replicated}
 
 
-def check_tp_model(model_dir, topo, label: str, steps: int = 3, checkpointing: bool = False) -> None:
+def check_tp_model(model_dir, topo, label: str, steps: int = 3, checkpointing: bool = False,
+                   sequence_parallel: bool = False) -> None:
     """Round trip, per-rank sizes, logits, loss, every gradient, grad norm and AdamW steps."""
     from megacpt.models.hf import HFWeights
     from megacpt.parallel import gather_tp_state, tp_grad_norm, tp_shards
 
     tp = topo.tp_size
-    ref, m = reference(model_dir), tp_model(model_dir, topo)
+    ref, m = reference(model_dir), tp_model(model_dir, topo, sequence_parallel)
     args = m.args
     shards = tp_shards(m)
     lead = topo.tp_rank == 0
@@ -189,6 +191,11 @@ def run_tp2(rank: int, world: int, init_file: str, model_dirs: dict) -> None:
         assert (topo.tp_ranks, topo.dp_ranks, topo.dp_size) == ([0, 1], [rank], 1)
         for label, path in model_dirs.items():
             check_tp_model(path, topo, label, checkpointing=label.endswith("kv1"))
+        # Sequence parallelism: the same checks (12 positions, 6 per rank), one with replicated
+        # KV heads and activation checkpointing, one with tied embeddings and q/k/v bias.
+        for label in ("llama untied kv1", "qwen2 tied kv2"):
+            check_tp_model(model_dirs[label], topo, f"{label} sequence parallel", checkpointing=label.endswith("kv1"),
+                           sequence_parallel=True)
     finally:
         dist.destroy_process_group()
 
@@ -210,7 +217,8 @@ def run_world4(rank: int, world: int, init_file: str, model_dirs: dict, zero_sta
         assert topo.dp_ranks == [rank % 2, rank % 2 + 2], topo.dp_ranks
         for stage in zero_stages:
             for label in ("dp llama tied kv1", "dp qwen2 kv2"):
-                check_deepspeed(model_dirs[label], topo, stage, f"{label} zero{stage}")
+                check_deepspeed(model_dirs[label], topo, stage, f"{label} zero{stage}",
+                                work=Path(init_file).parent / "ckpt")
     finally:
         dist.destroy_process_group()
 
@@ -227,7 +235,28 @@ def _ref_step(ref, opt, batches, global_tokens, clip):
     return loss.detach() / global_tokens, norm
 
 
-def check_deepspeed(model_dir, topo, stage: int, label: str, steps: int = 3) -> None:
+def check_checkpoint_round_trip(engine, model_dir, root) -> None:
+    """HF → layout → DeepSpeed checkpoint → consolidated weights (megacpt export's path), exact."""
+    import shutil
+
+    from megacpt.models.hf import HFWeights
+    from megacpt.train.consolidate import checkpoint_weights
+
+    if dist.get_rank() == 0:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag="t0", save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.copy(Path(model_dir) / "config.json", root / "t0" / "hf_config.json")
+        got, hf = checkpoint_weights(root / "t0"), HFWeights(model_dir)
+        for n in hf.keys():
+            assert torch.equal(got.get(n), hf.get(n)), f"{root.name}: round trip of {n} not exact"
+    dist.barrier()
+
+
+def check_deepspeed(model_dir, topo, stage: int, label: str, steps: int = 3, work=None) -> None:
     """TP=2 × DP=2 through deepspeed.initialize(mpu=DeepSpeedMPU) against one process on the
     global batch: per-step token-mean loss, grad norm before clipping, parameters after."""
     import deepspeed
@@ -263,6 +292,8 @@ def check_deepspeed(model_dir, topo, stage: int, label: str, steps: int = 3) -> 
         assert engine.optimizer.partition_count == [topo.dp_size] * len(engine.optimizer.partition_count)
     elif stage == 3:
         assert engine.optimizer.partition_count == topo.dp_size
+    if work is not None:
+        check_checkpoint_round_trip(engine, model_dir, Path(work) / f"{label.replace(' ', '_')}")
     args = m.args
     for step in range(steps):
         batches = [batch(args, seed=100 + step * 10 + k, b=mb) for k in range(topo.dp_size)]

@@ -141,7 +141,22 @@ CASES.update({
                                           setkey("parallel.tp", 2)),
     "tp_not_dividing_heads": simple("num_heads 4 is not divisible by tp=3", setkey("parallel.tp", 3),
                                     env={"RANK": "0", "WORLD_SIZE": "3"}),
-    "pipeline_parallel": simple("parallel.pp", setkey("parallel.pp", 2), env={"RANK": "0", "WORLD_SIZE": "2"}),
+    "pipeline_with_zero3": simple("DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only, not zero_stage=3",
+                                  lambda c: c["parallel"].update(pp=2, zero_stage=3),
+                                  env={"RANK": "0", "WORLD_SIZE": "2"}),
+    "pipeline_more_stages_than_layers": simple("pp=3 pipeline stages but only 2 layers", setkey("parallel.pp", 3),
+                                               env={"RANK": "0", "WORLD_SIZE": "3"}),
+    "sequence_parallel_without_tp": simple("parallel.sequence_parallel splits positions over the tensor-parallel "
+                                           "group: set parallel.tp ≥ 2", setkey("parallel.sequence_parallel", True)),
+    "sequence_parallel_seq_len": simple("parallel.sequence_parallel needs data.seq_len (15) divisible by parallel.tp (2)",
+                                        lambda c: (c["parallel"].update(tp=2, sequence_parallel=True),
+                                                   c["data"].update(seq_len=15)), env={"RANK": "0", "WORLD_SIZE": "2"}),
+    "sequence_parallel_with_pp": simple("parallel.sequence_parallel is not available with pipeline parallelism",
+                                        lambda c: c["parallel"].update(tp=2, pp=2, zero_stage=1,
+                                                                       sequence_parallel=True),
+                                        env={"RANK": "0", "WORLD_SIZE": "4"}),
+    "pp_balance_unknown": simple("parallel.pp_balance must be parameters or layers",
+                                 setkey("parallel.pp_balance", "flops")),
     "tp_zero": simple("parallel.tp must be > 0", setkey("parallel.tp", 0)),
 })
 
@@ -151,6 +166,26 @@ def config_not_utf8(tmp_path, ctx):
     argv, paths, env = train(tmp_path, ctx)
     Path(argv[1]).write_bytes(b"run_dir: \xff\xfe\n")
     return argv, "cannot read config", paths, env
+
+
+@case
+def resume_zero3_tp_run_on_another_world_size(tmp_path, ctx):
+    """A TP=2 ZeRO-3 run saved on 2 ranks, restarted on 4: its state cannot be re-sliced (other
+    layouts can); refused before anything starts."""
+    import shutil
+
+    from megacpt.config import load_config
+
+    argv, paths, _ = train(tmp_path, ctx, lambda c: c["parallel"].update(tp=2, zero_stage=3))
+    run = paths[0]
+    step = run / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_00000002\n")
+    (step / "megacpt_state.json").write_text(json.dumps({"step": 2, "world_size": 2,
+                                                         "config": load_config(argv[1]).to_dict()}))
+    shutil.copy(ctx["model"] / "config.json", step / "hf_config.json")
+    return argv, "resuming a ZeRO-3 run in another layout (tp/pp, or world size with tp/pp > 1) is not supported", \
+        [], {"RANK": "0", "WORLD_SIZE": "4"}
 
 
 # ---- data: missing, corrupted, truncated, vocabulary --------------------------------------------

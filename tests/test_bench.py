@@ -34,6 +34,31 @@ def test_comm_estimate_hand_count():
     assert comm_estimate(3, 1, [1000], 4, 1)["bytes_per_step"] == 0
 
 
+def test_comm_estimate_per_group_hand_count():
+    from megacpt.bench.train import comm_estimate_layout
+    from megacpt.models.llama import ModelArgs
+
+    a = ModelArgs(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=8, tie_word_embeddings=True)
+    # tp=2 × pp=2 × dp=2, ZeRO-1, fp32, seq 16, micro-batch 1, 4 micro-batches; stages: embedding +
+    # layer 0 | layer 1 + norm + head (the tied copy). A = 16·32 = 512 elements, 2048 bytes.
+    est = comm_estimate_layout(a, 1, 2, 2, 2, 16, 1, 4, 4)
+    g = est["per_group"]
+    # tp all-reduce of B bytes: 2·B·½ = B per rank. Stage 0: 4 per layer + the embedding's = 5 × A;
+    # stage 1: 4 + the head input gradient = 5 × A, + 3 fp32 loss statistics per token (16 tokens).
+    assert est["per_stage"][0]["tp"] == 4 * 5 * 2048 and est["per_stage"][1]["tp"] == 4 * (5 * 2048 + 3 * 16 * 4)
+    # pp: stage 0 sends activations + position and segment ids (2 × 16 int64) each micro-batch,
+    # stage 1 the input gradient; both all-reduce the tied embedding gradient (64 × 32 fp32 over 2 ranks).
+    assert est["per_stage"][0]["pp"] == 4 * (2048 + 256) + 64 * 32 * 4
+    assert est["per_stage"][1]["pp"] == 4 * 2048 + 64 * 32 * 4
+    # dp: ZeRO-1 on each stage's own parameters (tp slices): 3·P·b·½.
+    stage0 = 2 * (16 * 32) + 2 * (8 * 32) + 3 * (32 * 32) + 2 * 32 + 64 * 32  # q,o + k,v + mlp + norms + embed
+    assert est["per_stage"][0]["dp"] == 3 * stage0 * 4 // 2
+    assert g["dp"]["size"] == g["tp"]["size"] == g["pp"]["size"] == 2
+    assert est["bytes_per_step"] == max(sum(r.values()) for r in est["per_stage"])
+    assert all(k in g[n] for n in ("dp", "tp", "pp") for k in ("bytes_per_step", "formula"))
+
+
 def test_step_stats():
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 25) == pytest.approx(1.75)

@@ -245,7 +245,8 @@ def test_tp2_matches_single_process(tmp_path):
 def test_world4_tp4_and_tp2_dp2_under_deepspeed(tmp_path):
     """4 ranks: TP=4 (2 KV heads, so replica groups of 2) numerics; then TP=2 × DP=2 through
     deepspeed.initialize(mpu=DeepSpeedMPU) with ZeRO-0/1/2/3 against one process on the global
-    batch (losses, grad norms with clipping, final parameters); ZeRO shards over dp only."""
+    batch (losses, grad norms with clipping, final parameters); ZeRO shards over dp only; the
+    checkpoint of each consolidates (export path) to exactly the HF weights."""
     _need_gloo()
     pytest.importorskip("deepspeed")
     dirs = {

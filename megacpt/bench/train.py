@@ -166,6 +166,103 @@ def comm_estimate(stage: int, world: int, numels: list[int], bytes_per_elem: int
     return {"bytes_per_step": int(round(total)), "formula": formula, "estimate": True}
 
 
+def stage_numels(margs, tp: int, pp: int, balance: str = "parameters") -> list[list[int]]:
+    """Element counts of the parameters one rank of each pipeline stage holds (tp rank 0's
+    slices; a tied embedding's head copy included on the last stage), as the trainer builds them."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from megacpt.models.llama import Transformer
+    from megacpt.parallel.pp import stage_bounds
+    from megacpt.parallel.tp import apply_tp
+
+    with torch.device("meta"):
+        m = Transformer(margs)
+    apply_tp(m, SimpleNamespace(tp_size=tp, tp_rank=0, tp_group=None, tp_subgroup=lambda size: None))
+    emb = m.embed_tokens.weight.numel()
+    bounds = stage_bounds(margs, pp, balance) if pp > 1 else [0, margs.num_layers]
+    out = []
+    for s in range(pp):
+        n = [p.numel() for i in range(bounds[s], bounds[s + 1]) for p in m.layers[i].parameters()]
+        if s == 0:
+            n.append(emb)
+        if s == pp - 1:
+            n.append(m.norm.weight.numel())
+            if pp > 1 or not margs.tie_word_embeddings:
+                n.append(emb)  # the head (a tied one is a copy on its own stage)
+        out.append(n)
+    return out
+
+
+def comm_estimate_layout(margs, stage: int, dp: int, tp: int, pp: int, seq_len: int, micro_batch: int,
+                         bytes_per_elem: int, grad_accum: int, persistence_threshold: int = 100_000,
+                         max_reuse_distance: int = 1_000_000_000, balance: str = "parameters") -> dict:
+    """Estimated bytes one rank sends per optimizer step, per process group, for dp × tp × pp.
+
+    dp group: comm_estimate()'s ZeRO formula over W = dp on the parameters this rank holds
+      (its stage, 1/tp of the split tensors).
+    tp group (Megatron tensor parallelism, ring all-reduce of B bytes = 2·B·(tp-1)/tp per rank),
+      per micro-batch with A = micro_batch·seq_len·hidden activation elements:
+      4 all-reduces of A per decoder layer (forward after o_proj and down_proj, backward at the
+      attention and MLP inputs) + 1 for the embedding output (first stage) + 1 for the head's
+      input gradient (last stage), in the model dtype; the vocab-parallel loss adds 3 fp32 values
+      per token (max, sum-exp, target logit) on the last stage; replicated KV heads (num_kv_heads
+      < tp) all-reduce their k/v weight gradients over tp/num_kv_heads ranks every micro-batch.
+    pp group (point-to-point, DeepSpeed's pipeline engine), per micro-batch: a stage that is not
+      the last sends its output activations (A in the model dtype + position and segment ids,
+      2·micro_batch·seq_len int64), one that is not the first sends the gradient of its input
+      (A); with tied embeddings the first and last stage all-reduce the embedding gradient
+      (2 ranks: V/tp·hidden elements) once per step.
+    Reported per group as the busiest stage's figure; `bytes_per_step` is the busiest stage's
+    total over all groups. Small collectives (loss, token count, norms) are left out.
+    """
+    g, b = grad_accum, bytes_per_elem
+    h, L, V = margs.hidden_size, margs.num_layers, margs.vocab_size
+    A = micro_batch * seq_len * h
+    numels = stage_numels(margs, tp, pp, balance)
+    from megacpt.parallel.pp import stage_bounds
+
+    bounds = stage_bounds(margs, pp, balance) if pp > 1 else [0, L]
+    ar = 2 * (tp - 1) / tp
+    kv_rep = tp // margs.num_kv_heads if tp > 1 and margs.num_kv_heads < tp else 1
+    kv_numel = margs.head_dim * (h + (1 if margs.qkv_bias else 0))
+    per_stage = []
+    for s in range(pp):
+        layers = bounds[s + 1] - bounds[s]
+        first, last = s == 0, s == pp - 1
+        dp_c = comm_estimate(stage, dp, numels[s], b, g, persistence_threshold, max_reuse_distance)
+        tp_bytes = 0.0
+        if tp > 1:
+            n_ar = 4 * layers + (1 if first else 0) + (1 if last else 0)
+            tp_bytes = g * (n_ar * A * b * ar + (3 * micro_batch * seq_len * 4 * ar if last else 0))
+            if kv_rep > 1:
+                tp_bytes += g * layers * 2 * kv_numel * b * 2 * (kv_rep - 1) / kv_rep
+        pp_bytes = 0.0
+        if pp > 1:
+            pp_bytes = g * ((0 if last else A * b + 2 * micro_batch * seq_len * 8) + (0 if first else A * b))
+            if margs.tie_word_embeddings and (first or last):
+                pp_bytes += (V // tp) * h * b  # all-reduce over 2 ranks: 2·B·½
+        per_stage.append({"dp": dp_c["bytes_per_step"], "tp": int(round(tp_bytes)), "pp": int(round(pp_bytes)),
+                          "dp_formula": dp_c["formula"]})
+    busiest = max(per_stage, key=lambda r: r["dp"] + r["tp"] + r["pp"])
+    groups = {
+        "dp": {"size": dp, "bytes_per_step": max(r["dp"] for r in per_stage),
+               "formula": "ZeRO over the data-parallel group on this rank's parameters: " + busiest["dp_formula"]},
+        "tp": {"size": tp, "bytes_per_step": max(r["tp"] for r in per_stage),
+               "formula": (f"g·((4·L_stage + first + last)·A·b + last·3·mb·s·4)·2(tp-1)/tp"
+                           f"{' + g·L_stage·2·Pkv·b·2(r-1)/r' if kv_rep > 1 else ''} with g={g}, "
+                           f"A=mb·s·h={A}, b={b}, tp={tp}" + (f", Pkv={kv_numel}, r={kv_rep}" if kv_rep > 1 else ""))},
+        "pp": {"size": pp, "bytes_per_step": max(r["pp"] for r in per_stage),
+               "formula": (f"g·((not last)·(A·b + 2·mb·s·8) + (not first)·A·b)"
+                           f"{' + tied first/last: (V/tp)·h·b' if margs.tie_word_embeddings else ''} with g={g}, "
+                           f"A={A}, b={b}, stages by layers {bounds}")},
+    }
+    return {"bytes_per_step": int(max(r["dp"] + r["tp"] + r["pp"] for r in per_stage)),
+            "formula": "busiest rank, sum over its groups (see per_group)", "per_group": groups,
+            "per_stage": [{k: r[k] for k in ("dp", "tp", "pp")} for r in per_stage], "estimate": True}
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -653,6 +750,11 @@ def run_train_bench(a) -> int:
         comm = comm_estimate(a.zero_stage, dp, numels, 2 if precision == "bf16" else 4, a.grad_accum,
                              int(zcfg.get("stage3_param_persistence_threshold", 100_000)),
                              int(zcfg.get("stage3_max_reuse_distance", 1_000_000_000)))
+        if a.tp > 1 or a.pp > 1:
+            comm = comm_estimate_layout(margs, a.zero_stage, dp, a.tp, a.pp, a.seq_len, a.micro_batch,
+                                        2 if precision == "bf16" else 4, a.grad_accum,
+                                        int(zcfg.get("stage3_param_persistence_threshold", 100_000)),
+                                        int(zcfg.get("stage3_max_reuse_distance", 1_000_000_000)))
         results = {}
         for system in systems:
             mine = [r for r in runs if r["system"] == system]
@@ -807,5 +909,7 @@ def format_table(out: dict) -> str:
             f"{mem:>14} {_fmt(ratio, '.2f'):>10} {_fmt(cratio, '.2f'):>10}")
     c = out["comm_per_step"]
     lines.append(f"communication per step (estimate): {c['bytes_per_step'] / 2**20:.1f} MiB per rank — {c['formula']}")
+    for name, grp in c.get("per_group", {}).items():
+        lines.append(f"  {name} group ({grp['size']} ranks): {grp['bytes_per_step'] / 2**20:.2f} MiB — {grp['formula']}")
     lines.append(f"load average before/after: {out['loadavg_before'][0]:.2f} / {out['loadavg_after'][0]:.2f}")
     return "\n".join(lines)

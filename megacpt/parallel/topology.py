@@ -72,6 +72,13 @@ class RankLayout:
     def pp_groups(self) -> list[list[int]]:
         return [[self.rank_of(p, d, t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
 
+    def embed_groups(self) -> list[list[int]]:
+        """First and last pipeline stage of each (dp_rank, tp_rank): the ranks holding the two
+        copies of a tied embedding (empty when pp = 1: nothing to tie across stages)."""
+        if self.pp == 1:
+            return []
+        return [[self.rank_of(0, d, t), self.rank_of(self.pp - 1, d, t)] for d in range(self.dp) for t in range(self.tp)]
+
     def model_parallel_groups(self) -> list[list[int]]:
         """Ranks holding one replica of the model (same dp_rank): tp × pp ranks."""
         return [sorted(self.rank_of(p, d, t) for p in range(self.pp) for t in range(self.tp)) for d in range(self.dp)]
@@ -117,6 +124,8 @@ class Topology:
         self.dp_group = self._create(L.dp_groups())
         self.pp_group = self._create(L.pp_groups())
         self.mp_group = self._create(L.model_parallel_groups())
+        self.embed_group = self._create(L.embed_groups())
+        self.embed_ranks = next((g for g in L.embed_groups() if rank in g), None)
         self._sub: dict[int, object] = {}
 
     @classmethod

@@ -29,7 +29,7 @@ on tp rank 0 only); of a replicated KV head only the first rank of its replica g
 
 `apply_tp` works on a meta-device model (nothing is allocated: the new parameters are meta too)
 or on a materialised one (the new parameters are copies of the slices).
-Sequence parallelism is not implemented.
+Sequence parallelism (optional, `apply_tp(..., sequence_parallel=True)`) is described at apply_tp.
 """
 
 from __future__ import annotations
@@ -101,6 +101,56 @@ class _GatherFromRegion(torch.autograd.Function):
     def backward(ctx, grad):
         n, r = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
         return grad.chunk(n, dim=-1)[r].contiguous(), None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    """Sequence parallel: reduce-scatter along the sequence (dim 1) forward — each rank keeps the
+    sum over ranks of its own block of positions; all-gather of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        n = dist.get_world_size(group)
+        parts = [p.contiguous() for p in x.chunk(n, dim=1)]
+        out = torch.empty_like(parts[0])
+        dist.reduce_scatter(out, parts, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        n = dist.get_world_size(ctx.group)
+        parts = [torch.empty_like(grad, memory_format=torch.contiguous_format) for _ in range(n)]
+        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
+        return torch.cat(parts, dim=1), None
+
+
+class _GatherSeq(torch.autograd.Function):
+    """Sequence parallel: all-gather along the sequence forward; backward either reduce-scatters
+    the gradient (consumers whose input gradients are partial per rank: column-parallel layers)
+    or keeps this rank's block (consumers that already all-reduce it: the vocab-parallel head)."""
+
+    @staticmethod
+    def forward(ctx, x, group, reduce_grad):
+        ctx.group, ctx.reduce_grad = group, reduce_grad
+        n = dist.get_world_size(group)
+        parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(n)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.reduce_grad:
+            return _ScatterSeq.forward(ctx, grad, ctx.group), None, None
+        n, r = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        return grad.chunk(n, dim=1)[r].contiguous(), None, None
+
+
+def scatter_to_sequence_region(x, group):
+    return x if _size(group) == 1 else _ScatterSeq.apply(x, group)
+
+
+def gather_from_sequence_region(x, group, reduce_grad: bool = True):
+    return x if _size(group) == 1 else _GatherSeq.apply(x, group, reduce_grad)
 
 
 def copy_to_tp_region(x, group):
@@ -199,16 +249,19 @@ class ColumnParallelLinear(_TPModule):
 class RowParallelLinear(_TPModule):
     """y = all_reduce(x_local W_shardᵀ) (+ b): columns [start, stop) of W (input features)."""
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, shard: Shard, group):
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, shard: Shard, group,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.weight = _new_param(weight, shard)
         self.bias = _new_param(bias, None) if bias is not None else None  # replicated, added once
         self.tp_shards = {"weight": shard}
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel
         self._mark()
 
     def forward(self, x):
-        y = reduce_from_tp_region(F.linear(x, self.weight), self.group)
+        y = F.linear(x, self.weight)
+        # Sequence parallel: the sum leaves each rank with its block of positions only.
+        y = scatter_to_sequence_region(y, self.group) if self.sequence_parallel else reduce_from_tp_region(y, self.group)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self):
@@ -220,12 +273,12 @@ class VocabParallelEmbedding(_TPModule):
     """Rows [start, stop) of the embedding; other ids give zeros here, and the all-reduce sums
     the one rank's row that holds each id."""
 
-    def __init__(self, weight: nn.Parameter, shard: Shard, group):
+    def __init__(self, weight: nn.Parameter, shard: Shard, group, sequence_parallel: bool = False):
         super().__init__()
         self.weight = _new_param(weight, shard)
         self.tp_shards = {"weight": shard}
         self.vocab_start, self.vocab_end = shard.start, shard.stop
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel
         self._mark()
 
     def forward(self, ids):
@@ -233,6 +286,8 @@ class VocabParallelEmbedding(_TPModule):
         local = torch.where(outside, torch.zeros_like(ids), ids - self.vocab_start)
         out = F.embedding(local, self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return scatter_to_sequence_region(out, self.group)
         return reduce_from_tp_region(out, self.group)
 
     def extra_repr(self):
@@ -275,13 +330,34 @@ class VocabParallelLMHead(_TPModule):
 
 class _CopyInputHook:
     """Forward pre-hook: the block's input enters the tensor-parallel region (one backward
-    all-reduce shared by the block's column-parallel layers)."""
+    all-reduce shared by the block's column-parallel layers). Sequence parallel: the input is
+    this rank's block of positions; it is all-gathered (reduce-scattered backward) instead."""
 
-    def __init__(self, group):
-        self.group = group
+    def __init__(self, group, sequence_parallel: bool = False, reduce_grad: bool = True):
+        self.group, self.sequence_parallel, self.reduce_grad = group, sequence_parallel, reduce_grad
 
     def __call__(self, module, args):
+        if self.sequence_parallel:
+            return (gather_from_sequence_region(args[0], self.group, self.reduce_grad), *args[1:])
         return (copy_to_tp_region(args[0], self.group), *args[1:])
+
+
+class SequenceParallelRMSNorm(nn.Module):
+    """RMSNorm over this rank's block of positions: the weight is replicated, but each rank's
+    gradient covers its own positions only, so it is summed over the tensor group in backward."""
+
+    def __init__(self, norm: nn.Module, group):
+        super().__init__()
+        self.weight = norm.weight
+        self.eps, self.group = norm.eps, group
+
+    def forward(self, x):
+        # RMSNorm.forward's arithmetic, op for op (same numerics), with the weight wrapped.
+        w = copy_to_tp_region(self.weight, self.group)
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return w * x32.to(dtype)
 
 
 # ---- applying and loading ---------------------------------------------------------------------
@@ -291,11 +367,17 @@ def _split(n: int, parts: int, i: int) -> tuple[int, int]:
     return i * step, (i + 1) * step
 
 
-def apply_tp(model: nn.Module, topology) -> nn.Module:
+def apply_tp(model: nn.Module, topology, sequence_parallel: bool = False) -> nn.Module:
     """Swap the tensor-parallel layers into `model` (a megacpt Transformer) in place; returns it.
 
     Collective: every rank of the world calls it once, in the same order relative to other group
     creation (replicated KV heads create their sub-groups here). With tp = 1 it changes nothing.
+
+    sequence_parallel: between the tensor-parallel regions (norms, residual stream) each rank
+    keeps only its block of seq_len / tp positions; the all-reduces after o_proj / down_proj and
+    the embedding become reduce-scatters, the block inputs are all-gathered, norm weight
+    gradients are summed over the group, and the head gathers the final hidden state. Same
+    bytes moved, activations between the regions 1/tp the size. seq_len must divide by tp.
     """
     tp, r, group = topology.tp_size, topology.tp_rank, topology.tp_group
     if tp == 1:
@@ -330,7 +412,7 @@ def apply_tp(model: nn.Module, topology) -> nn.Module:
 
     def row(lin, start, stop):
         return RowParallelLinear(lin.weight, lin.bias, Shard(1, start, stop, (lin.out_features, lin.in_features)),
-                                 group)
+                                 group, sequence_parallel)
 
     for layer in model.layers:
         a, m = layer.self_attn, layer.mlp
@@ -341,16 +423,26 @@ def apply_tp(model: nn.Module, topology) -> nn.Module:
         m.gate_proj = col(m.gate_proj, i0, i1)
         m.up_proj = col(m.up_proj, i0, i1)
         m.down_proj = row(m.down_proj, i0, i1)
-        a.register_forward_pre_hook(_CopyInputHook(group))
-        m.register_forward_pre_hook(_CopyInputHook(group))
+        a.register_forward_pre_hook(_CopyInputHook(group, sequence_parallel))
+        m.register_forward_pre_hook(_CopyInputHook(group, sequence_parallel))
+        if sequence_parallel:
+            layer.input_layernorm = SequenceParallelRMSNorm(layer.input_layernorm, group)
+            layer.post_attention_layernorm = SequenceParallelRMSNorm(layer.post_attention_layernorm, group)
     vocab_shard = Shard(0, v0, v1, (args.vocab_size, h))
     # A pipeline stage may lack the embedding or the head (None or absent): split what is there.
     if getattr(model, "embed_tokens", None) is not None:
-        model.embed_tokens = VocabParallelEmbedding(model.embed_tokens.weight, vocab_shard, group)
+        model.embed_tokens = VocabParallelEmbedding(model.embed_tokens.weight, vocab_shard, group, sequence_parallel)
     if getattr(model, "lm_head", None) is not None:
         model.lm_head = VocabParallelLMHead(model.lm_head.weight, vocab_shard, group)
         if args.tie_word_embeddings and getattr(model, "embed_tokens", None) is not None:
             model.lm_head.weight = model.embed_tokens.weight
+        if sequence_parallel:
+            # The vocab-parallel loss (and the logits path) all-reduce the head's input gradient
+            # themselves: gathering positions back keeps just this rank's block in backward.
+            model.lm_head.register_forward_pre_hook(_CopyInputHook(group, True, reduce_grad=False))
+    if sequence_parallel and getattr(model, "norm", None) is not None:
+        model.norm = SequenceParallelRMSNorm(model.norm, group)
+    model.sequence_parallel = sequence_parallel
     model.tp_topology = topology
     return model
 

@@ -91,14 +91,16 @@ def mpu_for(topology):
 
 
 def build_model(args: ModelArgs, ds_config: dict, dtype: torch.dtype, zero_stage: int,
-                weights=None, device=None, topology=None, seed: int = 0) -> Transformer:
+                weights=None, device=None, topology=None, seed: int = 0,
+                sequence_parallel: bool = False) -> Transformer:
     """Build the model for this rank, loading `weights` (an HF dir or a WeightSource) when given."""
     import deepspeed
 
     device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                         else torch.device("cpu"))
     if topology is not None and topology.tp_size > 1:
-        return _build_tp_model(args, ds_config, dtype, zero_stage, weights, device, topology, seed)
+        return _build_tp_model(args, ds_config, dtype, zero_stage, weights, device, topology, seed,
+                               sequence_parallel)
     if zero_stage == 3:
         # No dtype= here: DeepSpeed 0.19 parses an explicit dtype as `(dtype or fp16) if fp16 else
         # bf16`, which on CPU turns float32 into bfloat16. The config's bf16 flag says the same thing.
@@ -145,7 +147,7 @@ def load_partitioned(model: torch.nn.Module, source) -> None:
             part.narrow(0, 0, n).copy_(weights.get_flat_range(name, start, n))
 
 
-def _build_tp_model(args, ds_config, dtype, zero_stage, weights, device, topology, seed):
+def _build_tp_model(args, ds_config, dtype, zero_stage, weights, device, topology, seed, sequence_parallel=False):
     """Tensor parallel: meta build → apply_tp → each rank loads its slices (1/tp of the split
     weights, on CPU) → ZeRO-3 partitions that slice over the data-parallel group."""
     import deepspeed
@@ -154,7 +156,7 @@ def _build_tp_model(args, ds_config, dtype, zero_stage, weights, device, topolog
 
     with torch.device("meta"):
         model = Transformer(args)
-    apply_tp(model, topology)
+    apply_tp(model, topology, sequence_parallel=sequence_parallel)
     if weights is not None:
         load_tp_weights(model, weights, device="cpu", dtype=dtype)
     else:  # weights come from a checkpoint after deepspeed.initialize

@@ -162,9 +162,6 @@ def train(cfg: Config) -> int:
     # after the first step instead of killing the ranks.
     stopper = StopSignal()
     derived = derive(cfg, info.world_size)
-    if cfg.parallel.pp != 1:
-        raise ConfigError("parallel.pp > 1 (pipeline parallelism) is not available yet; use pp: 1 "
-                          "(tensor parallelism with parallel.tp and ZeRO data parallelism work)")
     run_dir = Path(cfg.run_dir)
     ckpt_root = run_dir / "checkpoints"
 
@@ -208,6 +205,11 @@ def train(cfg: Config) -> int:
     from megacpt.parallel import validate_layout
 
     validate_layout(args, info.world_size, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage)
+    relayout = resume_dir is not None and _layout_changed(state, cfg, info.world_size)
+    if relayout and int(state["config"].get("parallel", {}).get("zero_stage", 0)) >= 3:
+        raise ConfigError(f"resuming a ZeRO-3 run in another layout (tp/pp, or world size with tp/pp > 1) is not "
+                          f"supported; relaunch with its own layout ({_layout_of(state)}), or start a new run_dir "
+                          f"with model.init_from pointing at this run")
 
     # ---- data (validated before anything starts) ------------------------------------------------
     phases = plan_phases(cfg)
@@ -247,7 +249,18 @@ def train(cfg: Config) -> int:
     if rank == 0:
         ckpt.clean_partial(ckpt_root)
     load_tag = resume_dir.name if resume_dir is not None else None
-    if resume_dir is not None and int(state.get("world_size", world)) != world and cfg.parallel.zero_stage > 0:
+    moments = None
+    if relayout:
+        from megacpt.models.hf import StateDictWeights
+        from megacpt.train.relayout import read_layout_free
+
+        full, adam_step = read_layout_free(resume_dir, args, state["config"].get("parallel", {}))
+        weights = StateDictWeights({n: v["fp32"] for n, v in full.items()})
+        moments = (full, adam_step)
+        if rank == 0:
+            print(f"re-laying out checkpoint {_layout_of(state)} as tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
+                  f"on {world} ranks (weights and Adam moments re-sliced)", flush=True)
+    elif resume_dir is not None and int(state.get("world_size", world)) != world and cfg.parallel.zero_stage > 0:
         # ZeRO partitions depend on the data-parallel size: reshard through DeepSpeed's
         # universal checkpoint (converted once, next to the original, by rank 0).
         if rank == 0:
@@ -257,22 +270,25 @@ def train(cfg: Config) -> int:
         load_tag = f"{resume_dir.name}/{ckpt.UNIVERSAL}"
         if rank == 0:
             print(f"resharding checkpoint from {state['world_size']} to {world} ranks (universal checkpoint)", flush=True)
-    if topo.tp_size > 1:
-        if resume_dir is not None and int(state.get("world_size", world)) != world:
-            raise ConfigError(f"resuming a tensor-parallel run on {world} ranks instead of {state['world_size']} "
-                              f"is not supported yet; relaunch with the original world size")
-        if init_ckpt is not None and (init_ckpt / "mp_rank_01_model_states.pt").exists():
-            raise ConfigError("model.init_from: starting from a tensor-parallel checkpoint is not supported yet")
-    model = build_model(args, ds_config, dtype, cfg.parallel.zero_stage, weights=weights, topology=topo,
-                        seed=cfg.seed)
-    model.activation_checkpointing = cfg.model.activation_checkpointing
-    if cfg.model.compile:
-        # Per block, not the whole model: every block has the same graph, so one compilation is
-        # reused by all of them, and the fused loss head (our own kernel) stays outside.
-        for layer in model.layers:
-            layer.compile()
-        if rank == 0:
-            print(f"torch.compile: {len(model.layers)} decoder blocks (compiled at their first call)", flush=True)
+    pipe_run = None
+    if topo.pp_size > 1:
+        from megacpt.train import pipeline
+
+        ds_config, own_clip = pipeline.ds_config_for(ds_config, cfg.parallel.zero_stage, dtype)
+        model, pipe_state = pipeline.build(args, topo, weights=weights, seed=cfg.seed, dtype=dtype,
+                                           balance=cfg.parallel.pp_balance,
+                                           activation_checkpointing=cfg.model.activation_checkpointing)
+    else:
+        model = build_model(args, ds_config, dtype, cfg.parallel.zero_stage, weights=weights, topology=topo,
+                            seed=cfg.seed, sequence_parallel=cfg.parallel.sequence_parallel)
+        model.activation_checkpointing = cfg.model.activation_checkpointing
+        if cfg.model.compile:
+            # Per block, not the whole model: every block has the same graph, so one compilation is
+            # reused by all of them, and the fused loss head (our own kernel) stays outside.
+            for layer in model.layers:
+                layer.compile()
+            if rank == 0:
+                print(f"torch.compile: {len(model.layers)} decoder blocks (compiled at their first call)", flush=True)
     from megacpt.train.stages import Stages, needs_embedding_group
     from megacpt.train.stages import param_groups as stage_groups
 
@@ -280,7 +296,9 @@ def train(cfg: Config) -> int:
     stages = Stages(model, kinds, cfg.optim.lr, cfg.optim.embedding_lr)
     group_decay = [g["weight_decay"] for g in groups]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
-                                           mpu=mpu_for(topo))
+                                           mpu=None if topo.pp_size > 1 else mpu_for(topo))
+    if topo.pp_size > 1:
+        pipe_run = pipeline.PipelineRun(engine, pipe_state, topo, own_clip)
     mdist.release_shm_names(rank)
     device = engine.device
 
@@ -295,10 +313,15 @@ def train(cfg: Config) -> int:
     skips: dict = {}  # phase name -> data batch indices skipped after non-finite losses
     if resume_dir is not None:
         _secure_load_check(resume_dir)
-        engine.load_checkpoint(str(ckpt_root), tag=load_tag, load_optimizer_states=True,
-                               load_lr_scheduler_states=False)
+        if moments is not None:
+            from megacpt.train.relayout import apply_moments
+
+            apply_moments(engine, engine.module, topo, *moments, rename=pipeline.rename if pipe_run else None)
+        else:
+            engine.load_checkpoint(str(ckpt_root), tag=load_tag, load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
+            _repair_optimizer_after_load(engine, group_decay)
         ckpt.restore_rng(resume_dir, rank)
-        _repair_optimizer_after_load(engine, group_decay)
         step = int(state["step"])
         base_valid = state.get("base_valid", {})
         skips = {k: list(v) for k, v in state.get("skipped_batches", {}).items()}
@@ -306,7 +329,8 @@ def train(cfg: Config) -> int:
             print(f"resuming from {resume_dir} at step {step}", flush=True)
 
     logger = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.tensorboard)
-    _write_layout(run_dir, engine.module, rank, world, cfg.parallel.zero_stage)
+    _write_layout(run_dir, engine.module, rank, world, cfg.parallel.zero_stage, topo,
+                  rename=pipeline.rename if pipe_run else None)
     if rank == 0:
         with open(run_dir / "config.resolved.json", "w") as f:
             json.dump({"config": cfg.to_dict(), "deepspeed": ds_config, "world_size": world,
@@ -328,7 +352,10 @@ def train(cfg: Config) -> int:
                 res = sft_evaluate(engine, windows, tokenizer, cfg.sft, mb, dp_rank, dp_size, device, dp_group)
                 out.update({f"valid/{name}/{k}": v for k, v in res.items() if k != "tokens"})
             else:
-                loss_sum, count = _evaluate(engine, windows, mb, dp_rank, dp_size, device, dp_group)
+                if pipe_run is not None:
+                    loss_sum, count = pipe_run.evaluate(windows, mb)
+                else:
+                    loss_sum, count = _evaluate(engine, windows, mb, dp_rank, dp_size, device, dp_group)
                 loss = loss_sum / max(count, 1)
                 out[f"valid/{name}/loss"] = loss
                 out[f"valid/{name}/ppl"] = math.exp(min(loss, 700))
@@ -395,8 +422,11 @@ def train(cfg: Config) -> int:
         lr_log = stages.apply(engine.optimizer, lr, phase.trainable)
         try:
             poison = os.environ.get("MEGACPT_FAULT") == f"nan:{phase.name}:{batch_index}"
-            out = _train_step(engine, batches, topo, gas, cfg.parallel.zero_stage, stopper.flag, device,
-                              use_segments, where, poison)
+            if pipe_run is not None:
+                out = pipe_run.train_step(batches, gas, stopper.flag, use_segments, where, poison)
+            else:
+                out = _train_step(engine, batches, topo, gas, cfg.parallel.zero_stage, stopper.flag, device,
+                                  use_segments, where, poison)
         except RuntimeError as e:
             raise _collective_error(e, rank, step + 1, where) from e
         if not (math.isfinite(out.loss) and (out.grad_norm is None or math.isfinite(out.grad_norm))):
@@ -537,6 +567,22 @@ def _train_step(engine, batches: list[dict], topo, gas: int, zero_stage: int, st
                    fingerprint=int(fingerprint), stop_signal=bool(stats[1] > 0))
 
 
+def _layout_of(state: dict) -> str:
+    par = state["config"].get("parallel", {})
+    return f"tp={par.get('tp', 1)} pp={par.get('pp', 1)} on {state.get('world_size')} ranks"
+
+
+def _layout_changed(state: dict, cfg: Config, world: int) -> bool:
+    """A resume that needs the checkpoint re-sliced: tp or pp changed, or the world size changed
+    while either layout splits the model (a dp-only change goes through universal checkpoints)."""
+    par = state["config"].get("parallel", {})
+    old_pp, new_pp = int(par.get("pp", 1)), cfg.parallel.pp
+    old = (int(par.get("tp", 1)), old_pp, par.get("pp_balance", "parameters") if old_pp > 1 else None)
+    new = (cfg.parallel.tp, new_pp, cfg.parallel.pp_balance if new_pp > 1 else None)
+    split = max(old[0], old[1], new[0], new[1]) > 1
+    return old != new or (split and int(state.get("world_size", world)) != world)
+
+
 def _collective_error(e: RuntimeError, rank: int, step: int, where: dict) -> RuntimeError:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     low = msg.lower()
@@ -596,27 +642,33 @@ def _repair_optimizer_after_load(engine, group_decay: list) -> None:
             st["step"] = st["step"].clone()
 
 
-def _write_layout(run_dir: Path, module, rank: int, world: int, zero_stage: int) -> None:
-    """run_dir/layout.json: how many elements of each parameter every rank holds (shows sharding)."""
-    import torch
+def _write_layout(run_dir: Path, module, rank: int, world: int, zero_stage: int, topo=None, rename=None) -> None:
+    """run_dir/layout.json: how many elements of each parameter every rank holds (shows sharding:
+    ZeRO partitions, tensor-parallel slices, pipeline stages — 0 where a rank has none of it)."""
     import torch.distributed as dist
 
-    names, full, local = [], [], []
+    mine = {}
     for name, p in module.named_parameters():
-        names.append(name)
-        full.append(int(getattr(p, "ds_numel", p.numel())))
-        local.append(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else int(p.numel()))
-    mine = torch.tensor(local, dtype=torch.int64)
-    every = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine)
+        full = int(getattr(p, "ds_numel", p.numel()))
+        local = int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else int(p.numel())
+        mine[rename(name) if rename else name] = (full, local)
+    every = [None] * world
+    dist.all_gather_object(every, mine)
     if rank == 0:
+        names: dict = {}
+        for held in every:
+            for n, (full, _) in held.items():
+                names.setdefault(n, full)
         layout = {
             "world_size": world,
             "zero_stage": zero_stage,
-            "params": {n: {"numel": f, "per_rank": [int(t[i]) for t in every]} for i, (n, f) in enumerate(zip(names, full))},
-            "per_rank_total": [int(t.sum()) for t in every],
-            "total": sum(full),
+            "params": {n: {"numel": f, "per_rank": [held.get(n, (0, 0))[1] for held in every]}
+                       for n, f in names.items()},
+            "per_rank_total": [sum(v[1] for v in held.values()) for held in every],
+            "total": sum(names.values()),
         }
+        if topo is not None:
+            layout["ranks"] = [dict(zip(("pp", "dp", "tp"), topo.layout.coords(r))) for r in range(world)]
         with open(run_dir / "layout.json", "w") as fh:
             json.dump(layout, fh, indent=1)
 
