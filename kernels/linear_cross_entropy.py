@@ -9,7 +9,8 @@ Two implementations share the per-token maths below:
     only scaled by grad_output in backward. For reduction "none" the per-token upstream gradients
     are only known in backward, so dW cannot be precomputed: backward recomputes the chunk logits
     from the saved per-token logsumexp.
-  * triton (CUDA, or CPU tensors under TRITON_INTERPRET=1): see triton_lce.py; always the
+  * triton (CUDA, or CPU tensors under TRITON_INTERPRET=1; only when asked for by impl="triton"):
+    see triton_lce.py; always the
     recompute scheme (forward 2NHV FLOPs, backward 8NHV); its only workspace is up to 4 partial
     fp32 dX buffers (N x H) when the vocabulary is split across programs.
 
@@ -387,8 +388,8 @@ def get_backend(impl: str, device: torch.device, chunk_elems: Optional[int] = No
     if impl == "torch":
         return TorchBackend(chunk_elems)
     if impl == "auto":
-        # Also on CUDA: chunks through cuBLAS measured 7x faster than our all-in-one Triton
-        # kernels on an H100 (bench/README.md, loss kernel), whose backward re-reads and
+        # Also on CUDA: chunks through cuBLAS measured 7.8x faster than our all-in-one Triton
+        # kernels on an H100 (85.7 vs 670.6 ms, bench/README.md), whose backward re-reads and
         # re-writes fp32 dX/dW tiles for every vocabulary tile.
         return TorchBackend(chunk_elems)
     from . import triton_lce  # impl == "triton": let an ImportError surface
@@ -484,8 +485,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
     detached (for logging). For gradient accumulation across micro-batches, use reduction="sum" and
     divide by the global token count yourself: nothing here syncs with the host (on CUDA; see
     TARGET_CHECK for the one-off target range check).
-    impl: "auto" (Triton on CUDA tensors when triton imports, torch otherwise) | "triton" |
-    "torch". "triton" on CPU tensors needs TRITON_INTERPRET=1 set before megacpt.kernels.triton_lce
+    impl: "auto" (the chunked torch path, through cuBLAS on CUDA: faster there than our Triton
+    kernels, see get_backend) | "triton" | "torch". "triton" on CPU tensors needs TRITON_INTERPRET=1 set before megacpt.kernels.triton_lce
     is first imported (it is imported lazily, on first use).
     Targets outside [0, V) other than ignore_index raise ValueError (CPU: every call; CUDA: the
     first call, later ones give a NaN loss instead -- see _maybe_check_targets).
