@@ -14,8 +14,10 @@ Nothing of size N x V ever reaches global memory:
       _lce_bwd_dw_kernel: one program per vocabulary block loops over N; likewise for dW rows.
     Blocks of ignored tokens (row scale 0) are skipped in both.
     Cost: forward 2NHV FLOPs, backward 8NHV (two recomputes + two gradient products).
-Untested on a real GPU in this repository's CI (no GPU there): correctness is checked under the
-interpreter and the kernels are compiled ahead of time for sm_90 in tests/test_kernels.py.
+CI has no GPU: there correctness is checked under the interpreter and the kernels are compiled
+ahead of time for sm_90 (tests/test_kernels.py). On an H100 the GPU tests pass, but the backward's
+read-modify-write of fp32 dX/dW tiles per vocabulary tile makes it ~8x slower than the chunked
+cuBLAS path, which is therefore what impl="auto" uses (bench/README.md).
 
 Offsets are int64 (row * stride overflows int32 once N*H or V*H passes 2^31).
 Under TRITON_INTERPRET=1 (CPU tensors) bf16/fp16 tiles are upcast to fp32 before tl.dot, which the
