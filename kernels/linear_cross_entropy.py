@@ -210,6 +210,8 @@ def _chunk_logits(h: Tensor, w_mm: Tensor, softcap: Optional[float]):
             try:  # fp32 logits from bf16/fp16 operands without an fp32 weight copy (CUDA)
                 z = torch.mm(h, w_mm.t(), out_dtype=torch.float32)
                 _mm_out_dtype_ok = True
+            except torch.OutOfMemoryError:
+                raise  # not a missing feature: keep the fast path for the next call
             except (TypeError, RuntimeError, NotImplementedError):
                 _mm_out_dtype_ok = False
         if z is None:
@@ -264,6 +266,8 @@ def _addmm_fp32_into(acc: Tensor, a: Tensor, b: Tensor) -> bool:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
         _addmm_out_dtype_ok = True
         return True
+    except torch.OutOfMemoryError:
+        raise
     except (TypeError, RuntimeError, NotImplementedError):
         _addmm_out_dtype_ok = False
         return False

@@ -425,6 +425,11 @@ def validate(cfg: Config) -> None:
         if d.seq_len % cfg.parallel.tp:
             raise ConfigError(f"parallel.sequence_parallel needs data.seq_len ({d.seq_len}) divisible by "
                               f"parallel.tp ({cfg.parallel.tp})")
+    if cfg.parallel.sequence_parallel and cfg.task == "sft" and cfg.sft.eval_examples > 0:
+        # Greedy generation runs forwards of every length; sequence parallelism needs lengths
+        # divisible by tp.
+        raise ConfigError("task: sft generations (sft.eval_examples > 0) do not run with parallel.sequence_parallel; "
+                          "set sft.eval_examples: 0 or turn sequence_parallel off")
     if cfg.parallel.pp_balance not in ("parameters", "layers"):
         raise ConfigError(f"parallel.pp_balance must be parameters or layers, got {cfg.parallel.pp_balance!r}")
     if t.global_batch_size % t.micro_batch_size:
@@ -472,6 +477,9 @@ def _validate_early_stopping(cfg: Config) -> None:
         example = f"valid/{names[0]}/loss" if names else "valid/NAME/loss with a data.valid entry NAME"
         raise ConfigError(f"train.early_stopping.metric {es.metric!r} is not a validation metric of this run; "
                           f"use valid/<data.valid name>/<{'|'.join(kinds)}>, e.g. {example}")
+    if parts[2] == "ppl_vs_base" and not cfg.train.eval_at_start:
+        raise ConfigError(f"train.early_stopping.metric {es.metric!r} is relative to the step-0 evaluation, which "
+                          f"train.eval_at_start: false turns off; enable it or use valid/{parts[1]}/loss")
     if parts[2] == "bleu" and not cfg.sft.bleu:
         raise ConfigError("train.early_stopping.metric is BLEU but sft.bleu is false; enable it or pick another metric")
     if parts[2] in SFT_METRICS and cfg.sft.eval_examples == 0:

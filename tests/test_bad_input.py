@@ -163,6 +163,20 @@ CASES.update({
                                          lambda c: (c["parallel"].update(pp=2, zero_stage=1),
                                                     c["optim"].update(embedding_lr=1e-3)),
                                          env={"RANK": "0", "WORLD_SIZE": "2"}),
+    "pipeline_with_embeddings_only_stage": simple("trainable: embeddings is not available with pipeline parallelism",
+                                                  lambda c: (c["parallel"].update(pp=2, zero_stage=1),
+                                                             c["train"].update(trainable="embeddings")),
+                                                  env={"RANK": "0", "WORLD_SIZE": "2"}),
+    "pipeline_with_sft": simple("task: sft is not available with pipeline parallelism",
+                                lambda c: (c["parallel"].update(pp=2, zero_stage=1), c.update(task="sft")),
+                                env={"RANK": "0", "WORLD_SIZE": "2"}),
+    "sequence_parallel_with_sft_generations": simple(
+        "task: sft generations (sft.eval_examples > 0) do not run with parallel.sequence_parallel",
+        lambda c: (c["parallel"].update(tp=2, sequence_parallel=True), c.update(task="sft")),
+        env={"RANK": "0", "WORLD_SIZE": "2"}),
+    "early_stopping_vs_base_without_base": simple(
+        "is relative to the step-0 evaluation, which train.eval_at_start: false turns off",
+        lambda c: c["train"].update(eval_at_start=False, early_stopping={"metric": "valid/new/ppl_vs_base"})),
     "pp_balance_unknown": simple("parallel.pp_balance must be parameters or layers",
                                  setkey("parallel.pp_balance", "flops")),
     "tp_zero": simple("parallel.tp must be > 0", setkey("parallel.tp", 0)),
@@ -194,6 +208,28 @@ def resume_zero3_tp_run_on_another_world_size(tmp_path, ctx):
     shutil.copy(ctx["model"] / "config.json", step / "hf_config.json")
     return argv, "resuming a ZeRO-3 run in another layout (tp/pp, or world size with tp/pp > 1) is not supported", \
         [], {"RANK": "0", "WORLD_SIZE": "4"}
+
+
+@case
+def relayout_of_a_run_with_an_embedding_group(tmp_path, ctx):
+    """A ZeRO-1 run with optim.embedding_lr saved on 1 rank, restarted with tp=2: its optimizer
+    groups are not in the order the re-slicing reads; refused before anything starts."""
+    import shutil
+
+    from megacpt.config import load_config
+
+    argv, paths, _ = train(tmp_path, ctx, lambda c: (c["parallel"].update(zero_stage=1),
+                                                   c["optim"].update(embedding_lr=1e-3)))
+    run = paths[0]
+    step = run / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_00000002\n")
+    (step / "megacpt_state.json").write_text(json.dumps({"step": 2, "world_size": 1,
+                                                         "config": load_config(argv[1]).to_dict()}))
+    shutil.copy(ctx["model"] / "config.json", step / "hf_config.json")
+    argv += ["--set", "parallel.tp=2"]
+    return argv, "resuming in another layout is not supported for runs with optim.embedding_lr", \
+        [], {"RANK": "0", "WORLD_SIZE": "2"}
 
 
 # ---- data: missing, corrupted, truncated, vocabulary --------------------------------------------

@@ -221,6 +221,15 @@ def test_packing_order_is_prefix_stable_and_covers_every_example(chat):
     assert toks["a"] == sum(big[i]["tokens"] for i in range(8) if big[i]["source"] == 0)
 
 
+def test_a_source_the_blend_gives_no_rows(chat):
+    # 0.95 / 0.05 over 8 samples leaves source b without a row; its example stream is endless,
+    # so packing must not wait for a row that never comes.
+    exs = load(chat, sft_examples(12, 3), seq_len=48)
+    ds = sft.SFTDataset([("a", exs, 0.95), ("b", exs[:4], 0.05)], 48, 5, 8)
+    assert ds._rows[1] == [] and len(ds._rows[0]) == 8
+    assert all(ds[i]["source"] == 0 for i in range(8))
+
+
 # ---- bad SFT input: one line, exit 2, nothing written -----------------------------------------
 
 BAD = {

@@ -207,6 +207,8 @@ def pack(lengths, order, seq_len: int, num_rows: int | None = None) -> list[list
     returned; without, every example is placed and the last row may be partly empty. Row i never
     depends on num_rows (rows close only when the next example does not fit).
     """
+    if num_rows == 0:  # a source the blend gives no rows (its stream may be endless)
+        return []
     rows, cur, used = [], [], 0
     for k in order:
         n = int(lengths[k])

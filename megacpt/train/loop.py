@@ -210,6 +210,8 @@ def train(cfg: Config) -> int:
         raise ConfigError(f"resuming a ZeRO-3 run in another layout (tp/pp, or world size with tp/pp > 1) is not "
                           f"supported; relaunch with its own layout ({_layout_of(state)}), or start a new run_dir "
                           f"with model.init_from pointing at this run")
+    if relayout:
+        _check_relayout_supported(state["config"], cfg, _layout_of(state))
 
     # ---- data (validated before anything starts) ------------------------------------------------
     phases = plan_phases(cfg)
@@ -250,6 +252,9 @@ def train(cfg: Config) -> int:
         ckpt.clean_partial(ckpt_root)
     load_tag = resume_dir.name if resume_dir is not None else None
     moments = None
+    # The step of a resume that changed the layout (re-sliced or universal): checkpoints up to it
+    # are in the old layout, so a rollback must not load them into this engine.
+    layout_changed_at = int(state["step"]) if relayout else None
     if relayout:
         from megacpt.models.hf import StateDictWeights
         from megacpt.train.relayout import read_layout_free
@@ -268,6 +273,7 @@ def train(cfg: Config) -> int:
         dist.barrier()
         ds_config = dict(ds_config, checkpoint={"load_universal": True})
         load_tag = f"{resume_dir.name}/{ckpt.UNIVERSAL}"
+        layout_changed_at = int(state["step"])
         if rank == 0:
             print(f"resharding checkpoint from {state['world_size']} to {world} ranks (universal checkpoint)", flush=True)
     pipe_run = None
@@ -434,6 +440,11 @@ def train(cfg: Config) -> int:
             event = {"step": step + 1, "event": "nonfinite", "loss": out.loss, "grad_norm": out.grad_norm}
             logger.log(event)
             last = ckpt.latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
+            if last is not None and layout_changed_at is not None and int(ckpt.read_state(last)["step"]) <= layout_changed_at:
+                # That checkpoint is in the old layout: loading it into this engine would mix layouts.
+                raise RuntimeError(f"non-finite loss/gradient at step {step + 1}, before the first checkpoint in "
+                                   f"this run's new layout; rerun to resume from {last} (it is re-laid out "
+                                   f"again), with a lower optim.lr if it recurs")
             if cfg.train.nonfinite == "stop" or last is None or rollbacks >= cfg.train.max_rollbacks:
                 why = ("train.nonfinite is stop" if cfg.train.nonfinite == "stop" else
                        "no checkpoint to roll back to" if last is None else f"{rollbacks} rollbacks already")
@@ -625,6 +636,27 @@ def _rank_batches(dataset, first_sample: int, mb: int, gas: int, dp_rank: int, d
         out.append({"input_ids": tokens[:, :-1].contiguous(), "labels": labels, "segments": segs[:, :-1].contiguous(),
                     "fingerprint": fp})
     return out
+
+
+def _check_relayout_supported(old: dict, cfg: Config, old_layout: str) -> None:
+    """The state re-slicing (train/relayout.py) reads plain fp32 optimizer state in the default
+    parameter-group order; refuse the cases it does not cover instead of mis-assigning moments."""
+    import torch
+
+    from megacpt.train.engine import resolve_precision
+
+    o_train, o_optim = old.get("train", {}), old.get("optim", {})
+    old_emb = (o_optim.get("embedding_lr") is not None or o_train.get("trainable", "all") == "embeddings"
+               or any(p.get("trainable") == "embeddings" for p in old.get("phases", [])))
+    from megacpt.train.stages import needs_embedding_group
+
+    fix = f"resume with the original layout ({old_layout}), or start a new run_dir with model.init_from"
+    if old_emb or needs_embedding_group(cfg):
+        raise ConfigError(f"resuming in another layout is not supported for runs with optim.embedding_lr or "
+                          f"embeddings-only stages; {fix}")
+    if {resolve_precision(old.get("precision", "auto")), resolve_precision(cfg.precision)} != {torch.float32}:
+        raise ConfigError(f"resuming in another layout is supported for fp32 runs only (bf16 optimizer state lives in "
+                          f"DeepSpeed's flat wrappers); {fix}")
 
 
 def _repair_optimizer_after_load(engine, group_decay: list) -> None:
