@@ -6,16 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-PY=.venv/bin/python
-MODEL=work/models/smollm2-135m
-$PY scripts/get_smollm2.py "$MODEL"
-if [ ! -f work/data/de.idx ] || [ ! -f work/data/en.idx ]; then
-  $PY scripts/make_demo_corpora.py work/corpus
-  for lang in de en; do
-    .venv/bin/megacpt prepare --input "work/corpus/$lang.jsonl" --tokenizer "$MODEL" \
-      --output "work/data/$lang" --valid-fraction 0.1 --workers 2
-  done
-fi
+bash scripts/demo_data.sh
 RUN_DIR=${RUN_DIR:-work/runs/demo-$(date +%Y%m%d-%H%M%S)}
 .venv/bin/deepspeed --num_gpus 2 --module megacpt.train configs/demo_smollm2.yaml --set "run_dir=$RUN_DIR" "$@"
 echo "run directory: $RUN_DIR (metrics.jsonl, tensorboard/, checkpoints/)"

@@ -7,15 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 PY=.venv/bin/python
-MODEL=work/models/smollm2-135m
-$PY scripts/get_smollm2.py "$MODEL"
-if [ ! -f work/data/de.idx ] || [ ! -f work/data/en.idx ]; then
-  $PY scripts/make_demo_corpora.py work/corpus
-  for lang in de en; do
-    .venv/bin/megacpt prepare --input "work/corpus/$lang.jsonl" --tokenizer "$MODEL" \
-      --output "work/data/$lang" --valid-fraction 0.1 --workers 2
-  done
-fi
+bash scripts/demo_data.sh
 runs=()
 for arm in 00 05 25; do
   run="work/runs/replay_$arm"

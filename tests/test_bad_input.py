@@ -190,22 +190,26 @@ def config_not_utf8(tmp_path, ctx):
     return argv, "cannot read config", paths, env
 
 
-@case
-def resume_zero3_tp_run_on_another_world_size(tmp_path, ctx):
-    """A TP=2 ZeRO-3 run saved on 2 ranks, restarted on 4: its state cannot be re-sliced (other
-    layouts can); refused before anything starts."""
+def plant_checkpoint_state(run, config_path, model_dir, world_size: int, step: int = 2) -> None:
+    """Just the metadata of a checkpoint (what the start-up checks read), no DeepSpeed files."""
     import shutil
 
     from megacpt.config import load_config
 
+    d = run / "checkpoints" / f"step_{step:08d}"
+    d.mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text(d.name + "\n")
+    (d / "megacpt_state.json").write_text(json.dumps({"step": step, "world_size": world_size,
+                                                      "config": load_config(config_path).to_dict()}))
+    shutil.copy(model_dir / "config.json", d / "hf_config.json")
+
+
+@case
+def resume_zero3_tp_run_on_another_world_size(tmp_path, ctx):
+    """A TP=2 ZeRO-3 run saved on 2 ranks, restarted on 4: its state cannot be re-sliced (other
+    layouts can); refused before anything starts."""
     argv, paths, _ = train(tmp_path, ctx, lambda c: c["parallel"].update(tp=2, zero_stage=3))
-    run = paths[0]
-    step = run / "checkpoints" / "step_00000002"
-    step.mkdir(parents=True)
-    (run / "checkpoints" / "latest").write_text("step_00000002\n")
-    (step / "megacpt_state.json").write_text(json.dumps({"step": 2, "world_size": 2,
-                                                         "config": load_config(argv[1]).to_dict()}))
-    shutil.copy(ctx["model"] / "config.json", step / "hf_config.json")
+    plant_checkpoint_state(paths[0], argv[1], ctx["model"], world_size=2)
     return argv, "resuming a ZeRO-3 run in another layout (tp/pp, or world size with tp/pp > 1) is not supported", \
         [], {"RANK": "0", "WORLD_SIZE": "4"}
 
@@ -214,19 +218,9 @@ def resume_zero3_tp_run_on_another_world_size(tmp_path, ctx):
 def relayout_of_a_run_with_an_embedding_group(tmp_path, ctx):
     """A ZeRO-1 run with optim.embedding_lr saved on 1 rank, restarted with tp=2: its optimizer
     groups are not in the order the re-slicing reads; refused before anything starts."""
-    import shutil
-
-    from megacpt.config import load_config
-
     argv, paths, _ = train(tmp_path, ctx, lambda c: (c["parallel"].update(zero_stage=1),
                                                    c["optim"].update(embedding_lr=1e-3)))
-    run = paths[0]
-    step = run / "checkpoints" / "step_00000002"
-    step.mkdir(parents=True)
-    (run / "checkpoints" / "latest").write_text("step_00000002\n")
-    (step / "megacpt_state.json").write_text(json.dumps({"step": 2, "world_size": 1,
-                                                         "config": load_config(argv[1]).to_dict()}))
-    shutil.copy(ctx["model"] / "config.json", step / "hf_config.json")
+    plant_checkpoint_state(paths[0], argv[1], ctx["model"], world_size=1)
     argv += ["--set", "parallel.tp=2"]
     return argv, "resuming in another layout is not supported for runs with optim.embedding_lr", \
         [], {"RANK": "0", "WORLD_SIZE": "2"}
