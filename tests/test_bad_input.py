@@ -226,6 +226,15 @@ def relayout_of_a_run_with_an_embedding_group(tmp_path, ctx):
         [], {"RANK": "0", "WORLD_SIZE": "2"}
 
 
+@case
+def relayout_of_a_bf16_run(tmp_path, ctx):
+    """bf16 optimizer state lives in DeepSpeed's flat wrappers, which the re-slicing does not read."""
+    argv, paths, _ = train(tmp_path, ctx, lambda c: (c["parallel"].update(zero_stage=1), c.update(precision="bf16")))
+    plant_checkpoint_state(paths[0], argv[1], ctx["model"], world_size=1)
+    argv += ["--set", "parallel.tp=2"]
+    return argv, "resuming in another layout is supported for fp32 runs only", [], {"RANK": "0", "WORLD_SIZE": "2"}
+
+
 # ---- data: missing, corrupted, truncated, vocabulary --------------------------------------------
 
 @case
