@@ -104,6 +104,10 @@ class TrainConfig:
     # keeps its weights bit for bit (e.g. right after extend-vocab). Phases may override it.
     trainable: Literal["all", "embeddings"] = "all"
     early_stopping: Optional[EarlyStoppingConfig] = None
+    # CPU ranks only. caching: glibc malloc keeps freed blocks for reuse instead of returning
+    # them to the kernel after every step (megacpt/train/cpu_alloc.py; faster, but the resident
+    # set stays at its peak); system: malloc's defaults.
+    cpu_allocator: Literal["caching", "system"] = "caching"
 
 
 @dataclass(frozen=True)
@@ -530,6 +534,7 @@ RESUME_SAFE_KEYS = (
     "train.max_rollbacks",
     "train.spike_factor",
     "train.collective_timeout_s",
+    "train.cpu_allocator",
     "data.valid",
     "data.valid_tokens",
     "checkpoint.",

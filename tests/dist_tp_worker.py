@@ -22,6 +22,11 @@ RTOL, ATOL = 1e-5, 1e-6
 # norms are compared at ATOL; parameters after steps at 1 % of lr (1e-3).
 ADAM_ATOL = 1e-5
 IGNORE = -100
+# Gradients are sums over positions and layers whose order TP changes; where terms cancel, an
+# element's error is relative to the size of the terms, not of the result. So gradients get a
+# tolerance relative to the tensor's largest element too (~800 fp32 ulps of it). Seen on AVX-512
+# MKL: one embedding-gradient element of 0.037 off by 1.8e-6 in a tensor of max ~0.05.
+GRAD_SCALE_TOL = 1e-4
 
 
 def _init(rank: int, world: int, init_file: str) -> None:
@@ -34,6 +39,10 @@ def _init(rank: int, world: int, init_file: str) -> None:
 
 def _close(got, want, what: str, rtol=RTOL, atol=ATOL):
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"rank {dist.get_rank()} {what}: {m}")
+
+
+def _close_grad(got, want, what: str):
+    _close(got, want, what, atol=max(ATOL, GRAD_SCALE_TOL * float(want.abs().max())))
 
 
 def model_args(model_dir):
@@ -148,12 +157,12 @@ def check_tp_model(model_dir, topo, label: str, steps: int = 3, checkpointing: b
             want = ref_params[n].grad
             if n in shards:
                 want = want[shards[n].index()]
-            _close(p.grad, want, f"{label} step {step} grad {n}")
+            _close_grad(p.grad, want, f"{label} step {step} grad {n}")
         if step == 0:
             grads = gather_tp_state(m, topo, grads=True)
             if lead:
                 for n, g in grads.items():
-                    _close(g, ref_params[n].grad, f"{label} gathered grad {n}")
+                    _close_grad(g, ref_params[n].grad, f"{label} gathered grad {n}")
         norm = tp_grad_norm(m, topo)
         ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.double().norm() for p in ref.parameters()]))
         _close(norm, ref_norm, f"{label} step {step} grad norm")

@@ -47,7 +47,8 @@ def runs(tmp_path_factory):
     run_ok(1, plain("one_rank"))
     c = plain("two_then_one")
     run_ok(2, c, "train.stop_after=2")
-    run_ok(1, c)
+    # The allocator is resume-safe: the second half runs with malloc's defaults.
+    run_ok(1, c, "train.cpu_allocator=system")
     out["one_rank"], out["two_then_one"] = tmp / "one_rank", tmp / "two_then_one"
     # The same with ZeRO-3 partitions, resharded from 2 ranks to 1 through a universal checkpoint.
     c = write_config(tmp / "z3_two_then_one.yaml",
@@ -82,6 +83,10 @@ def test_resume_on_fewer_ranks_sees_the_same_samples(runs, resumed, tmp_path):
     lb = torch.tensor([b[s]["loss"] for s in range(1, 6)], dtype=torch.float64)
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
     assert [a[s]["tokens/new"] for s in range(1, 6)] == [b[s]["tokens/new"] for s in range(1, 6)]
+    import json
+
+    caching = json.loads((runs[resumed] / "config.resolved.json").read_text())["caching_malloc"]
+    assert caching is (resumed != "two_then_one")  # train.cpu_allocator: system vs the caching default
     # and the final weights are equivalent (export both and compare)
     from megacpt.cli import main
     from megacpt.models.hf import HFWeights

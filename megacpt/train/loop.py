@@ -161,6 +161,12 @@ def train(cfg: Config) -> int:
     # Handlers first: a USR1/TERM during start-up (minutes on big models) becomes a clean stop
     # after the first step instead of killing the ranks.
     stopper = StopSignal()
+    # Before anything large is allocated: blocks mmapped earlier would keep being returned.
+    caching_malloc = False
+    if cfg.train.cpu_allocator == "caching" and not torch.cuda.is_available():
+        from megacpt.train.cpu_alloc import use_caching_malloc
+
+        caching_malloc = use_caching_malloc()
     derived = derive(cfg, info.world_size)
     run_dir = Path(cfg.run_dir)
     ckpt_root = run_dir / "checkpoints"
@@ -340,7 +346,7 @@ def train(cfg: Config) -> int:
     if rank == 0:
         with open(run_dir / "config.resolved.json", "w") as f:
             json.dump({"config": cfg.to_dict(), "deepspeed": ds_config, "world_size": world,
-                       "model": args.to_dict()}, f, indent=2)
+                       "model": args.to_dict(), "caching_malloc": caching_malloc}, f, indent=2)
     G, S, mb, gas = cfg.train.global_batch_size, cfg.data.seq_len, cfg.train.micro_batch_size, derived.grad_accum
     flops_tok = args.flops_per_token(S)
     dev_name = device_name()
