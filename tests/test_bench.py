@@ -99,15 +99,26 @@ def test_bad_model_is_a_one_line_error(tmp_path):
     assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("item", ["NOVALUE", "1X=2", "OMP_NUM_THREADS=4"])
+def test_bad_env_is_a_one_line_error(item, capsys):
+    from megacpt.cli import main
+
+    assert main(["bench", "train", "--model", "tiny", "--env", item]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --env") and len(err.splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_bench_train_smoke_with_peers(tmp_path):
     out = tmp_path / "train.json"
     r = _megacpt("bench", "train", "--model", "tiny", "--seq-len", "32", "--steps", "2", "--warmup", "1",
                  "--nproc", "2", "--zero-stage", "3", "--peers", "--repeats", "1", "--json", str(out),
-                 "--cache-dir", str(tmp_path / "cache"))
+                 "--cache-dir", str(tmp_path / "cache"), "--env", "MEGACPT_BENCH_PROBE=a=b")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads(out.read_text())
     assert "megacpt" in r.stdout and "hf-trainer" in r.stdout  # the table
+    assert d["environment"]["MEGACPT_BENCH_PROBE"] == "a=b" and "MEGACPT_BENCH_PROBE=a=b" in r.stdout
+    assert d["megacpt_caching_malloc"] is True  # train.cpu_allocator: caching, on glibc
     assert d["benchmark"] == "train" and d["device"].startswith("cpu") and d["cuda"] is False
     for k in ("torch", "deepspeed", "transformers", "megacpt_commit"):
         assert d["versions"][k]

@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -78,6 +79,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS/MKL_NUM_THREADS for every rank of every system "
                         "(default: usable cores ÷ ranks, at least 1)")
+    p.add_argument("--env", dest="extra_env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for every rank of every system (e.g. GLIBC_TUNABLES=... to give "
+                        "the peers the allocator settings megacpt makes itself); recorded in the JSON")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra megacpt config override (e.g. deepspeed.zero_optimization.offload_optimizer.device=cpu, "
                         "model.activation_checkpointing=true); DeepSpeed keys reach the peers too")
@@ -321,6 +325,21 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def parse_env(items: list[str]) -> dict:
+    """--env NAME=VALUE items as a dict; names the launcher or the thread pinning owns are refused."""
+    out = {}
+    owned = {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+             "MASTER_ADDR", "MASTER_PORT"}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise UserError(f"--env {item!r}: expected NAME=VALUE")
+        if name in owned:
+            raise UserError(f"--env {name}: set by the bench itself (use --threads for thread counts)")
+        out[name] = value
+    return out
 
 
 def bench_env(threads: int) -> dict:
@@ -613,6 +632,7 @@ def run_train_bench(a) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if a.warmup < 0:
         raise UserError("--warmup must be ≥ 0")
+    extra_env = parse_env(a.extra_env)
     cuda = torch.cuda.is_available()
     nproc = a.nproc or (torch.cuda.device_count() if cuda else 2)
     if nproc < 1:
@@ -641,6 +661,7 @@ def run_train_bench(a) -> int:
     work = Path(a.work_dir) if keep else Path(tempfile.mkdtemp(prefix="megacpt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     env = bench_env(threads)
+    env.update(extra_env)
     ds_launcher = launcher()
     try:
         data_prefix = work / "data" / "synthetic"
@@ -806,8 +827,11 @@ def run_train_bench(a) -> int:
                       "precision": precision, "global_batch": G, "tokens_per_step": tokens_per_step,
                       "warmup_steps": a.warmup, "timed_steps": a.steps, "repeats": a.repeats,
                       "threads_per_rank": threads, "token_dtype": token_dtype, "overrides": a.overrides},
-            "environment": {k: env[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM",
-                                                "HF_HUB_OFFLINE")},
+            "environment": {**{k: env[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+                                                   "HF_HUB_OFFLINE")}, **extra_env},
+            # megacpt's own CPU allocator setting (train.cpu_allocator); the peers run malloc as configured
+            # by the environment above.
+            "megacpt_caching_malloc": resolved.get("caching_malloc"),
             "flops_per_token": flops_tok,
             "mfu_formula": "(6 × non-embedding params + 12 × layers × hidden × seq_len) × tokens/s per device "
                            "÷ dense bf16 peak (null where no peak is known, e.g. CPU)",
@@ -911,5 +935,11 @@ def format_table(out: dict) -> str:
     lines.append(f"communication per step (estimate): {c['bytes_per_step'] / 2**20:.1f} MiB per rank — {c['formula']}")
     for name, grp in c.get("per_group", {}).items():
         lines.append(f"  {name} group ({grp['size']} ranks): {grp['bytes_per_step'] / 2**20:.2f} MiB — {grp['formula']}")
+    extra = {k: v for k, v in out["environment"].items()
+             if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")}
+    if extra:
+        lines.append("extra environment (every system): " + " ".join(f"{k}={v}" for k, v in extra.items()))
+    if out.get("megacpt_caching_malloc") is not None:
+        lines.append(f"megacpt's caching malloc (train.cpu_allocator): {'on' if out['megacpt_caching_malloc'] else 'off'}")
     lines.append(f"load average before/after: {out['loadavg_before'][0]:.2f} / {out['loadavg_after'][0]:.2f}")
     return "\n".join(lines)
