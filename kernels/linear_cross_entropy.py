@@ -31,6 +31,7 @@ dloss_i/ds_ij = p_ij * (1 + 2 z_loss lse_i) - (1 - eps) [j = t_i] - eps / V.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -188,12 +189,66 @@ def _matmul_weight(weight: Tensor) -> Tensor:
 
     bf16/fp16 on CPU: an fp32 copy, made once per call (a fixed V x H workspace, the size of the
     fp32 dW buffer). CPUs without bf16 units run bf16 matmuls ~30x slower than fp32, and bf16
-    logits lose ~3 significant digits (confident targets' p - 1 and loss with them). Elsewhere the
+    logits lose ~3 significant digits (confident targets' p - 1 and loss with them). CPUs with
+    bf16 units multiply the copy's (exact bf16) values in bf16 all the same: _cpu_bf16_products. Elsewhere the
     weight itself (on CUDA the logits come out in fp32 via mm's out_dtype, see _chunk_logits).
     """
     if weight.device.type == "cpu" and weight.dtype != torch.float32:
         return weight.float()
     return weight
+
+
+# "auto" | "on" | "off": bf16 products for bf16 operands on CPU (see _cpu_bf16_products).
+CPU_BF16_PRODUCTS = os.environ.get("MEGACPT_LCE_CPU_BF16", "auto")
+_cpu_has_bf16_units: Optional[bool] = None
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16), per /proc/cpuinfo."""
+    global _cpu_has_bf16_units
+    if _cpu_has_bf16_units is None:
+        flags: set = set()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("flags"):
+                        flags = set(line.split(":", 1)[1].split())
+                        break
+        except OSError:
+            pass
+        _cpu_has_bf16_units = bool(flags & {"amx_bf16", "avx512_bf16"}) and torch.backends.mkldnn.is_available()
+    return _cpu_has_bf16_units
+
+
+def _cpu_bf16_products(hidden: Tensor, weight: Tensor):
+    """Context for the chunk matmuls: on CPUs with bf16 units and bf16 hidden and weight, oneDNN
+    runs the fp32 matmuls (of the exact fp32 copies of bf16 values, see _matmul_weight) as bf16
+    products with fp32 accumulation -- AMX does ~330 GFLOP/s per core there against ~90-160 for
+    fp32 sgemm, and the logits come out exactly as accurate, since the operands are bf16 values
+    already. The dlogits operand of the dX/dW products is rounded to bf16, as eager bf16 autograd
+    and our CUDA path round it. Elsewhere (fp32/fp16 inputs, CPUs without bf16 units, CUDA) a
+    no-op. MEGACPT_LCE_CPU_BF16=off disables it, =on forces it."""
+    use = (hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+           and CPU_BF16_PRODUCTS != "off" and (CPU_BF16_PRODUCTS == "on" or cpu_has_bf16_units()))
+    if not use:
+        return contextlib.nullcontext()
+    return _mkldnn_fp32_precision("bf16")
+
+
+@contextlib.contextmanager
+def _mkldnn_fp32_precision(value: str):
+    m = torch.backends.mkldnn.matmul
+    old = m.fp32_precision
+    m.fp32_precision = value
+    try:
+        yield
+    finally:
+        m.fp32_precision = old
+
+
+def _matmul_weight_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype _matmul_weight returns, without making the copy."""
+    return torch.float32 if weight.device.type == "cpu" else weight.dtype
 
 
 _mm_out_dtype_ok: Optional[bool] = None  # does torch.mm(..., out_dtype=fp32) work here?
@@ -236,6 +291,21 @@ def _probs_to_dlogits(p: Tensor, th: Optional[Tensor], local: Tensor, in_shard: 
     return p.mul_(row_scale.unsqueeze(1))
 
 
+def _grad_buffers(hidden: Tensor, weight: Tensor, need_dx: bool, need_dw: bool):
+    """fp32 dX and dW buffers. Every chunk writes its own rows of dX, so dX starts uninitialised
+    (any row count > 0). dW is a sum over chunks: with fp32 chunk products the first chunk writes
+    it (no 100+ MB zero fill per call on a large vocabulary), otherwise it starts at zero."""
+    n = hidden.shape[0]
+    dx = dw = None
+    if need_dx:
+        dx = (torch.empty if n else torch.zeros)(hidden.shape, dtype=torch.float32, device=hidden.device)
+    if need_dw:
+        first_writes = n > 0 and _matmul_weight_dtype(weight) == torch.float32
+        dw = (torch.empty if first_writes else torch.zeros)(weight.shape, dtype=torch.float32,
+                                                            device=weight.device)
+    return dx, dw
+
+
 def _accumulate_grads(dz: Tensor, h: Tensor, w_mm: Tensor, dx: Optional[Tensor],
                       dw: Optional[Tensor], i: int, j: int) -> None:
     if dx is not None:
@@ -245,7 +315,10 @@ def _accumulate_grads(dz: Tensor, h: Tensor, w_mm: Tensor, dx: Optional[Tensor],
             dx[i:j] = torch.mm(dz.to(w_mm.dtype), w_mm)
     if dw is not None:
         if w_mm.dtype == torch.float32:
-            dw.addmm_(dz.t(), h.float())
+            if i == 0:  # the first chunk initialises dW (see _grad_buffers)
+                torch.mm(dz.t(), h.float(), out=dw)
+            else:
+                dw.addmm_(dz.t(), h.float())
         else:
             # bf16/fp16 operands (tensor cores; dlogits rounded like eager autograd rounds them),
             # the product and the cross-chunk sum of dW kept in fp32.
@@ -319,12 +392,13 @@ def torch_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *, vocab_start:
     local, in_shard = _local_targets(targets, vocab_start, v)
     w_mm = _matmul_weight(weight)
     c = chunk_rows(n, v, chunk_elems, hidden.is_cuda)
-    for i in range(0, n, c):
-        j = min(i + c, n)
-        for k, x in enumerate(_stats_chunk(hidden[i:j], w_mm, local[i:j], in_shard[i:j], softcap,
-                                           need_sum)):
-            if x is not None:
-                out[k, i:j] = x
+    with _cpu_bf16_products(hidden, weight):
+        for i in range(0, n, c):
+            j = min(i + c, n)
+            for k, x in enumerate(_stats_chunk(hidden[i:j], w_mm, local[i:j], in_shard[i:j], softcap,
+                                               need_sum)):
+                if x is not None:
+                    out[k, i:j] = x
     return out[0], out[1], out[2], (out[3] if need_sum else None)
 
 
@@ -335,16 +409,16 @@ def torch_grads(hidden: Tensor, weight: Tensor, targets: Tensor, row_max: Tensor
                 need_dx: bool = True, need_dw: bool = True, chunk_elems: Optional[int] = None):
     n, v = hidden.shape[0], weight.shape[0]
     vocab_total = v if vocab_total is None else vocab_total
-    dx = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dx else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    dx, dw = _grad_buffers(hidden, weight, need_dx, need_dw)
     local, in_shard = _local_targets(targets, vocab_start, v)
     lse = row_max + log_sumexp if z_loss else row_max  # only z-loss needs lse itself
     w_mm = _matmul_weight(weight)
     c = chunk_rows(n, v, chunk_elems, hidden.is_cuda)
-    for i in range(0, n, c):
-        j = min(i + c, n)
-        _grads_chunk(hidden[i:j], w_mm, local[i:j], in_shard[i:j], row_max[i:j], log_sumexp[i:j],
-                     lse[i:j], row_scale[i:j], softcap, z_loss, label_smoothing, vocab_total, dx, dw, i, j)
+    with _cpu_bf16_products(hidden, weight):
+        for i in range(0, n, c):
+            j = min(i + c, n)
+            _grads_chunk(hidden[i:j], w_mm, local[i:j], in_shard[i:j], row_max[i:j], log_sumexp[i:j],
+                         lse[i:j], row_scale[i:j], softcap, z_loss, label_smoothing, vocab_total, dx, dw, i, j)
     return dx, dw
 
 
@@ -355,18 +429,18 @@ def torch_fused(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index
     """One pass: softmax statistics and the gradients of the *sum* of per-token losses."""
     n, v = hidden.shape[0], weight.shape[0]
     out = torch.empty((4, n), dtype=torch.float32, device=hidden.device)
-    dx = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dx else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    dx, dw = _grad_buffers(hidden, weight, need_dx, need_dw)
     local, in_shard = _local_targets(targets, 0, v)
     valid = (targets != ignore_index).float()
     w_mm = _matmul_weight(weight)
     c = chunk_rows(n, v, chunk_elems, hidden.is_cuda)
-    for i in range(0, n, c):
-        j = min(i + c, n)
-        for k, x in enumerate(_fused_chunk(hidden[i:j], w_mm, local[i:j], in_shard[i:j], valid[i:j],
-                                           softcap, z_loss, label_smoothing, dx, dw, i, j)):
-            if x is not None:
-                out[k, i:j] = x
+    with _cpu_bf16_products(hidden, weight):
+        for i in range(0, n, c):
+            j = min(i + c, n)
+            for k, x in enumerate(_fused_chunk(hidden[i:j], w_mm, local[i:j], in_shard[i:j], valid[i:j],
+                                               softcap, z_loss, label_smoothing, dx, dw, i, j)):
+                if x is not None:
+                    out[k, i:j] = x
     return out[0], out[1], out[2], (out[3] if label_smoothing else None), dx, dw
 
 

@@ -203,6 +203,42 @@ def test_no_grad_inputs_and_partial_grads():
         assert w.grad is not None and w.grad.shape == weight.shape
 
 
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_cpu_bf16_products_keep_fp32_logits(mode, monkeypatch):
+    """bf16 inputs on CPU: with bf16 products (CPUs with AMX/AVX512-BF16) the logits are still
+    accumulated in fp32 from exact bf16 operands, so the loss is as accurate as with fp32 sgemm
+    (rounded bf16 logits would be ~1e-3 off); gradients carry bf16 rounding of the dlogits."""
+    import importlib
+
+    lce = importlib.import_module("megacpt.kernels.linear_cross_entropy")
+    if mode == "on" and not lce.cpu_has_bf16_units():
+        pytest.skip("this CPU has no bf16 units (amx_bf16/avx512_bf16)")
+    monkeypatch.setattr(lce, "CPU_BF16_PRODUCTS", mode)
+    hidden, weight, targets = make_case(64, 96, 3001, dtype=torch.bfloat16, scale=4.0, ignore_every=5)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    ours, ref = run_both(hidden, weight, targets, reduction="sum", ours_kw=dict(_chunk_elems=16 * 3001))
+    assert torch.backends.mkldnn.matmul.fp32_precision == before  # the setting is scoped to the call
+    assert rel_err(ours["loss"], ref["loss"]) < 1e-5
+    for k in ("dx", "dw"):
+        assert rel_err(ours[k], ref[k]) < 1e-2, k
+
+
+def test_cpu_bf16_products_only_for_bf16_operands(monkeypatch):
+    import importlib
+
+    lce = importlib.import_module("megacpt.kernels.linear_cross_entropy")
+    monkeypatch.setattr(lce, "CPU_BF16_PRODUCTS", "on")
+    h, w = torch.zeros(2, 4, dtype=torch.bfloat16), torch.zeros(3, 4, dtype=torch.bfloat16)
+    with lce._cpu_bf16_products(h, w):
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    for a, b in ((h.float(), w.float()), (h.half(), w.half()), (h, w.float())):
+        with lce._cpu_bf16_products(a, b):  # fp32/fp16 values are not exact in bf16: untouched
+            assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"
+    monkeypatch.setattr(lce, "CPU_BF16_PRODUCTS", "off")
+    with lce._cpu_bf16_products(h, w):
+        assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"
+
+
 def test_deterministic():
     hidden, weight, targets = make_case(33, 16, 70, ignore_every=4)
     grads = []
