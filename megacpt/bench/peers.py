@@ -150,6 +150,24 @@ def _accelerate_cpu_workaround() -> bool:
     return True
 
 
+def _bf16_cpu_workaround(bf16: bool) -> bool:
+    """Let TrainingArguments(bf16=True) through on a CPU DeepSpeed launch.
+
+    transformers 5.x refuses bf16 without a bf16 GPU unless use_cpu=True, and use_cpu=True skips
+    its DeepSpeed set-up. DeepSpeed's JSON (the same for every system) decides the precision
+    anyway, and on CPUs with bf16 units DeepSpeed's bf16 ZeRO path runs fine, so the check is
+    told the truth about this machine instead: bf16 works here. Only applied without CUDA.
+    """
+    import torch
+
+    if not bf16 or torch.cuda.is_available():
+        return False
+    import transformers.training_args as ta
+
+    ta.is_torch_bf16_gpu_available = lambda *a, **k: True
+    return True
+
+
 def run_trainer(spec: dict) -> int:
     import numpy as np
     import torch
@@ -159,6 +177,7 @@ def run_trainer(spec: dict) -> int:
     o = spec["optim"]
     bf16 = spec["precision"] == "bf16"
     patched = _accelerate_cpu_workaround()
+    bf16_patched = _bf16_cpu_workaround(bf16)
     args = TrainingArguments(
         output_dir=str(Path(spec["out"]) / "trainer_out"),
         per_device_train_batch_size=spec["micro_batch"],
@@ -216,7 +235,8 @@ def run_trainer(spec: dict) -> int:
     rank = dist.get_rank() if dist.is_initialized() else 0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     _write(spec, rank, timer.times, losses, {"world_size_seen_by_trainer": args.world_size,
-                                             "accelerate_cpu_workaround": patched})
+                                             "accelerate_cpu_workaround": patched,
+                                             "bf16_cpu_workaround": bf16_patched})
     if dist.is_initialized():
         dist.barrier()
     return 0
