@@ -175,7 +175,12 @@ def chunk_rows(n: int, v: int, chunk_elems: Optional[int] = None, cuda: bool = F
     c = max(1, budget // max(v, 1))
     if c >= 16:
         c -= c % 8  # friendlier matmul shapes
-    return max(1, min(c, n))
+    c = max(1, min(c, n))
+    # Equal chunks rather than full ones plus a sliver: every chunk's matmuls stream the whole
+    # weight (and on CPU with bf16 products convert it), so a 2-row last chunk (512 rows at
+    # 170 per chunk) costs nearly as much as a full one. Never above the budget.
+    k = -(-n // c)
+    return -(-n // k)
 
 
 def _local_targets(targets: Tensor, vocab_start: int, v_local: int):
