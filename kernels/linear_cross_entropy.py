@@ -243,8 +243,14 @@ def _cpu_bf16_products(hidden: Tensor, weight: Tensor):
 @contextlib.contextmanager
 def _mkldnn_fp32_precision(value: str):
     m = torch.backends.mkldnn.matmul
-    old = m.fp32_precision
-    m.fp32_precision = value
+    try:
+        old = m.fp32_precision
+        m.fp32_precision = value
+    except (AttributeError, RuntimeError):
+        # torch refuses the new precision API after a program set the legacy allow_tf32-style
+        # flags; the fp32 products are correct, only slower.
+        yield
+        return
     try:
         yield
     finally:
