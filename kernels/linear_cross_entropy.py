@@ -195,8 +195,9 @@ def _matmul_weight(weight: Tensor) -> Tensor:
     bf16/fp16 on CPU: an fp32 copy, made once per call (a fixed V x H workspace, the size of the
     fp32 dW buffer). CPUs without bf16 units run bf16 matmuls ~30x slower than fp32, and bf16
     logits lose ~3 significant digits (confident targets' p - 1 and loss with them). CPUs with
-    bf16 units multiply the copy's (exact bf16) values in bf16 all the same: _cpu_bf16_products. Elsewhere the
-    weight itself (on CUDA the logits come out in fp32 via mm's out_dtype, see _chunk_logits).
+    bf16 units multiply the copy's (exact bf16) values in bf16 all the same: _cpu_bf16_products.
+    Elsewhere the weight itself (on CUDA the logits come out in fp32 via mm's out_dtype, see
+    _chunk_logits).
     """
     if weight.device.type == "cpu" and weight.dtype != torch.float32:
         return weight.float()
@@ -257,11 +258,6 @@ def _mkldnn_fp32_precision(value: str):
         m.fp32_precision = old
 
 
-def _matmul_weight_dtype(weight: Tensor) -> torch.dtype:
-    """The dtype _matmul_weight returns, without making the copy."""
-    return torch.float32 if weight.device.type == "cpu" else weight.dtype
-
-
 _mm_out_dtype_ok: Optional[bool] = None  # does torch.mm(..., out_dtype=fp32) work here?
 
 
@@ -302,18 +298,19 @@ def _probs_to_dlogits(p: Tensor, th: Optional[Tensor], local: Tensor, in_shard: 
     return p.mul_(row_scale.unsqueeze(1))
 
 
-def _grad_buffers(hidden: Tensor, weight: Tensor, need_dx: bool, need_dw: bool):
+def _grad_buffers(hidden: Tensor, w_mm: Tensor, need_dx: bool, need_dw: bool):
     """fp32 dX and dW buffers. Every chunk writes its own rows of dX, so dX starts uninitialised
-    (any row count > 0). dW is a sum over chunks: with fp32 chunk products the first chunk writes
-    it (no 100+ MB zero fill per call on a large vocabulary), otherwise it starts at zero."""
+    (any row count > 0). dW is a sum over chunks: with fp32 chunk products (w_mm fp32) the first
+    chunk writes it (no 100+ MB zero fill per call on a large vocabulary), otherwise it starts at
+    zero."""
     n = hidden.shape[0]
     dx = dw = None
     if need_dx:
         dx = (torch.empty if n else torch.zeros)(hidden.shape, dtype=torch.float32, device=hidden.device)
     if need_dw:
-        first_writes = n > 0 and _matmul_weight_dtype(weight) == torch.float32
-        dw = (torch.empty if first_writes else torch.zeros)(weight.shape, dtype=torch.float32,
-                                                            device=weight.device)
+        first_writes = n > 0 and w_mm.dtype == torch.float32
+        dw = (torch.empty if first_writes else torch.zeros)(w_mm.shape, dtype=torch.float32,
+                                                            device=w_mm.device)
     return dx, dw
 
 
@@ -420,10 +417,10 @@ def torch_grads(hidden: Tensor, weight: Tensor, targets: Tensor, row_max: Tensor
                 need_dx: bool = True, need_dw: bool = True, chunk_elems: Optional[int] = None):
     n, v = hidden.shape[0], weight.shape[0]
     vocab_total = v if vocab_total is None else vocab_total
-    dx, dw = _grad_buffers(hidden, weight, need_dx, need_dw)
+    w_mm = _matmul_weight(weight)
+    dx, dw = _grad_buffers(hidden, w_mm, need_dx, need_dw)
     local, in_shard = _local_targets(targets, vocab_start, v)
     lse = row_max + log_sumexp if z_loss else row_max  # only z-loss needs lse itself
-    w_mm = _matmul_weight(weight)
     c = chunk_rows(n, v, chunk_elems, hidden.is_cuda)
     with _cpu_bf16_products(hidden, weight):
         for i in range(0, n, c):
@@ -440,10 +437,10 @@ def torch_fused(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index
     """One pass: softmax statistics and the gradients of the *sum* of per-token losses."""
     n, v = hidden.shape[0], weight.shape[0]
     out = torch.empty((4, n), dtype=torch.float32, device=hidden.device)
-    dx, dw = _grad_buffers(hidden, weight, need_dx, need_dw)
+    w_mm = _matmul_weight(weight)
+    dx, dw = _grad_buffers(hidden, w_mm, need_dx, need_dw)
     local, in_shard = _local_targets(targets, 0, v)
     valid = (targets != ignore_index).float()
-    w_mm = _matmul_weight(weight)
     c = chunk_rows(n, v, chunk_elems, hidden.is_cuda)
     with _cpu_bf16_products(hidden, weight):
         for i in range(0, n, c):

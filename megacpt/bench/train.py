@@ -342,6 +342,10 @@ def parse_env(items: list[str]) -> dict:
     return out
 
 
+# The pinned variables bench_env sets that the JSON's "environment" records (--env items join them).
+RECORDED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")
+
+
 def bench_env(threads: int) -> dict:
     """The environment every rank of every system gets (thread settings pinned explicitly)."""
     env = dict(os.environ)
@@ -827,8 +831,7 @@ def run_train_bench(a) -> int:
                       "precision": precision, "global_batch": G, "tokens_per_step": tokens_per_step,
                       "warmup_steps": a.warmup, "timed_steps": a.steps, "repeats": a.repeats,
                       "threads_per_rank": threads, "token_dtype": token_dtype, "overrides": a.overrides},
-            "environment": {**{k: env[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM",
-                                                   "HF_HUB_OFFLINE")}, **extra_env},
+            "environment": {**{k: env[k] for k in RECORDED_ENV}, **extra_env},
             # megacpt's own CPU allocator setting (train.cpu_allocator); the peers run malloc as configured
             # by the environment above.
             "megacpt_caching_malloc": resolved.get("caching_malloc"),
@@ -935,8 +938,7 @@ def format_table(out: dict) -> str:
     lines.append(f"communication per step (estimate): {c['bytes_per_step'] / 2**20:.1f} MiB per rank — {c['formula']}")
     for name, grp in c.get("per_group", {}).items():
         lines.append(f"  {name} group ({grp['size']} ranks): {grp['bytes_per_step'] / 2**20:.2f} MiB — {grp['formula']}")
-    extra = {k: v for k, v in out["environment"].items()
-             if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")}
+    extra = {k: v for k, v in out["environment"].items() if k not in RECORDED_ENV}
     if extra:
         lines.append("extra environment (every system): " + " ".join(f"{k}={v}" for k, v in extra.items()))
     if out.get("megacpt_caching_malloc") is not None:
