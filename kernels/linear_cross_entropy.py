@@ -18,8 +18,9 @@ Both backends expose the same two primitives so that the autograd functions (and
 vocab-parallel variant in vocab_parallel.py) are backend-agnostic:
   stats(hidden, weight, targets, vocab_start, softcap, need_sum) -> (max, sumexp, tgt_logit, logit_sum)
       per-token, over this weight's rows only; tgt_logit is 0 where the target is not a row of it.
-  grads(hidden, weight, targets, row_max, log_sumexp, row_scale, ...) -> (dX fp32 | None, dW fp32 | None)
-      gradients of sum_i row_scale[i] * loss_i given the (global) softmax statistics. The
+  grads(hidden, weight, targets, row_max, log_sumexp, row_scale, ...) -> (dX fp32 | None, dW | None)
+      gradients of sum_i row_scale[i] * loss_i given the (global) softmax statistics (dW in
+      fp32, or bf16 where the CPU bf16 path computes it in one chunk). The
       logsumexp is passed as max + log(sumexp) unsummed: p = exp((s - max) - log(sumexp)) keeps
       1 - p accurate for confident targets, where rounding lse to fp32 first costs ~1e-6.
 
@@ -47,7 +48,8 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Logit elements per chunk of the torch path. The chunk workspace is one fp32 buffer of this size
 # (logits -> probabilities -> dlogits, in place), two with softcap (the tanh values), plus a
 # transient one on CUDA without mm(out_dtype=...): 2^23 elements = 32 MiB, independent of N.
-# (bf16/fp16 on CPU add a fixed fp32 copy of the weight, see _matmul_weight.)
+# (bf16/fp16 on CPUs without bf16 units add a fixed fp32 copy of the weight, see _matmul_weight;
+# CPUs with them make no copy and let a chunk grow to the weight's size instead, see _chunk_rows.)
 CHUNK_ELEMS = int(os.environ.get("MEGACPT_LCE_CHUNK_ELEMS", str(1 << 23)))
 # On CUDA every chunk re-reads the whole weight in three matmuls; 2^23 logits are only 64 rows at
 # V=128k, which makes the head memory-bound. 2^27 (512 MiB of fp32 logits) gives 1,040 rows: on an
@@ -183,22 +185,36 @@ def chunk_rows(n: int, v: int, chunk_elems: Optional[int] = None, cuda: bool = F
     return -(-n // k)
 
 
+def _chunk_rows(hidden: Tensor, weight: Tensor, chunk_elems: Optional[int]) -> int:
+    n, v = hidden.shape[0], weight.shape[0]
+    if chunk_elems is None and _cpu_bf16_path(hidden, weight):
+        # This path makes no fp32 copy of the weight (_matmul_weight), so a chunk's logits may take
+        # that memory instead: fewer chunks means fewer passes over the weight, and a single chunk
+        # writes dW as one bf16 product with no fp32 buffer (_grad_buffers). SmolLM2's head at
+        # N=512 (25M logits < 28M weight elements) runs in one chunk.
+        chunk_elems = max(CHUNK_ELEMS, weight.numel())
+    return chunk_rows(n, v, chunk_elems, hidden.is_cuda)
+
+
 def _local_targets(targets: Tensor, vocab_start: int, v_local: int):
     local = targets.long() - vocab_start
     in_shard = (local >= 0) & (local < v_local)
     return torch.where(in_shard, local, 0), in_shard
 
 
-def _matmul_weight(weight: Tensor) -> Tensor:
+def _matmul_weight(hidden: Tensor, weight: Tensor) -> Tensor:
     """The weight operand of the chunk matmuls.
 
-    bf16/fp16 on CPU: an fp32 copy, made once per call (a fixed V x H workspace, the size of the
-    fp32 dW buffer). CPUs without bf16 units run bf16 matmuls ~30x slower than fp32, and bf16
-    logits lose ~3 significant digits (confident targets' p - 1 and loss with them). CPUs with
-    bf16 units multiply the copy's (exact bf16) values in bf16 all the same: _cpu_bf16_products.
-    Elsewhere the weight itself (on CUDA the logits come out in fp32 via mm's out_dtype, see
-    _chunk_logits).
+    bf16 on CPUs with bf16 units: the weight itself; the logits widen it to fp32 one block of
+    rows at a time (_cpu_bf16_logits), the dX/dW products take it as it is (_accumulate_grads).
+    Other bf16/fp16 on CPU: an fp32 copy, made
+    once per call (a fixed V x H workspace, the size of the fp32 dW buffer): CPUs without bf16
+    units run bf16 matmuls ~30x slower than fp32, and bf16 logits lose ~3 significant digits
+    (confident targets' p - 1 and loss with them). Elsewhere the weight itself (on CUDA the logits
+    come out in fp32 via mm's out_dtype, see _chunk_logits).
     """
+    if _cpu_bf16_path(hidden, weight):
+        return weight
     if weight.device.type == "cpu" and weight.dtype != torch.float32:
         return weight.float()
     return weight
@@ -226,19 +242,44 @@ def cpu_has_bf16_units() -> bool:
     return _cpu_has_bf16_units
 
 
+def _cpu_bf16_path(hidden: Tensor, weight: Tensor) -> bool:
+    """bf16 hidden and weight on a CPU with bf16 units (unless MEGACPT_LCE_CPU_BF16 says otherwise)."""
+    return (hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and CPU_BF16_PRODUCTS != "off" and (CPU_BF16_PRODUCTS == "on" or cpu_has_bf16_units()))
+
+
 def _cpu_bf16_products(hidden: Tensor, weight: Tensor):
     """Context for the chunk matmuls: on CPUs with bf16 units and bf16 hidden and weight, oneDNN
-    runs the fp32 matmuls (of the exact fp32 copies of bf16 values, see _matmul_weight) as bf16
-    products with fp32 accumulation -- AMX does ~330 GFLOP/s per core there against ~90-160 for
-    fp32 sgemm, and the logits come out exactly as accurate, since the operands are bf16 values
-    already. The dlogits operand of the dX/dW products is rounded to bf16, as eager bf16 autograd
-    and our CUDA path round it. Elsewhere (fp32/fp16 inputs, CPUs without bf16 units, CUDA) a
-    no-op. MEGACPT_LCE_CPU_BF16=off disables it, =on forces it."""
-    use = (hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-           and CPU_BF16_PRODUCTS != "off" and (CPU_BF16_PRODUCTS == "on" or cpu_has_bf16_units()))
-    if not use:
+    runs the fp32 logit matmuls (of exact fp32 widenings of bf16 values, _cpu_bf16_logits) as
+    bf16 products with fp32 accumulation -- AMX does ~330 GFLOP/s per core there against ~90-160
+    for fp32 sgemm, and the logits come out exactly as accurate, since the operands are bf16
+    values already. (The dX/dW products take bf16 operands directly, the dlogits rounded to bf16
+    as eager bf16 autograd and our CUDA path round them.) Elsewhere (fp32/fp16 inputs, CPUs
+    without bf16 units, CUDA) a no-op. MEGACPT_LCE_CPU_BF16=off disables it, =on forces it."""
+    if not _cpu_bf16_path(hidden, weight):
         return contextlib.nullcontext()
     return _mkldnn_fp32_precision("bf16")
+
+
+# Weight rows widened to fp32 per product on the CPU bf16 path: large enough for oneDNN's full
+# speed, small enough (4.7 MB at H=576) that the widened block is still in cache when multiplied.
+CPU_BF16_BLOCK = 4096
+
+
+def _cpu_bf16_logits(h: Tensor, w: Tensor) -> Tensor:
+    """fp32 logits h @ w.T of bf16 h and w, as bf16 products with fp32 accumulation and output.
+
+    torch has no bf16 x bf16 -> fp32 matmul on CPU (mm's out_dtype is CUDA-only), and a bf16
+    result would round the logits. So each block of weight rows is widened to fp32 (exact) and
+    multiplied under _cpu_bf16_products: no fp32 copy of the whole weight (a 57 ms pass over
+    113 MB for the SmolLM2 head on one core), and each widened block is still in cache when
+    oneDNN reads it."""
+    hf = h.float()
+    z = torch.empty((h.shape[0], w.shape[0]), dtype=torch.float32)
+    for s in range(0, w.shape[0], CPU_BF16_BLOCK):
+        e = min(s + CPU_BF16_BLOCK, w.shape[0])
+        torch.mm(hf, w[s:e].float().t(), out=z[:, s:e])
+    return z
 
 
 @contextlib.contextmanager
@@ -266,6 +307,8 @@ def _chunk_logits(h: Tensor, w_mm: Tensor, softcap: Optional[float]):
     global _mm_out_dtype_ok
     if w_mm.dtype == torch.float32:
         z = torch.mm(h.float(), w_mm.t())
+    elif w_mm.device.type == "cpu":  # a bf16 weight on CPU: only the bf16-products path keeps it
+        z = _cpu_bf16_logits(h, w_mm)
     else:
         z = None
         if _mm_out_dtype_ok is not False:
@@ -295,44 +338,50 @@ def _probs_to_dlogits(p: Tensor, th: Optional[Tensor], local: Tensor, in_shard: 
         p.sub_(eps / vocab_total)
     if th is not None:
         p.mul_(th.mul_(th).neg_().add_(1.0))  # d(c*tanh(z/c))/dz = 1 - tanh^2
-    return p.mul_(row_scale.unsqueeze(1))
+    return p if row_scale is None else p.mul_(row_scale.unsqueeze(1))
 
 
-def _grad_buffers(hidden: Tensor, w_mm: Tensor, need_dx: bool, need_dw: bool):
-    """fp32 dX and dW buffers. Every chunk writes its own rows of dX, so dX starts uninitialised
-    (any row count > 0). dW is a sum over chunks: with fp32 chunk products (w_mm fp32) the first
+def _grad_buffers(hidden: Tensor, w_mm: Tensor, need_dx: bool, need_dw: bool, one_chunk: bool):
+    """dX and dW buffers. Every chunk writes its own rows of dX, so dX (fp32) starts
+    uninitialised (any row count > 0). dW is a sum over chunks: with fp32 chunk products the first
     chunk writes it (no 100+ MB zero fill per call on a large vocabulary), otherwise it starts at
-    zero."""
+    zero. On the CPU bf16 path with a single chunk, dW is that chunk's bf16 product itself: no
+    fp32 buffer and no pass to convert it (the product accumulates in fp32 inside oneDNN)."""
     n = hidden.shape[0]
     dx = dw = None
     if need_dx:
         dx = (torch.empty if n else torch.zeros)(hidden.shape, dtype=torch.float32, device=hidden.device)
     if need_dw:
-        first_writes = n > 0 and w_mm.dtype == torch.float32
-        dw = (torch.empty if first_writes else torch.zeros)(w_mm.shape, dtype=torch.float32,
-                                                            device=w_mm.device)
+        if n and one_chunk and w_mm.dtype == torch.bfloat16 and w_mm.device.type == "cpu":
+            dw = torch.empty(w_mm.shape, dtype=torch.bfloat16)
+        else:
+            first_writes = n > 0 and w_mm.dtype == torch.float32
+            dw = (torch.empty if first_writes else torch.zeros)(w_mm.shape, dtype=torch.float32,
+                                                                device=w_mm.device)
     return dx, dw
 
 
 def _accumulate_grads(dz: Tensor, h: Tensor, w_mm: Tensor, dx: Optional[Tensor],
                       dw: Optional[Tensor], i: int, j: int) -> None:
-    if dx is not None:
-        if w_mm.dtype == torch.float32:
+    if w_mm.dtype == torch.float32:
+        if dx is not None:
             torch.mm(dz, w_mm, out=dx[i:j])
-        else:
-            dx[i:j] = torch.mm(dz.to(w_mm.dtype), w_mm)
-    if dw is not None:
-        if w_mm.dtype == torch.float32:
+        if dw is not None:
             if i == 0:  # the first chunk initialises dW (see _grad_buffers)
                 torch.mm(dz.t(), h.float(), out=dw)
             else:
                 dw.addmm_(dz.t(), h.float())
-        else:
-            # bf16/fp16 operands (tensor cores; dlogits rounded like eager autograd rounds them),
-            # the product and the cross-chunk sum of dW kept in fp32.
-            dz_lp = dz.to(h.dtype).t()
-            if not _addmm_fp32_into(dw, dz_lp, h):
-                dw.add_(torch.mm(dz_lp, h).float())
+        return
+    # bf16/fp16 operands (tensor cores, AMX; dlogits rounded like eager autograd rounds them),
+    # products accumulated in fp32, the cross-chunk sum of dW kept in fp32.
+    dz_lp = dz.to(w_mm.dtype)
+    if dx is not None:
+        dx[i:j] = torch.mm(dz_lp, w_mm)
+    if dw is not None:
+        if dw.dtype == w_mm.dtype:  # the only chunk (see _grad_buffers)
+            torch.mm(dz_lp.t(), h, out=dw)
+        elif not _addmm_fp32_into(dw, dz_lp.t(), h):
+            dw.add_(torch.mm(dz_lp.t(), h).float())
 
 
 _addmm_out_dtype_ok: Optional[bool] = None
@@ -398,8 +447,8 @@ def torch_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *, vocab_start:
     n, v = hidden.shape[0], weight.shape[0]
     out = torch.empty((4, n), dtype=torch.float32, device=hidden.device)
     local, in_shard = _local_targets(targets, vocab_start, v)
-    w_mm = _matmul_weight(weight)
-    c = chunk_rows(n, v, chunk_elems, hidden.is_cuda)
+    w_mm = _matmul_weight(hidden, weight)
+    c = _chunk_rows(hidden, weight, chunk_elems)
     with _cpu_bf16_products(hidden, weight):
         for i in range(0, n, c):
             j = min(i + c, n)
@@ -417,11 +466,11 @@ def torch_grads(hidden: Tensor, weight: Tensor, targets: Tensor, row_max: Tensor
                 need_dx: bool = True, need_dw: bool = True, chunk_elems: Optional[int] = None):
     n, v = hidden.shape[0], weight.shape[0]
     vocab_total = v if vocab_total is None else vocab_total
-    w_mm = _matmul_weight(weight)
-    dx, dw = _grad_buffers(hidden, w_mm, need_dx, need_dw)
+    w_mm = _matmul_weight(hidden, weight)
+    c = _chunk_rows(hidden, weight, chunk_elems)
+    dx, dw = _grad_buffers(hidden, w_mm, need_dx, need_dw, one_chunk=c >= n)
     local, in_shard = _local_targets(targets, vocab_start, v)
     lse = row_max + log_sumexp if z_loss else row_max  # only z-loss needs lse itself
-    c = chunk_rows(n, v, chunk_elems, hidden.is_cuda)
     with _cpu_bf16_products(hidden, weight):
         for i in range(0, n, c):
             j = min(i + c, n)
@@ -437,15 +486,18 @@ def torch_fused(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index
     """One pass: softmax statistics and the gradients of the *sum* of per-token losses."""
     n, v = hidden.shape[0], weight.shape[0]
     out = torch.empty((4, n), dtype=torch.float32, device=hidden.device)
-    w_mm = _matmul_weight(weight)
-    dx, dw = _grad_buffers(hidden, w_mm, need_dx, need_dw)
+    w_mm = _matmul_weight(hidden, weight)
+    c = _chunk_rows(hidden, weight, chunk_elems)
+    dx, dw = _grad_buffers(hidden, w_mm, need_dx, need_dw, one_chunk=c >= n)
     local, in_shard = _local_targets(targets, 0, v)
     valid = (targets != ignore_index).float()
-    c = chunk_rows(n, v, chunk_elems, hidden.is_cuda)
+    # On CPU (no device sync to avoid) skip scaling the dlogits by a row mask that is all ones.
+    row_scale = None if not hidden.is_cuda and bool((targets != ignore_index).all()) else valid
     with _cpu_bf16_products(hidden, weight):
         for i in range(0, n, c):
             j = min(i + c, n)
-            for k, x in enumerate(_fused_chunk(hidden[i:j], w_mm, local[i:j], in_shard[i:j], valid[i:j],
+            for k, x in enumerate(_fused_chunk(hidden[i:j], w_mm, local[i:j], in_shard[i:j],
+                                               None if row_scale is None else row_scale[i:j],
                                                softcap, z_loss, label_smoothing, dx, dw, i, j)):
                 if x is not None:
                     out[k, i:j] = x

@@ -204,19 +204,28 @@ def test_no_grad_inputs_and_partial_grads():
 
 
 @pytest.mark.parametrize("mode", ["on", "off"])
-def test_cpu_bf16_products_keep_fp32_logits(mode, monkeypatch):
+@pytest.mark.parametrize("chunks,reduction,ignore_every", [(4, "sum", 5), (1, "sum", 0), (1, "sum", 5),
+                                                           (1, "none", 5), (3, "none", 0)])
+def test_cpu_bf16_products_keep_fp32_logits(mode, chunks, reduction, ignore_every, monkeypatch):
     """bf16 inputs on CPU: with bf16 products (CPUs with AMX/AVX512-BF16) the logits are still
     accumulated in fp32 from exact bf16 operands, so the loss is as accurate as with fp32 sgemm
-    (rounded bf16 logits would be ~1e-3 off); gradients carry bf16 rounding of the dlogits."""
+    (rounded bf16 logits would be ~1e-3 off); gradients carry bf16 rounding of the dlogits.
+    Covers one chunk (dW is the bf16 product itself) and several (fp32 sum of dW), the
+    precomputed ("sum") and recomputed ("none") gradients, all-valid and ignored rows, and a
+    vocabulary of several weight blocks with a ragged last one."""
     import importlib
 
     lce = importlib.import_module("megacpt.kernels.linear_cross_entropy")
     if mode == "on" and not lce.cpu_has_bf16_units():
         pytest.skip("this CPU has no bf16 units (amx_bf16/avx512_bf16)")
     monkeypatch.setattr(lce, "CPU_BF16_PRODUCTS", mode)
-    hidden, weight, targets = make_case(64, 96, 3001, dtype=torch.bfloat16, scale=4.0, ignore_every=5)
+    monkeypatch.setattr(lce, "CPU_BF16_BLOCK", 1000)  # V=3001: blocks of 1000, 1000, 1000, 1
+    n, v = 64, 3001
+    hidden, weight, targets = make_case(n, 96, v, dtype=torch.bfloat16, scale=4.0, ignore_every=ignore_every)
+    upstream = torch.rand(n) if reduction == "none" else None
     before = torch.backends.mkldnn.matmul.fp32_precision
-    ours, ref = run_both(hidden, weight, targets, reduction="sum", ours_kw=dict(_chunk_elems=16 * 3001))
+    ours, ref = run_both(hidden, weight, targets, reduction=reduction, upstream=upstream,
+                         ours_kw=dict(_chunk_elems=(n // chunks) * v))
     assert torch.backends.mkldnn.matmul.fp32_precision == before  # the setting is scoped to the call
     assert rel_err(ours["loss"], ref["loss"]) < 1e-5
     for k in ("dx", "dw"):
@@ -362,7 +371,7 @@ def test_loss_bench_smoke(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_loss_args(parser)
     out = tmp_path / "bench.json"
-    args = parser.parse_args(["--shape", "64,16,512", "--repeats", "1", "--warmup", "0",
+    args = parser.parse_args(["--shape", "64,16,512", "--repeats", "2", "--warmup", "0",
                               "--ignore-fraction", "0.25", "--json", str(out)])
     assert run_loss_bench(args) == 0
     report = json.loads(out.read_text())
@@ -371,6 +380,7 @@ def test_loss_bench_smoke(tmp_path, capsys):
     assert {"ours", "eager"} <= set(rows)
     for r in rows.values():
         assert "error" not in r, r
+        assert len(r["times_s"]) == 2 and r["time_s"] > 0  # interleaved rounds, one time each
     # all implementations compute the same loss; ours never holds the 64 x 512 fp32 logits twice
     assert abs(rows["ours"]["loss"] - rows["eager"]["loss"]) < 1e-4
     assert rows["ours"]["peak_extra_bytes"] < rows["eager"]["peak_extra_bytes"]
@@ -645,3 +655,19 @@ if __name__ == "__main__" and "--interp-worker" in sys.argv:
     _interp_worker()
 elif __name__ == "__main__" and "--aot-worker" in sys.argv:
     _aot_worker()
+
+
+def test_cpu_bf16_path_chunks_up_to_the_weight_size(monkeypatch):
+    """Without an fp32 weight copy, the CPU bf16 path lets a chunk's logits take the weight's
+    element count: SmolLM2's head at N=512 runs in one chunk; the fp32 path keeps CHUNK_ELEMS."""
+    import importlib
+
+    lce = importlib.import_module("megacpt.kernels.linear_cross_entropy")
+    h, w = torch.empty(512, 576, dtype=torch.bfloat16), torch.empty(49152, 576, dtype=torch.bfloat16)
+    monkeypatch.setattr(lce, "CPU_BF16_PRODUCTS", "on")
+    assert lce._chunk_rows(h, w, None) == 512
+    assert lce._chunk_rows(torch.empty(1024, 576, dtype=torch.bfloat16), w, None) == 512
+    assert lce._chunk_rows(h, w, 8 * 49152) == 8  # an explicit budget still rules
+    monkeypatch.setattr(lce, "CPU_BF16_PRODUCTS", "off")
+    assert lce._chunk_rows(h, w, None) == lce.chunk_rows(512, 49152, lce.CHUNK_ELEMS) < 512
+    assert lce._chunk_rows(h.float(), w.float(), None) < 512
