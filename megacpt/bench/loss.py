@@ -9,7 +9,9 @@ gradients w.r.t. hidden and weight (forward + backward), on the same inputs:
                  (PyTorch's own chunked path; absent before PyTorch 2.13)
   liger          Liger-Kernel's LigerFusedLinearCrossEntropyLoss (CUDA, when installed)
 
-Time: median wall time of --repeats runs after --warmup runs (torch.cuda.synchronize on CUDA).
+Time: median wall time of --repeats runs after --warmup runs (torch.cuda.synchronize on CUDA),
+the implementations taking turns run by run (A B C, A B C, ...) so that a shared machine's load
+swings hit each alike.
 Peak extra memory: bytes allocated on top of the inputs at the high-water mark of one separate,
 untimed run (the gradients of hidden and weight are included: they are the floor every
 implementation must pay, reported as "floor").
@@ -157,48 +159,86 @@ def _versions() -> Dict[str, Optional[str]]:
     return out
 
 
-def _measure(fn: Callable, hidden, weight, targets, *, device: str, repeats: int, warmup: int) -> dict:
+def _step(fn: Callable, hidden, weight, targets):
+    hidden.grad = weight.grad = None
+    loss = fn(hidden, weight, targets)
+    loss.backward()
+    return loss
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _memory_and_loss(fn: Callable, hidden, weight, targets, *, device: str) -> dict:
+    """Peak extra memory and the loss value of one separate, untimed run."""
     import torch
 
-    def step():
-        hidden.grad = weight.grad = None
-        loss = fn(hidden, weight, targets)
-        loss.backward()
-        return loss
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    # memory: one run on its own
     hidden.grad = weight.grad = None
     if device == "cuda":
-        sync()
+        _sync(device)
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        loss = step()
-        sync()
+        loss = _step(fn, hidden, weight, targets)
+        _sync(device)
         peak = torch.cuda.max_memory_allocated() - base
     else:
         with LiveStorageTracker(preexisting=(hidden, weight, targets)) as tracker:
-            loss = step()
+            loss = _step(fn, hidden, weight, targets)
         peak = tracker.peak
     loss_value = float(loss.detach().float())
-    del loss
-
-    for _ in range(warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
     hidden.grad = weight.grad = None
-    return dict(peak_extra_bytes=int(peak), time_s=statistics.median(times), times_s=times, loss=loss_value)
+    return dict(peak_extra_bytes=int(peak), loss=loss_value)
+
+
+def _time_once(fn: Callable, hidden, weight, targets, *, device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    _step(fn, hidden, weight, targets)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _error_text(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def _measure_all(fns: Dict[str, Callable], rows: Dict[str, dict], hidden, weight, targets, *,
+                 device: str, repeats: int, warmup: int) -> None:
+    """Memory of each implementation on its own, then timed runs interleaved round by round (A B
+    C, A B C, ...), so that a shared machine's load swings hit every implementation alike."""
+    import torch
+
+    ok = []
+    for name, fn in fns.items():
+        try:
+            rows[name].update(_memory_and_loss(fn, hidden, weight, targets, device=device))
+            for _ in range(warmup):
+                _step(fn, hidden, weight, targets)
+            ok.append(name)
+        except Exception as e:  # noqa: BLE001 -- e.g. OOM for eager: record and go on
+            rows[name]["error"] = _error_text(e)
+            hidden.grad = weight.grad = None
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    times: Dict[str, List[float]] = {name: [] for name in ok}
+    for _ in range(repeats):
+        for name in list(ok):
+            try:
+                times[name].append(_time_once(fns[name], hidden, weight, targets, device=device))
+            except Exception as e:  # noqa: BLE001
+                rows[name]["error"] = _error_text(e)
+                ok.remove(name)
+                hidden.grad = weight.grad = None
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    hidden.grad = weight.grad = None
+    for name in ok:
+        rows[name].update(time_s=statistics.median(times[name]), times_s=times[name])
 
 
 def run_loss_bench(args: argparse.Namespace) -> int:
@@ -239,19 +279,14 @@ def run_loss_bench(args: argparse.Namespace) -> int:
             targets[torch.rand(n, generator=g) < args.ignore_fraction] = -100
         targets = targets.to(device)
         floor = (hidden.numel() + weight.numel()) * hidden.element_size()
-        for name in wanted:
-            if name not in available:
-                continue
-            row = dict(impl=name, n=n, h=h, v=v, dtype=str(dtype).replace("torch.", ""), floor_bytes=floor)
-            try:
-                row.update(_measure(available[name], hidden, weight, targets, device=device,
-                                    repeats=args.repeats, warmup=args.warmup))
-            except Exception as e:  # noqa: BLE001 -- e.g. OOM for eager: record and go on
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-            results.append(row)
-            _print_row(row)
+        names = [name for name in wanted if name in available]
+        rows = {name: dict(impl=name, n=n, h=h, v=v, dtype=str(dtype).replace("torch.", ""), floor_bytes=floor)
+                for name in names}
+        _measure_all({name: available[name] for name in names}, rows, hidden, weight, targets,
+                     device=device, repeats=args.repeats, warmup=args.warmup)
+        for name in names:
+            results.append(rows[name])
+            _print_row(rows[name])
     report = dict(device=device, device_name=_device_name(device), versions=_versions(),
                   threads=torch.get_num_threads(), command=" ".join(sys.argv),
                   missing_impls=missing, results=results,
