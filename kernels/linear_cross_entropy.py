@@ -49,7 +49,7 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (logits -> probabilities -> dlogits, in place), two with softcap (the tanh values), plus a
 # transient one on CUDA without mm(out_dtype=...): 2^23 elements = 32 MiB, independent of N.
 # (bf16/fp16 on CPUs without bf16 units add a fixed fp32 copy of the weight, see _matmul_weight;
-# CPUs with them make no copy and let a chunk grow to the weight's size instead, see _chunk_rows.)
+# CPUs with them make no copy and size their chunks by the weight instead, see _chunk_rows.)
 CHUNK_ELEMS = int(os.environ.get("MEGACPT_LCE_CHUNK_ELEMS", str(1 << 23)))
 # On CUDA every chunk re-reads the whole weight in three matmuls; 2^23 logits are only 64 rows at
 # V=128k, which makes the head memory-bound. 2^27 (512 MiB of fp32 logits) gives 1,040 rows: on an
@@ -173,6 +173,8 @@ def _row_scale(grad_out: Tensor, reduction: str, valid: Tensor, n_valid: Tensor)
 # torch backend
 # ----------------------------------------------------------------------------------------------
 def chunk_rows(n: int, v: int, chunk_elems: Optional[int] = None, cuda: bool = False) -> int:
+    if n <= 0:
+        return 1  # no rows: no chunk runs, but range(0, 0, c) needs c > 0
     budget = (CHUNK_ELEMS_CUDA if cuda else CHUNK_ELEMS) if chunk_elems is None else chunk_elems
     c = max(1, budget // max(v, 1))
     if c >= 16:
@@ -188,11 +190,16 @@ def chunk_rows(n: int, v: int, chunk_elems: Optional[int] = None, cuda: bool = F
 def _chunk_rows(hidden: Tensor, weight: Tensor, chunk_elems: Optional[int]) -> int:
     n, v = hidden.shape[0], weight.shape[0]
     if chunk_elems is None and _cpu_bf16_path(hidden, weight):
-        # This path makes no fp32 copy of the weight (_matmul_weight), so a chunk's logits may take
-        # that memory instead: fewer chunks means fewer passes over the weight, and a single chunk
-        # writes dW as one bf16 product with no fp32 buffer (_grad_buffers). SmolLM2's head at
-        # N=512 (25M logits < 28M weight elements) runs in one chunk.
-        chunk_elems = max(CHUNK_ELEMS, weight.numel())
+        # This path makes no fp32 copy of the weight (4 bytes per weight element W; see
+        # _matmul_weight) and, in one chunk, no fp32 dW (4 more; see _grad_buffers). Its chunk
+        # workspace is 6 bytes per logit (fp32 logits and the bf16 dlogits), so fewer chunks --
+        # fewer passes over the weight -- fit in what the other path spends: all rows in one
+        # chunk while n * v <= W (6W + the 2W bf16 dW against 8W), else chunks of 2W/3 logits
+        # next to the fp32 dW (4W + 4W). SmolLM2's head at N=512 (25M logits, 28M weight
+        # elements) runs in one chunk.
+        if n * v <= weight.numel():
+            return max(n, 1)
+        chunk_elems = max(CHUNK_ELEMS, 2 * weight.numel() // 3)
     return chunk_rows(n, v, chunk_elems, hidden.is_cuda)
 
 
@@ -343,19 +350,21 @@ def _probs_to_dlogits(p: Tensor, th: Optional[Tensor], local: Tensor, in_shard: 
 
 def _grad_buffers(hidden: Tensor, w_mm: Tensor, need_dx: bool, need_dw: bool, one_chunk: bool):
     """dX and dW buffers. Every chunk writes its own rows of dX, so dX (fp32) starts
-    uninitialised (any row count > 0). dW is a sum over chunks: with fp32 chunk products the first
-    chunk writes it (no 100+ MB zero fill per call on a large vocabulary), otherwise it starts at
-    zero. On the CPU bf16 path with a single chunk, dW is that chunk's bf16 product itself: no
-    fp32 buffer and no pass to convert it (the product accumulates in fp32 inside oneDNN)."""
+    uninitialised (any row count > 0). dW is a sum over chunks: where the chunk products write
+    fp32 (an fp32 weight; the CPU bf16 path) the first chunk writes it (no 100+ MB zero fill per
+    call on a large vocabulary), otherwise (bf16/fp16 on CUDA) it starts at zero. On the CPU bf16
+    path with a single chunk, dW is that chunk's bf16 product itself: no fp32 buffer and no pass
+    to convert it (the product accumulates in fp32 inside oneDNN)."""
     n = hidden.shape[0]
+    cpu_bf16 = w_mm.dtype != torch.float32 and w_mm.device.type == "cpu"  # see _matmul_weight
     dx = dw = None
     if need_dx:
         dx = (torch.empty if n else torch.zeros)(hidden.shape, dtype=torch.float32, device=hidden.device)
     if need_dw:
-        if n and one_chunk and w_mm.dtype == torch.bfloat16 and w_mm.device.type == "cpu":
-            dw = torch.empty(w_mm.shape, dtype=torch.bfloat16)
+        if n and one_chunk and cpu_bf16:
+            dw = torch.empty(w_mm.shape, dtype=w_mm.dtype)
         else:
-            first_writes = n > 0 and w_mm.dtype == torch.float32
+            first_writes = n > 0 and (w_mm.dtype == torch.float32 or cpu_bf16)
             dw = (torch.empty if first_writes else torch.zeros)(w_mm.shape, dtype=torch.float32,
                                                                 device=w_mm.device)
     return dx, dw
@@ -374,13 +383,23 @@ def _accumulate_grads(dz: Tensor, h: Tensor, w_mm: Tensor, dx: Optional[Tensor],
         return
     # bf16/fp16 operands (tensor cores, AMX; dlogits rounded like eager autograd rounds them),
     # products accumulated in fp32, the cross-chunk sum of dW kept in fp32.
-    dz_lp = dz.to(w_mm.dtype)
+    dz_lp = dz.to(w_mm.dtype) if dx is not None or (dw is not None and dw.dtype != torch.float32) else None
     if dx is not None:
         dx[i:j] = torch.mm(dz_lp, w_mm)
-    if dw is not None:
-        if dw.dtype == w_mm.dtype:  # the only chunk (see _grad_buffers)
-            torch.mm(dz_lp.t(), h, out=dw)
-        elif not _addmm_fp32_into(dw, dz_lp.t(), h):
+    if dw is None:
+        return
+    if dw.dtype == w_mm.dtype:  # the only chunk on the CPU bf16 path (see _grad_buffers)
+        torch.mm(dz_lp.t(), h, out=dw)
+    elif w_mm.device.type == "cpu":
+        # Several chunks on the CPU bf16 path: fp32 operands under _cpu_bf16_products, so oneDNN
+        # rounds dz to bf16 itself and accumulates into dW in fp32 -- no V x H temporary.
+        if i == 0:  # the first chunk initialises dW (see _grad_buffers)
+            torch.mm(dz.t(), h.float(), out=dw)
+        else:
+            dw.addmm_(dz.t(), h.float())
+    else:
+        dz_lp = dz.to(w_mm.dtype) if dz_lp is None else dz_lp
+        if not _addmm_fp32_into(dw, dz_lp.t(), h):
             dw.add_(torch.mm(dz_lp.t(), h).float())
 
 
@@ -492,7 +511,7 @@ def torch_fused(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index
     local, in_shard = _local_targets(targets, 0, v)
     valid = (targets != ignore_index).float()
     # On CPU (no device sync to avoid) skip scaling the dlogits by a row mask that is all ones.
-    row_scale = None if not hidden.is_cuda and bool((targets != ignore_index).all()) else valid
+    row_scale = None if hidden.device.type == "cpu" and bool((targets != ignore_index).all()) else valid
     with _cpu_bf16_products(hidden, weight):
         for i in range(0, n, c):
             j = min(i + c, n)

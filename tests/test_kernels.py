@@ -658,16 +658,53 @@ elif __name__ == "__main__" and "--aot-worker" in sys.argv:
 
 
 def test_cpu_bf16_path_chunks_up_to_the_weight_size(monkeypatch):
-    """Without an fp32 weight copy, the CPU bf16 path lets a chunk's logits take the weight's
-    element count: SmolLM2's head at N=512 runs in one chunk; the fp32 path keeps CHUNK_ELEMS."""
+    """Without an fp32 weight copy, the CPU bf16 path sizes its chunks by the weight: all rows in
+    one chunk while the logits have no more elements than the weight (SmolLM2's head at N=512),
+    else chunks of at most 2/3 of them; the fp32 path keeps CHUNK_ELEMS."""
     import importlib
 
     lce = importlib.import_module("megacpt.kernels.linear_cross_entropy")
     h, w = torch.empty(512, 576, dtype=torch.bfloat16), torch.empty(49152, 576, dtype=torch.bfloat16)
     monkeypatch.setattr(lce, "CPU_BF16_PRODUCTS", "on")
     assert lce._chunk_rows(h, w, None) == 512
-    assert lce._chunk_rows(torch.empty(1024, 576, dtype=torch.bfloat16), w, None) == 512
+    c = lce._chunk_rows(torch.empty(1024, 576, dtype=torch.bfloat16), w, None)
+    assert c * 49152 <= 2 * w.numel() // 3 and -(-1024 // c) == 3
+    assert lce._chunk_rows(torch.empty(0, 576, dtype=torch.bfloat16), w, None) >= 1
     assert lce._chunk_rows(h, w, 8 * 49152) == 8  # an explicit budget still rules
     monkeypatch.setattr(lce, "CPU_BF16_PRODUCTS", "off")
     assert lce._chunk_rows(h, w, None) == lce.chunk_rows(512, 49152, lce.CHUNK_ELEMS) < 512
     assert lce._chunk_rows(h.float(), w.float(), None) < 512
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_cpu_bf16_several_chunks_make_no_weight_sized_temporaries(mode, monkeypatch):
+    """With several chunks, dW is summed in one fp32 buffer: no bf16 product of weight size and
+    no fp32 copy of it per chunk (a review found 8 weight-sizes of peak memory instead of 4)."""
+    import importlib
+
+    from megacpt.bench.loss import LiveStorageTracker
+
+    lce = importlib.import_module("megacpt.kernels.linear_cross_entropy")
+    if mode == "on" and not lce.cpu_has_bf16_units():
+        pytest.skip("this CPU has no bf16 units (amx_bf16/avx512_bf16)")
+    monkeypatch.setattr(lce, "CPU_BF16_PRODUCTS", mode)
+    n, hdim, v, c = 64, 256, 8192, 16
+    hidden, weight, targets = make_case(n, hdim, v, dtype=torch.bfloat16)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with LiveStorageTracker(preexisting=(h, w, targets)) as tracker:
+        linear_cross_entropy(h, w, targets, reduction="sum", _chunk_elems=c * v).backward()
+    w_elems = v * hdim
+    # fp32 dW + the bf16 gradient returned + fp32 weight copy ("off" only) + 2 chunk workspaces
+    bound = 4 * w_elems + 2 * w_elems + (4 * w_elems if mode == "off" else 0) + 2 * 10 * c * v + 16 * n * hdim
+    assert tracker.peak <= bound, (tracker.peak, bound)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_no_rows(dtype, reduction):
+    hidden = torch.zeros(0, 16, dtype=dtype, requires_grad=True)
+    weight = torch.randn(40, 16).to(dtype).requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long), reduction=reduction)
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    loss.sum().backward()
+    assert hidden.grad.shape == (0, 16) and torch.count_nonzero(weight.grad) == 0
