@@ -348,23 +348,29 @@ def _probs_to_dlogits(p: Tensor, th: Optional[Tensor], local: Tensor, in_shard: 
     return p if row_scale is None else p.mul_(row_scale.unsqueeze(1))
 
 
+def _dw_from_fp32_products(w_mm: Tensor) -> bool:
+    """Whether dW is summed over chunks by fp32 matmuls writing into an fp32 buffer: an fp32
+    weight, or the CPU bf16 path (the only one that keeps a bf16 weight on CPU, _matmul_weight),
+    where _cpu_bf16_products makes oneDNN round the fp32 operands to bf16 itself."""
+    return w_mm.dtype == torch.float32 or w_mm.device.type == "cpu"
+
+
 def _grad_buffers(hidden: Tensor, w_mm: Tensor, need_dx: bool, need_dw: bool, one_chunk: bool):
     """dX and dW buffers. Every chunk writes its own rows of dX, so dX (fp32) starts
-    uninitialised (any row count > 0). dW is a sum over chunks: where the chunk products write
-    fp32 (an fp32 weight; the CPU bf16 path) the first chunk writes it (no 100+ MB zero fill per
-    call on a large vocabulary), otherwise (bf16/fp16 on CUDA) it starts at zero. On the CPU bf16
-    path with a single chunk, dW is that chunk's bf16 product itself: no fp32 buffer and no pass
-    to convert it (the product accumulates in fp32 inside oneDNN)."""
+    uninitialised (any row count > 0). dW is a sum over chunks: where fp32 products sum it
+    (_dw_from_fp32_products) the first chunk writes it (no 100+ MB zero fill per call on a large
+    vocabulary), otherwise (bf16/fp16 on CUDA) it starts at zero. On the CPU bf16 path with a
+    single chunk, dW is that chunk's bf16 product itself: no fp32 buffer and no pass to convert
+    it (the product accumulates in fp32 inside oneDNN)."""
     n = hidden.shape[0]
-    cpu_bf16 = w_mm.dtype != torch.float32 and w_mm.device.type == "cpu"  # see _matmul_weight
     dx = dw = None
     if need_dx:
         dx = (torch.empty if n else torch.zeros)(hidden.shape, dtype=torch.float32, device=hidden.device)
     if need_dw:
-        if n and one_chunk and cpu_bf16:
+        if n and one_chunk and w_mm.dtype != torch.float32 and w_mm.device.type == "cpu":
             dw = torch.empty(w_mm.shape, dtype=w_mm.dtype)
         else:
-            first_writes = n > 0 and (w_mm.dtype == torch.float32 or cpu_bf16)
+            first_writes = n > 0 and _dw_from_fp32_products(w_mm)
             dw = (torch.empty if first_writes else torch.zeros)(w_mm.shape, dtype=torch.float32,
                                                                 device=w_mm.device)
     return dx, dw
@@ -372,35 +378,29 @@ def _grad_buffers(hidden: Tensor, w_mm: Tensor, need_dx: bool, need_dw: bool, on
 
 def _accumulate_grads(dz: Tensor, h: Tensor, w_mm: Tensor, dx: Optional[Tensor],
                       dw: Optional[Tensor], i: int, j: int) -> None:
-    if w_mm.dtype == torch.float32:
-        if dx is not None:
-            torch.mm(dz, w_mm, out=dx[i:j])
-        if dw is not None:
-            if i == 0:  # the first chunk initialises dW (see _grad_buffers)
-                torch.mm(dz.t(), h.float(), out=dw)
-            else:
-                dw.addmm_(dz.t(), h.float())
-        return
-    # bf16/fp16 operands (tensor cores, AMX; dlogits rounded like eager autograd rounds them),
-    # products accumulated in fp32, the cross-chunk sum of dW kept in fp32.
-    dz_lp = dz.to(w_mm.dtype) if dx is not None or (dw is not None and dw.dtype != torch.float32) else None
+    # bf16/fp16 weights (tensor cores, AMX): dlogits rounded like eager autograd rounds them,
+    # products accumulated in fp32.
+    dz_lp = None
     if dx is not None:
-        dx[i:j] = torch.mm(dz_lp, w_mm)
+        if w_mm.dtype == torch.float32:
+            torch.mm(dz, w_mm, out=dx[i:j])
+        else:
+            dz_lp = dz.to(w_mm.dtype)
+            dx[i:j] = torch.mm(dz_lp, w_mm)
     if dw is None:
         return
-    if dw.dtype == w_mm.dtype:  # the only chunk on the CPU bf16 path (see _grad_buffers)
-        torch.mm(dz_lp.t(), h, out=dw)
-    elif w_mm.device.type == "cpu":
-        # Several chunks on the CPU bf16 path: fp32 operands under _cpu_bf16_products, so oneDNN
-        # rounds dz to bf16 itself and accumulates into dW in fp32 -- no V x H temporary.
+    if dw.dtype == torch.float32 and _dw_from_fp32_products(w_mm):
+        # No V x H temporary: the product is written or added straight into dW.
         if i == 0:  # the first chunk initialises dW (see _grad_buffers)
             torch.mm(dz.t(), h.float(), out=dw)
         else:
             dw.addmm_(dz.t(), h.float())
-    else:
-        dz_lp = dz.to(w_mm.dtype) if dz_lp is None else dz_lp
-        if not _addmm_fp32_into(dw, dz_lp.t(), h):
-            dw.add_(torch.mm(dz_lp.t(), h).float())
+        return
+    dz_lp = dz.to(w_mm.dtype) if dz_lp is None else dz_lp
+    if dw.dtype == w_mm.dtype:  # the only chunk on the CPU bf16 path (see _grad_buffers)
+        torch.mm(dz_lp.t(), h, out=dw)
+    elif not _addmm_fp32_into(dw, dz_lp.t(), h):  # CUDA: the cross-chunk sum kept in fp32
+        dw.add_(torch.mm(dz_lp.t(), h).float())
 
 
 _addmm_out_dtype_ok: Optional[bool] = None

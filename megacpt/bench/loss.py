@@ -207,12 +207,19 @@ def _error_text(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
+def _drop_after_error(e: Exception, row: dict, hidden, weight, device: str) -> None:
+    row["error"] = _error_text(e)
+    hidden.grad = weight.grad = None
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 def _measure_all(fns: Dict[str, Callable], rows: Dict[str, dict], hidden, weight, targets, *,
                  device: str, repeats: int, warmup: int) -> None:
     """Memory of each implementation on its own, then timed runs interleaved round by round (A B
     C, A B C, ...), so that a shared machine's load swings hit every implementation alike."""
-    import torch
-
     ok = []
     for name, fn in fns.items():
         try:
@@ -221,21 +228,15 @@ def _measure_all(fns: Dict[str, Callable], rows: Dict[str, dict], hidden, weight
                 _step(fn, hidden, weight, targets)
             ok.append(name)
         except Exception as e:  # noqa: BLE001 -- e.g. OOM for eager: record and go on
-            rows[name]["error"] = _error_text(e)
-            hidden.grad = weight.grad = None
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            _drop_after_error(e, rows[name], hidden, weight, device)
     times: Dict[str, List[float]] = {name: [] for name in ok}
     for _ in range(repeats):
         for name in list(ok):
             try:
                 times[name].append(_time_once(fns[name], hidden, weight, targets, device=device))
             except Exception as e:  # noqa: BLE001
-                rows[name]["error"] = _error_text(e)
+                _drop_after_error(e, rows[name], hidden, weight, device)
                 ok.remove(name)
-                hidden.grad = weight.grad = None
-                if device == "cuda":
-                    torch.cuda.empty_cache()
     hidden.grad = weight.grad = None
     for name in ok:
         rows[name].update(time_s=statistics.median(times[name]), times_s=times[name])
