@@ -28,7 +28,8 @@ class ModelConfig:
     rope_theta: Optional[float] = None
     rope_scaling: Optional[dict] = None
     activation_checkpointing: bool = False
-    # torch.compile each decoder block (after TP and activation checkpointing, before the engine).
+    # torch.compile each decoder block (after TP and activation checkpointing, before the engine);
+    # under ZeRO-3 only the blocks' pointwise code (RMSNorm, RoPE, SwiGLU), see compile_pointwise.
     compile: bool = False
 
 
@@ -405,11 +406,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr})")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
-    if cfg.model.compile and cfg.parallel.zero_stage == 3:
-        # ZeRO-3 gathers parameters in hooks on every submodule; inside a compiled block they
-        # become graph breaks around each linear and the compiled code is slower than eager.
-        raise ConfigError("model.compile needs parallel.zero_stage 0, 1 or 2 (ZeRO-3's per-module parameter "
-                          "hooks break compiled graphs); set model.compile: false or lower the stage")
     if cfg.parallel.pp > 1:
         # The pipeline stages are built by megacpt/parallel/pp.py, outside the code paths of these.
         for on, what in ((cfg.model.compile, "model.compile"), (cfg.task == "sft", "task: sft"),

@@ -69,18 +69,32 @@ class ModelArgs:
         return 6.0 * self.num_params(embedding=False) + 12.0 * self.num_layers * self.hidden_size * seq_len
 
 
+def rms_norm(x, weight, eps: float):
+    # Normalise in fp32 and cast back before the weight, as HF does, so bf16 matches it.
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rope_qk(q, k, cos, sin):
+    # One function for q and k, so a compiled copy is one graph with static shapes.
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def swiglu(gate, up):
+    return F.silu(gate) * up
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.norm_fn = rms_norm  # compile_pointwise swaps in a compiled copy
 
     def forward(self, x):
-        # Normalise in fp32 and cast back before the weight, as HF does, so bf16 matches it.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.norm_fn(x, self.weight, self.eps)
 
     def reset_parameters(self):
         nn.init.ones_(self.weight)
@@ -160,13 +174,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, args.num_kv_heads * d, bias=args.qkv_bias)
         self.v_proj = nn.Linear(h, args.num_kv_heads * d, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_heads * d, h, bias=False)
+        self.rope_fn = rope_qk  # compile_pointwise swaps in a compiled copy
 
     def forward(self, x, cos, sin, mask):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, nh, s, d)
         k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, nkv, s, d)
         v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope_fn(q, k, cos, sin)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
         )
@@ -179,9 +194,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.act_fn = swiglu  # compile_pointwise swaps in a compiled copy
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -272,6 +288,32 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, masks[layer.window])
         x = self.norm(x)
         return self.lm_head(x, labels)
+
+
+POINTWISE_FNS = ("norm_fn", "rope_fn", "act_fn")
+
+
+def compile_pointwise(model: nn.Module) -> int:
+    """torch.compile the parameter-free pointwise code of every block (RMSNorm, RoPE, SwiGLU).
+
+    For ZeRO-3, which gathers each linear's weight in hooks on its module, so a whole compiled
+    block would break its graph around every linear: these functions take tensors only (the
+    norm weight is passed in, already gathered), so they compile to fused loops (one pass over
+    memory instead of one per op, forward and backward) and the linears stay eager. One compiled
+    copy per function, shared by all blocks. Returns the number of modules changed.
+    """
+    compiled: dict = {}
+    changed = 0
+    for module in model.modules():
+        for attr in POINTWISE_FNS:
+            fn = module.__dict__.get(attr)
+            if fn is None or hasattr(fn, "_torchdynamo_orig_callable"):  # absent or compiled already
+                continue
+            if fn not in compiled:
+                compiled[fn] = torch.compile(fn)
+            setattr(module, attr, compiled[fn])
+            changed += 1
+    return changed
 
 
 def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:

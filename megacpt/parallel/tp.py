@@ -350,14 +350,11 @@ class SequenceParallelRMSNorm(nn.Module):
         super().__init__()
         self.weight = norm.weight
         self.eps, self.group = norm.eps, group
+        self.norm_fn = norm.norm_fn
 
     def forward(self, x):
-        # RMSNorm.forward's arithmetic, op for op (same numerics), with the weight wrapped.
-        w = copy_to_tp_region(self.weight, self.group)
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w * x32.to(dtype)
+        # RMSNorm.forward's arithmetic (same function, same numerics), with the weight wrapped.
+        return self.norm_fn(x, copy_to_tp_region(self.weight, self.group), self.eps)
 
 
 # ---- applying and loading ---------------------------------------------------------------------

@@ -294,7 +294,16 @@ def train(cfg: Config) -> int:
         model = build_model(args, ds_config, dtype, cfg.parallel.zero_stage, weights=weights, topology=topo,
                             seed=cfg.seed, sequence_parallel=cfg.parallel.sequence_parallel)
         model.activation_checkpointing = cfg.model.activation_checkpointing
-        if cfg.model.compile:
+        if cfg.model.compile and cfg.parallel.zero_stage == 3:
+            # ZeRO-3 gathers each linear's weight in a hook on its module, which would break a
+            # compiled block around every linear: compile what lies between the linears instead.
+            from megacpt.models.llama import compile_pointwise
+
+            compile_pointwise(model)
+            if rank == 0:
+                print(f"torch.compile: pointwise code (RMSNorm, RoPE, SwiGLU) of {len(model.layers)} decoder "
+                      "blocks; linears stay eager under ZeRO-3 (compiled at their first call)", flush=True)
+        elif cfg.model.compile:
             # Per block, not the whole model: every block has the same graph, so one compilation is
             # reused by all of them, and the fused loss head (our own kernel) stays outside.
             for layer in model.layers:
