@@ -8,7 +8,7 @@
 # 2.50.4 (cp312 manylinux), annotated-types 0.8.0, typing-inspection 0.4.5, hjson 3.1.0, and
 # optionally liger-kernel 0.8.5 (a peer in the loss benchmark).
 # Phases: setup (wheels from .whl/, megacpt from the source tree; see bench/README.md "GPU"),
-# smoke, kernels, loss, profile, train1b, peers1b, compile1b, offload. Each phase runs with a time limit and
+# smoke, kernels, loss, profile, train1b, peers1b, compile1b, zero3c, offload. Each phase runs with a time limit and
 # the next one runs whatever happened, so one failure does not cost the rest of the lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -93,6 +93,11 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no cuda\"
       run compile1b 500 bash -c "$PY -m megacpt bench train --model llama3-1b --seq-len 4096 --micro-batch 1 \
         --nproc 1 --zero-stage 1 --warmup 4 --steps 10 --set model.compile=true \
         --json $OUT/train-llama3-1b-$DEV-compile-$TAG.json"
+      ;;
+    zero3c)  # ZeRO-3 eager vs compiled pointwise code (model.compile under ZeRO-3), peers alongside
+      run zero3c 560 bash -c "$PY -m megacpt bench train --model llama3-1b --seq-len 4096 --micro-batch 1 \
+        --nproc 1 --zero-stage 3 --warmup 3 --steps 5 --peers --set model.compile=true \
+        --json $OUT/train-llama3-1b-$DEV-zero3-compile-$TAG.json"
       ;;
     offload)  # the largest shape we try with ZeRO-3 and optimizer + parameters offloaded to CPU
       run offload 560 bash -c "$PY -m megacpt bench train --model ${OFFLOAD_MODEL:-llama3-8b} --seq-len 4096 \
