@@ -299,10 +299,13 @@ def train(cfg: Config) -> int:
             # compiled block around every linear: compile what lies between the linears instead.
             from megacpt.models.llama import compile_pointwise
 
-            compile_pointwise(model)
+            changed = compile_pointwise(model)
+            if changed == 0:
+                raise RuntimeError("model.compile: compile_pointwise found no norm_fn/rope_fn/act_fn to compile")
             if rank == 0:
-                print(f"torch.compile: pointwise code (RMSNorm, RoPE, SwiGLU) of {len(model.layers)} decoder "
-                      "blocks; linears stay eager under ZeRO-3 (compiled at their first call)", flush=True)
+                print(f"torch.compile: pointwise code (RMSNorm, RoPE, SwiGLU) of {changed} modules in "
+                      f"{len(model.layers)} decoder blocks and the final norm; linears stay eager under ZeRO-3 "
+                      "(compiled at their first call)", flush=True)
         elif cfg.model.compile:
             # Per block, not the whole model: every block has the same graph, so one compilation is
             # reused by all of them, and the fused loss head (our own kernel) stays outside.
