@@ -86,6 +86,24 @@ def swiglu(gate, up):
     return F.silu(gate) * up
 
 
+def sdpa_attention(q, k, v, mask):
+    """Causal attention of (b, h, s, d) q and (b, kv, s, d) k/v; mask: None or bool, True = attend."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+def cpu_attention(q, k, v, mask):
+    """sdpa_attention for CPU training: torch's flash forward, a backward of oneDNN matmuls and one
+    compiled pointwise pass per block of queries (megacpt.kernels.cpu_attention), instead of torch's
+    CPU flash backward. compile_pointwise swaps it in for modules on CPU."""
+    from megacpt.kernels.cpu_attention import causal_attention
+
+    if q.device.type != "cpu" or not torch.is_grad_enabled():
+        return sdpa_attention(q, k, v, mask)
+    return causal_attention(q, k, v, mask, compiled=True)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -175,6 +193,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, args.num_kv_heads * d, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_heads * d, h, bias=False)
         self.rope_fn = rope_qk  # compile_pointwise swaps in a compiled copy
+        self.attn_fn = sdpa_attention  # compile_pointwise swaps in cpu_attention on CPU
 
     def forward(self, x, cos, sin, mask):
         b, s, _ = x.shape
@@ -182,9 +201,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, nkv, s, d)
         v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = self.rope_fn(q, k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
-        )
+        out = self.attn_fn(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -294,16 +311,21 @@ POINTWISE_FNS = ("norm_fn", "rope_fn", "act_fn")
 
 
 def compile_pointwise(model: nn.Module) -> int:
-    """torch.compile the parameter-free pointwise code of every block (RMSNorm, RoPE, SwiGLU).
+    """torch.compile the parameter-free pointwise code of every block (RMSNorm, RoPE, SwiGLU),
+    and on CPU give attention a faster backward (cpu_attention).
 
     For ZeRO-3, which gathers each linear's weight in hooks on its module, so a whole compiled
     block would break its graph around every linear: these functions take tensors only (the
     norm weight is passed in, already gathered), so they compile to fused loops (one pass over
     memory instead of one per op, forward and backward) and the linears stay eager. One compiled
-    copy per function, shared by all blocks. Returns the number of modules changed.
+    copy per function, shared by all blocks. On CPU, torch's flash-attention backward is ~6x its
+    forward; cpu_attention's (matmuls plus one compiled pointwise pass) is faster there, and on
+    GPUs torch's own stays. Returns the number of modules changed.
     """
     compiled: dict = {}
     changed = 0
+    first = next(model.parameters(), None)
+    on_cpu = first is not None and first.device.type == "cpu"
     for module in model.modules():
         for attr in POINTWISE_FNS:
             fn = module.__dict__.get(attr)
@@ -312,6 +334,9 @@ def compile_pointwise(model: nn.Module) -> int:
             if fn not in compiled:
                 compiled[fn] = torch.compile(fn)
             setattr(module, attr, compiled[fn])
+            changed += 1
+        if on_cpu and module.__dict__.get("attn_fn") is sdpa_attention:
+            module.attn_fn = cpu_attention
             changed += 1
     return changed
 
