@@ -129,8 +129,11 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
     block_rows = block_rows or BLOCK_ROWS
     fn = _pointwise_fn(compiled)
     grad_out = grad_out.contiguous()
-    low = dt == torch.bfloat16 and _cpu_bf16_units()
-    kf = k.float() if low else k
+    # Scores from fp32 operands (exact widenings), as flash attention keeps them: a bf16 result
+    # would round them before the exponential. For bf16 on CPUs with bf16 units oneDNN still
+    # multiplies them as bf16 (exact products, fp32 accumulation).
+    bf16_products = dt == torch.bfloat16 and _cpu_bf16_units()
+    kf = k.float()
     dq = torch.empty_like(q)
     dk = torch.zeros((b, kv, s, d), dtype=torch.float32)
     dv = torch.zeros((b, kv, s, d), dtype=torch.float32)
@@ -141,9 +144,8 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
         r = end - start
         qb = _grouped(q, kv, start, end)
         dob = _grouped(grad_out, kv, start, end)
-        with _bf16_products(low):
-            # Scores in fp32 (as flash attention keeps them): bf16 would round them before exp.
-            sc = torch.matmul(qb.float() if low else qb, kf[:, :, :end].transpose(-1, -2))
+        with _bf16_products(bf16_products):
+            sc = torch.matmul(qb.float(), kf[:, :, :end].transpose(-1, -2))
         dp = torch.matmul(dob, v[:, :, :end].transpose(-1, -2))
         shape5 = (b, kv, g, r, end)
         p, ds = fn(sc.view(shape5), dp.view(shape5), lse[:, :, start:end].reshape(b, kv, g, r, 1),

@@ -443,10 +443,19 @@ def _grads_chunk(h, w_mm, local, in_shard, row_max, log_sumexp, lse, row_scale, 
     _accumulate_grads(dz, h, w_mm, dx, dw, i, j)
 
 
-def _fused_chunk(h, w_mm, local, in_shard, valid, softcap, z_loss, eps, dx, dw, i, j):
+def _fused_chunk(h, w_mm, local, in_shard, valid, softcap, z_loss, eps, dx, dw, i, j, compiled=False):
     s, th = _chunk_logits(h, w_mm, softcap)
-    m = s.amax(1)
     t = torch.where(in_shard, s.gather(1, local.unsqueeze(1)).squeeze(1), 0.0)
+    if compiled and (dx is not None or dw is not None) and _compiled_pass_applies(s, softcap, z_loss, eps):
+        # One compiled pass (max, sum of exp, dlogits) instead of ~7 eager ones over the logits.
+        out_dtype = torch.float32 if w_mm.dtype == torch.float32 or (dw is not None and dw.dtype == torch.float32) \
+            else w_mm.dtype
+        scale = valid if valid is not None else torch.ones(s.shape[0], dtype=torch.float32, device=s.device)
+        m, se, dz = _compiled_softmax_grad()(s, local, in_shard, scale, out_dtype)
+        del s
+        _accumulate_grads(dz, h, w_mm, dx, dw, i, j)
+        return m, se, t, None
+    m = s.amax(1)
     total = s.sum(1) if eps else None
     e = s.sub_(m.unsqueeze(1)).exp_()
     se = e.sum(1)
@@ -457,6 +466,35 @@ def _fused_chunk(h, w_mm, local, in_shard, valid, softcap, z_loss, eps, dx, dw, 
         del th, s, e, p
         _accumulate_grads(dz, h, w_mm, dx, dw, i, j)
     return m, se, t, total
+
+
+def _softmax_grad(s: Tensor, local: Tensor, in_shard: Tensor, row_scale: Tensor, out_dtype: torch.dtype):
+    """Row max, sum of exp(s - max) and the dlogits (softmax - onehot) * row_scale of fp32 logits s,
+    in out_dtype. The target's p - 1 is formed in fp32 before any rounding (see _probs_to_dlogits)."""
+    m = s.amax(1, keepdim=True)
+    e = torch.exp(s - m)
+    se = e.sum(1, keepdim=True)
+    cols = torch.arange(s.shape[1], device=s.device)[None, :]
+    is_target = (cols == local[:, None]) & in_shard[:, None]
+    p = e / se
+    dz = torch.where(is_target, p - 1.0, p) * row_scale[:, None]
+    return m.squeeze(1), se.squeeze(1), dz.to(out_dtype)
+
+
+_compiled_softmax_grad_fn = None
+
+
+def _compiled_softmax_grad():
+    global _compiled_softmax_grad_fn
+    if _compiled_softmax_grad_fn is None:
+        _compiled_softmax_grad_fn = torch.compile(_softmax_grad)
+    return _compiled_softmax_grad_fn
+
+
+def _compiled_pass_applies(s: Tensor, softcap, z_loss: float, eps: float) -> bool:
+    """The compiled pass covers the plain loss on CPU (where eager's passes over the fp32 logits
+    cost more than the matmuls' share); softcap, z-loss and label smoothing keep the eager path."""
+    return s.device.type == "cpu" and softcap is None and not z_loss and not eps
 
 
 @torch.no_grad()
@@ -501,8 +539,9 @@ def torch_grads(hidden: Tensor, weight: Tensor, targets: Tensor, row_max: Tensor
 @torch.no_grad()
 def torch_fused(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int,
                 softcap: Optional[float], z_loss: float, label_smoothing: float,
-                need_dx: bool, need_dw: bool, chunk_elems: Optional[int] = None):
-    """One pass: softmax statistics and the gradients of the *sum* of per-token losses."""
+                need_dx: bool, need_dw: bool, chunk_elems: Optional[int] = None, compiled: bool = False):
+    """One pass: softmax statistics and the gradients of the *sum* of per-token losses.
+    compiled: on CPU, the pass from logits to dlogits is one torch.compile'd function."""
     n, v = hidden.shape[0], weight.shape[0]
     out = torch.empty((4, n), dtype=torch.float32, device=hidden.device)
     w_mm = _matmul_weight(hidden, weight)
@@ -517,7 +556,7 @@ def torch_fused(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index
             j = min(i + c, n)
             for k, x in enumerate(_fused_chunk(hidden[i:j], w_mm, local[i:j], in_shard[i:j],
                                                None if row_scale is None else row_scale[i:j],
-                                               softcap, z_loss, label_smoothing, dx, dw, i, j)):
+                                               softcap, z_loss, label_smoothing, dx, dw, i, j, compiled)):
                 if x is not None:
                     out[k, i:j] = x
     return out[0], out[1], out[2], (out[3] if label_smoothing else None), dx, dw
@@ -562,11 +601,11 @@ class _PrecomputedLCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, z_loss, label_smoothing,
-                softcap, need_dx, need_dw, chunk_elems):
+                softcap, need_dx, need_dw, chunk_elems, compiled):
         row_max, sumexp, tgt_logit, logit_sum, dx, dw = torch_fused(
             hidden, weight, targets, ignore_index=ignore_index, softcap=softcap, z_loss=z_loss,
             label_smoothing=label_smoothing, need_dx=need_dx, need_dw=need_dw,
-            chunk_elems=chunk_elems)
+            chunk_elems=chunk_elems, compiled=compiled)
         loss, z, valid, _ = _finish(row_max, sumexp, tgt_logit, logit_sum, targets,
                                     ignore_index=ignore_index, vocab_total=weight.shape[0],
                                     z_loss=z_loss, label_smoothing=label_smoothing)
@@ -591,7 +630,7 @@ class _PrecomputedLCE(torch.autograd.Function):
         dx = ctx.dx.mul_(scale).to(ctx.dtypes[0]) if ctx.dx is not None else None
         dw = ctx.dw.mul_(scale).to(ctx.dtypes[1]) if ctx.dw is not None else None
         ctx.dx = ctx.dw = None
-        return dx, dw, None, None, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None, None, None, None
 
 
 class _RecomputeLCE(torch.autograd.Function):
@@ -632,7 +671,7 @@ class _RecomputeLCE(torch.autograd.Function):
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100,
                          reduction: str = "mean", z_loss: float = 0.0, label_smoothing: float = 0.0,
                          softcap: Optional[float] = None, return_z_loss: bool = False,
-                         impl: str = "auto", _chunk_elems: Optional[int] = None):
+                         impl: str = "auto", compiled: bool = False, _chunk_elems: Optional[int] = None):
     """Cross-entropy of `hidden @ weight.T` against `targets`, never materialising the logits.
 
     hidden (..., H) fp32/bf16/fp16, weight (V, H) same dtype, targets (...) int64 (int32 accepted).
@@ -649,6 +688,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
     first call, later ones give a NaN loss instead -- see _maybe_check_targets).
     Limitation: the torch path with reduction "mean"/"sum" scales its precomputed gradients in
     place, so a second backward through the same graph (retain_graph=True) raises RuntimeError.
+    compiled: on CPU, the torch path's pass from the logits to their gradient (max, sum of exp,
+    softmax minus one-hot) is one torch.compile'd loop instead of ~7 eager passes over the fp32
+    logits (without softcap, z-loss and label smoothing; the first call compiles it).
     _chunk_elems (private, tests/benchmarks): overrides CHUNK_ELEMS for the torch path.
     """
     _validate(hidden, weight, targets, reduction, impl, z_loss, label_smoothing, softcap)
@@ -673,7 +715,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
             loss, z = _reduce(loss, reduction, n_valid), _reduce(z, reduction, n_valid)
     elif backend.name == "torch" and reduction != "none":
         loss, z = _PrecomputedLCE.apply(hidden2, weight, targets1, ignore_index, reduction, z_loss,
-                                        label_smoothing, softcap, need_dx, need_dw, _chunk_elems)
+                                        label_smoothing, softcap, need_dx, need_dw, _chunk_elems, compiled)
     else:
         loss, z = _RecomputeLCE.apply(hidden2, weight, targets1, backend, ignore_index, reduction,
                                       z_loss, label_smoothing, softcap)

@@ -708,3 +708,34 @@ def test_no_rows(dtype, reduction):
     assert loss.shape == ((0,) if reduction == "none" else ())
     loss.sum().backward()
     assert hidden.grad.shape == (0, 16) and torch.count_nonzero(weight.grad) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_softmax_pass_matches_reference_and_eager(dtype):
+    """compiled=True (the CPU softmax pass as one torch.compile'd loop): the fp64 reference's loss
+    and gradients, and the eager path's to rounding, for one chunk and several (a ragged last
+    one), ignored rows, confident targets (p - 1 formed in fp32) and reductions sum/mean; the
+    options it does not cover (z-loss, label smoothing, softcap) still give the reference."""
+    n, v = 48, 1001
+    cases = {"plain": make_case(n, 64, v, dtype=dtype, scale=4.0, ignore_every=5),
+             "confident": make_case(n, 64, v, dtype=dtype, confident=True)}
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, (hidden, weight, targets) in cases.items():
+        for chunk_rows, reduction in ((n, "sum"), (20, "mean")):
+            kw = dict(reduction=reduction, ours_kw=dict(compiled=True, _chunk_elems=chunk_rows * v))
+            ours, ref = run_both(hidden, weight, targets, **kw)
+            eager, _ = run_both(hidden, weight, targets, reduction=reduction, ours_kw=dict(_chunk_elems=chunk_rows * v))
+            # Confident targets: fp32 rounding of the logits bounds the loss to ~2e-4 (see CASES).
+            loss_tol = 1e-3 if name == "confident" else 1e-5
+            assert rel_err(ours["loss"], ref["loss"]) < loss_tol, (name, chunk_rows)
+            assert rel_err(ours["loss"], eager["loss"]) < loss_tol, (name, chunk_rows)
+            grad_tol = max(tol, loss_tol)
+            for k in ("dx", "dw"):
+                assert rel_err(ours[k], ref[k]) < grad_tol, (name, chunk_rows, k)
+                assert rel_err(ours[k], eager[k]) < grad_tol, (name, chunk_rows, k)
+    hidden, weight, targets = cases["plain"]
+    for opts in (dict(z_loss=1e-3), dict(label_smoothing=0.1), dict(softcap=5.0)):
+        ours, ref = run_both(hidden, weight, targets, reduction="sum", ours_kw=dict(compiled=True), **opts)
+        assert rel_err(ours["loss"], ref["loss"]) < 1e-5, opts
+        assert rel_err(ours["dx"], ref["dx"]) < tol, opts

@@ -20,7 +20,8 @@ def test_compiled_blocks_match_eager(tmp_path):
         r = run_ok(nproc, write_config(tmp_path / f"{name}.yaml", c))
         assert ("torch.compile: 2 decoder blocks" in r.stdout) == (name == "compiled")
         assert ("torch.compile: pointwise code (RMSNorm, RoPE, SwiGLU) of 9 modules in 2 decoder blocks and the "
-                "final norm; attention in 2 blocks: flash forward, megacpt's CPU backward" in r.stdout) == (
+                "final norm; on CPU also attention's backward in 2 blocks (flash forward, megacpt's backward) and the loss "
+                "head's softmax pass" in r.stdout) == (
             name == "zero3-pointwise")
         recs = train_losses(tmp_path / name)
         runs[name] = {k: [recs[s][k] for s in sorted(recs)] for k in ("loss", "grad_norm")}
@@ -50,9 +51,10 @@ def test_compile_pointwise_matches_eager_in_fp32_and_bf16():
     torch._dynamo.utils.counters.clear()
     eager = _tiny_model()
     compiled = copy.deepcopy(eager)
-    # 5 norms (2 per block + final), 2 attentions (RoPE, and on CPU the attention itself), 2 MLPs;
-    # a second call changes nothing.
-    assert llama.compile_pointwise(compiled) == 11
+    # 5 norms (2 per block + final), 2 attentions (RoPE, and on CPU the attention itself), 2 MLPs,
+    # and on CPU the loss head; a second call changes nothing.
+    assert llama.compile_pointwise(compiled) == 12
+    assert compiled.lm_head.compiled
     assert llama.compile_pointwise(compiled) == 0
     for m in compiled.modules():
         for attr in llama.POINTWISE_FNS:
@@ -63,8 +65,8 @@ def test_compile_pointwise_matches_eager_in_fp32_and_bf16():
     ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
     for model in (eager, compiled):
         model(ids, ids.clone()).backward()
-    # rms_norm, rope_qk, swiglu and the attention backward's pointwise pass
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
+    # rms_norm, rope_qk, swiglu, the attention backward's pointwise pass, the loss head's softmax pass
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 5
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
 

@@ -241,6 +241,7 @@ class LMHead(nn.Module):
     def __init__(self, hidden_size: int, vocab_size: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self.compiled = False  # compile_pointwise sets it on CPU: the kernel's softmax pass compiled
 
     def forward(self, h, targets=None):
         if targets is None:
@@ -248,7 +249,8 @@ class LMHead(nn.Module):
         from megacpt.kernels import linear_cross_entropy
 
         return linear_cross_entropy(
-            h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum",
+            compiled=self.compiled,
         )
 
 
@@ -312,7 +314,8 @@ POINTWISE_FNS = ("norm_fn", "rope_fn", "act_fn")
 
 def compile_pointwise(model: nn.Module) -> int:
     """torch.compile the parameter-free pointwise code of every block (RMSNorm, RoPE, SwiGLU),
-    and on CPU give attention a faster backward (cpu_attention).
+    and on CPU give attention a faster backward (cpu_attention) and the loss head's softmax pass a
+    compiled loop (LMHead.compiled).
 
     For ZeRO-3, which gathers each linear's weight in hooks on its module, so a whole compiled
     block would break its graph around every linear: these functions take tensors only (the
@@ -337,6 +340,9 @@ def compile_pointwise(model: nn.Module) -> int:
             changed += 1
         if on_cpu and module.__dict__.get("attn_fn") is sdpa_attention:
             module.attn_fn = cpu_attention
+            changed += 1
+        if on_cpu and isinstance(module, LMHead) and not module.compiled:
+            module.compiled = True
             changed += 1
     return changed
 

@@ -297,17 +297,18 @@ def train(cfg: Config) -> int:
         if cfg.model.compile and cfg.parallel.zero_stage == 3:
             # ZeRO-3 gathers each linear's weight in a hook on its module, which would break a
             # compiled block around every linear: compile what lies between the linears instead.
-            from megacpt.models.llama import compile_pointwise, cpu_attention
+            from megacpt.models.llama import LMHead, compile_pointwise, cpu_attention
 
             changed = compile_pointwise(model)
             n_attn = sum(1 for m in model.modules() if m.__dict__.get("attn_fn") is cpu_attention)
-            if changed - n_attn <= 0:
+            n_head = sum(1 for m in model.modules() if isinstance(m, LMHead) and m.compiled)
+            if changed - n_attn - n_head <= 0:
                 raise RuntimeError("model.compile: compile_pointwise found no norm_fn/rope_fn/act_fn to compile")
             if rank == 0:
-                attn = (f"; attention in {n_attn} blocks: flash forward, megacpt's CPU backward (compiled)"
-                        if n_attn else "")
-                print(f"torch.compile: pointwise code (RMSNorm, RoPE, SwiGLU) of {changed - n_attn} modules in "
-                      f"{len(model.layers)} decoder blocks and the final norm{attn}; linears stay eager under "
+                cpu = (f"; on CPU also attention's backward in {n_attn} blocks (flash forward, megacpt's backward) "
+                       "and the loss head's softmax pass" if n_attn else "")
+                print(f"torch.compile: pointwise code (RMSNorm, RoPE, SwiGLU) of {changed - n_attn - n_head} modules "
+                      f"in {len(model.layers)} decoder blocks and the final norm{cpu}; linears stay eager under "
                       "ZeRO-3 (compiled at their first call)", flush=True)
         elif cfg.model.compile:
             # Per block, not the whole model: every block has the same graph, so one compilation is
