@@ -29,7 +29,8 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None
     activation_checkpointing: bool = False
     # torch.compile each decoder block (after TP and activation checkpointing, before the engine);
-    # under ZeRO-3 only the blocks' pointwise code (RMSNorm, RoPE, SwiGLU), see compile_pointwise.
+    # under ZeRO-3 only the blocks' pointwise code (RMSNorm, RoPE, SwiGLU), plus on CPU megacpt's
+    # attention backward and the loss head's compiled softmax pass, see compile_pointwise.
     compile: bool = False
 
 
