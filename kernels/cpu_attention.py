@@ -13,7 +13,7 @@ their query group as in GQA):
     P  = exp(S * scale - lse)   (0 where masked)
     dP = dO_b V^T
     dS = P * (dP - rowsum(dO_b * O_b))
-    dQ_b = dS K * scale,  dK += dS^T Q_b * scale,  dV += P^T dO_b
+    dQ_b = dS K * scale,  dK += dS^T Q_b * scale,  dV += P^T dO_b   (dK, dV summed in fp32)
 
 Keys past the block's last row are never visible to a causal model, so each block only touches
 keys [0, end): with two blocks the matmuls and the pointwise pass skip a quarter of the square,
@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 # Query rows per block: at SmolLM2's shape (512 tokens) 256 trained faster than 128 (smaller,
 # slower matmuls) and 512 (no causal trim) in an interleaved one-core comparison.
@@ -38,14 +39,15 @@ BLOCK_ROWS = 256
 
 
 def _pointwise(s: Tensor, dp: Tensor, lse: Tensor, delta: Tensor, scale: float, first_row: int):
-    """P and dS of one block of query rows under the causal mask. s (fp32), dp: (b, kv, g, r, n);
-    lse, delta: (b, kv, g, r, 1) fp32; first_row: the block's first query position. Returns both
-    in dp's dtype (the next matmuls' operand dtype). The mask is computed from indices, not read
+    """P and scale * dS of one block of query rows under the causal mask. s (fp32), dp: (b, kv, g,
+    r, n); lse, delta: (b, kv, g, r, 1) fp32; first_row: the block's first query position. Returns
+    both in dp's dtype (the next matmuls' operand dtype). The mask is computed from indices, not read
     from a tensor: a mask operand makes inductor split the loop in two passes over the block."""
     rows = torch.arange(s.shape[-2], device=s.device)[:, None] + first_row
     cols = torch.arange(s.shape[-1], device=s.device)[None, :]
     p = torch.where(cols <= rows, torch.exp(s * scale - lse), 0.0)
-    ds = p * (dp.float() - delta)
+    # The softmax scale is folded in here (fp32), so dQ and dK need no second rounding for it.
+    ds = p * (dp.float() - delta) * scale
     return p.to(dp.dtype), ds.to(dp.dtype)
 
 
@@ -108,6 +110,7 @@ class _CausalAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse, mask = ctx.saved_tensors
         dq, dk, dv = attention_backward(q, k, v, out, lse, grad_out, mask, ctx.scale, ctx.compiled)
@@ -156,9 +159,9 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
             p.masked_fill_(hidden, 0)
             ds.masked_fill_(hidden, 0)
         p, ds = p.view(b, kv, g * r, end), ds.view(b, kv, g * r, end)
-        dq[:, :, start:end] = (torch.matmul(ds, k[:, :, :end]) * scale).view(b, h, r, d)
-        dk[:, :, :end] += torch.matmul(ds.transpose(-1, -2), qb).float().mul_(scale)
-        dv[:, :, :end] += torch.matmul(p.transpose(-1, -2), dob).float()
+        dq[:, :, start:end] = torch.matmul(ds, k[:, :, :end]).view(b, h, r, d)
+        dk[:, :, :end] += torch.matmul(ds.transpose(-1, -2), qb)
+        dv[:, :, :end] += torch.matmul(p.transpose(-1, -2), dob)
     return dq, dk.to(dt), dv.to(dt)
 
 
@@ -171,6 +174,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = N
     """
     if q.device.type != "cpu":
         raise ValueError("causal_attention is the CPU path; on GPUs use scaled_dot_product_attention")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"causal_attention takes fp32, bf16 or fp16, not {q.dtype}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads do not split into groups over {k.shape[1]} key/value heads")
     if scale is None:

@@ -446,10 +446,11 @@ def _grads_chunk(h, w_mm, local, in_shard, row_max, log_sumexp, lse, row_scale, 
 def _fused_chunk(h, w_mm, local, in_shard, valid, softcap, z_loss, eps, dx, dw, i, j, compiled=False):
     s, th = _chunk_logits(h, w_mm, softcap)
     t = torch.where(in_shard, s.gather(1, local.unsqueeze(1)).squeeze(1), 0.0)
-    if compiled and (dx is not None or dw is not None) and _compiled_pass_applies(s, softcap, z_loss, eps):
+    # dlogits in the weight's dtype where the products take them so (bf16 on CPU, one chunk).
+    out_dtype = torch.float32 if w_mm.dtype == torch.float32 or (dw is not None and dw.dtype == torch.float32) \
+        else w_mm.dtype
+    if compiled and (dx is not None or dw is not None) and _compiled_pass_applies(s, softcap, z_loss, eps, out_dtype):
         # One compiled pass (max, sum of exp, dlogits) instead of ~7 eager ones over the logits.
-        out_dtype = torch.float32 if w_mm.dtype == torch.float32 or (dw is not None and dw.dtype == torch.float32) \
-            else w_mm.dtype
         scale = valid if valid is not None else torch.ones(s.shape[0], dtype=torch.float32, device=s.device)
         m, se, dz = _compiled_softmax_grad()(s, local, in_shard, scale, out_dtype)
         del s
@@ -491,10 +492,13 @@ def _compiled_softmax_grad():
     return _compiled_softmax_grad_fn
 
 
-def _compiled_pass_applies(s: Tensor, softcap, z_loss: float, eps: float) -> bool:
+def _compiled_pass_applies(s: Tensor, softcap, z_loss: float, eps: float, out_dtype: torch.dtype) -> bool:
     """The compiled pass covers the plain loss on CPU (where eager's passes over the fp32 logits
-    cost more than the matmuls' share); softcap, z-loss and label smoothing keep the eager path."""
-    return s.device.type == "cpu" and softcap is None and not z_loss and not eps
+    cost more than the matmuls' share) with low-precision dlogits: its workspace is then the
+    eager path's (fp32 logits + bf16 dlogits, see _chunk_rows); fp32 dlogits would double the
+    eager in-place path's. Softcap, z-loss and label smoothing keep the eager path too."""
+    return (s.device.type == "cpu" and out_dtype != torch.float32 and softcap is None and not z_loss
+            and not eps)
 
 
 @torch.no_grad()
@@ -688,9 +692,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
     first call, later ones give a NaN loss instead -- see _maybe_check_targets).
     Limitation: the torch path with reduction "mean"/"sum" scales its precomputed gradients in
     place, so a second backward through the same graph (retain_graph=True) raises RuntimeError.
-    compiled: on CPU, the torch path's pass from the logits to their gradient (max, sum of exp,
-    softmax minus one-hot) is one torch.compile'd loop instead of ~7 eager passes over the fp32
-    logits (without softcap, z-loss and label smoothing; the first call compiles it).
+    compiled: on CPU with bf16 operands in one chunk (the bf16-products path), the torch path's
+    pass from the logits to their gradient (max, sum of exp, softmax minus one-hot) is one
+    torch.compile'd loop instead of ~7 eager passes over the fp32 logits (not with softcap,
+    z-loss or label smoothing; elsewhere a no-op; the first call compiles it).
     _chunk_elems (private, tests/benchmarks): overrides CHUNK_ELEMS for the torch path.
     """
     _validate(hidden, weight, targets, reduction, impl, z_loss, label_smoothing, softcap)

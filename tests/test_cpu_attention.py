@@ -81,8 +81,12 @@ def test_block_size_does_not_change_the_gradients(block_rows):
 
 
 @pytest.mark.parametrize("mask_kind", ["causal", "documents"])
-def test_bf16_gradients_as_accurate_as_torch_flash(mask_kind):
-    """bf16: no further from the fp64 reference than torch's own bf16 attention backward."""
+def test_bf16_gradients_as_accurate_as_torch_flash(mask_kind, monkeypatch):
+    """bf16, over several blocks: within 1.5x of the fp64-reference error of torch's own bf16
+    attention backward."""
+    import megacpt.kernels.cpu_attention as ca
+
+    monkeypatch.setattr(ca, "BLOCK_ROWS", 32)  # 96 positions: three blocks
     q, k, v, grad = _inputs(torch.bfloat16, s=96)
     mask = _masks(2, 96)[mask_kind]
     _, ref_grads = _reference(q, k, v, grad, mask)
@@ -96,19 +100,25 @@ def test_bf16_gradients_as_accurate_as_torch_flash(mask_kind):
 @pytest.mark.slow
 def test_compiled_pointwise_pass_matches_eager():
     """The compiled pass (dynamic shapes: each block has its own key count) gives eager's gradients."""
-    q, k, v, grad = _inputs(torch.float32, s=300)  # two blocks of 256 rows: 256 and 300 keys
     mask = _masks(2, 300)["documents"]
-    for m in (None, mask):
-        _, eager = _ours(q, k, v, grad, m, compiled=False)
-        _, comp = _ours(q, k, v, grad, m, compiled=True)
-        for a, b in zip(comp, eager):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, grad = _inputs(dtype, s=300)  # two blocks of 256 rows: 256 and 300 keys
+        for m in (None, mask):
+            _, eager = _ours(q, k, v, grad, m, compiled=False)
+            _, comp = _ours(q, k, v, grad, m, compiled=True)
+            for a, b in zip(comp, eager):
+                assert a.dtype == dtype
+                # bf16: inductor keeps fp32 between the fused ops, eager rounds after each one.
+                tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+                torch.testing.assert_close(a.float(), b.float(), **tol)
 
 
 def test_rejects_bad_shapes_and_devices():
     q, k, v, _ = _inputs(torch.float32, h=3, kv=2)
     with pytest.raises(ValueError, match="3 query heads do not split into groups over 2"):
         causal_attention(q, k, v)
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16, not torch.float64"):
+        causal_attention(*(t.double() for t in _inputs(torch.float32)[:3]))
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="CPU path"):
             causal_attention(*(t.cuda() for t in _inputs(torch.float32)[:3]))

@@ -19,10 +19,9 @@ def test_compiled_blocks_match_eager(tmp_path):
                             **{"model.compile": compiled, "model.activation_checkpointing": compiled})
         r = run_ok(nproc, write_config(tmp_path / f"{name}.yaml", c))
         assert ("torch.compile: 2 decoder blocks" in r.stdout) == (name == "compiled")
+        # fp32: no CPU attention backward (slower than torch's there) and no compiled loss pass (bf16 only).
         assert ("torch.compile: pointwise code (RMSNorm, RoPE, SwiGLU) of 9 modules in 2 decoder blocks and the "
-                "final norm; on CPU also attention's backward in 2 blocks (flash forward, megacpt's backward) and the loss "
-                "head's softmax pass" in r.stdout) == (
-            name == "zero3-pointwise")
+                "final norm; linears stay eager" in r.stdout) == (name == "zero3-pointwise")
         recs = train_losses(tmp_path / name)
         runs[name] = {k: [recs[s][k] for s in sorted(recs)] for k in ("loss", "grad_norm")}
         assert len(runs[name]["loss"]) == 3
@@ -53,9 +52,9 @@ def test_compile_pointwise_matches_eager_in_fp32_and_bf16():
     compiled = copy.deepcopy(eager)
     # 5 norms (2 per block + final), 2 attentions (RoPE, and on CPU the attention itself), 2 MLPs,
     # and on CPU the loss head; a second call changes nothing.
-    assert llama.compile_pointwise(compiled) == 12
+    assert llama.compile_pointwise(compiled, attention=True) == 12
     assert compiled.lm_head.compiled
-    assert llama.compile_pointwise(compiled) == 0
+    assert llama.compile_pointwise(compiled, attention=True) == 0
     for m in compiled.modules():
         for attr in llama.POINTWISE_FNS:
             if attr in m.__dict__:
@@ -65,8 +64,9 @@ def test_compile_pointwise_matches_eager_in_fp32_and_bf16():
     ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
     for model in (eager, compiled):
         model(ids, ids.clone()).backward()
-    # rms_norm, rope_qk, swiglu, the attention backward's pointwise pass, the loss head's softmax pass
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 5
+    # rms_norm, rope_qk, swiglu and the attention backward's pointwise pass (the loss head's
+    # compiled pass is for bf16 only: fp32 keeps the eager one)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
 

@@ -96,7 +96,7 @@ def sdpa_attention(q, k, v, mask):
 def cpu_attention(q, k, v, mask):
     """sdpa_attention for CPU training: torch's flash forward, a backward of oneDNN matmuls and one
     compiled pointwise pass per block of queries (megacpt.kernels.cpu_attention), instead of torch's
-    CPU flash backward. compile_pointwise swaps it in for modules on CPU."""
+    CPU flash backward. compile_pointwise(attention=True) swaps it in for modules on CPU."""
     from megacpt.kernels.cpu_attention import causal_attention
 
     if q.device.type != "cpu" or not torch.is_grad_enabled():
@@ -193,7 +193,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, args.num_kv_heads * d, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_heads * d, h, bias=False)
         self.rope_fn = rope_qk  # compile_pointwise swaps in a compiled copy
-        self.attn_fn = sdpa_attention  # compile_pointwise swaps in cpu_attention on CPU
+        self.attn_fn = sdpa_attention  # compile_pointwise(attention=True) swaps in cpu_attention on CPU
 
     def forward(self, x, cos, sin, mask):
         b, s, _ = x.shape
@@ -312,18 +312,19 @@ class Transformer(nn.Module):
 POINTWISE_FNS = ("norm_fn", "rope_fn", "act_fn")
 
 
-def compile_pointwise(model: nn.Module) -> int:
-    """torch.compile the parameter-free pointwise code of every block (RMSNorm, RoPE, SwiGLU),
-    and on CPU give attention a faster backward (cpu_attention) and the loss head's softmax pass a
-    compiled loop (LMHead.compiled).
+def compile_pointwise(model: nn.Module, attention: bool = False) -> int:
+    """torch.compile the parameter-free pointwise code of every block (RMSNorm, RoPE, SwiGLU);
+    on CPU also the loss head's softmax pass (LMHead.compiled) and, with attention=True, give
+    attention megacpt's CPU backward (cpu_attention).
 
     For ZeRO-3, which gathers each linear's weight in hooks on its module, so a whole compiled
     block would break its graph around every linear: these functions take tensors only (the
     norm weight is passed in, already gathered), so they compile to fused loops (one pass over
     memory instead of one per op, forward and backward) and the linears stay eager. One compiled
-    copy per function, shared by all blocks. On CPU, torch's flash-attention backward is ~6x its
-    forward; cpu_attention's (matmuls plus one compiled pointwise pass) is faster there, and on
-    GPUs torch's own stays. Returns the number of modules changed.
+    copy per function, shared by all blocks. attention=True is for bf16 on CPUs with bf16 units
+    and a caching allocator, where cpu_attention's backward beats torch's flash backward (~6x
+    its forward there); in fp32, or when every call faults in fresh pages, torch's was faster.
+    GPUs keep torch's attention. Returns the number of modules changed.
     """
     compiled: dict = {}
     changed = 0
@@ -338,7 +339,7 @@ def compile_pointwise(model: nn.Module) -> int:
                 compiled[fn] = torch.compile(fn)
             setattr(module, attr, compiled[fn])
             changed += 1
-        if on_cpu and module.__dict__.get("attn_fn") is sdpa_attention:
+        if attention and on_cpu and module.__dict__.get("attn_fn") is sdpa_attention:
             module.attn_fn = cpu_attention
             changed += 1
         if on_cpu and isinstance(module, LMHead) and not module.compiled:

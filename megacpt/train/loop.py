@@ -297,18 +297,26 @@ def train(cfg: Config) -> int:
         if cfg.model.compile and cfg.parallel.zero_stage == 3:
             # ZeRO-3 gathers each linear's weight in a hook on its module, which would break a
             # compiled block around every linear: compile what lies between the linears instead.
+            from megacpt.kernels.linear_cross_entropy import cpu_has_bf16_units
             from megacpt.models.llama import LMHead, compile_pointwise, cpu_attention
 
-            changed = compile_pointwise(model)
+            # megacpt's CPU attention backward only where it measured faster than torch's: bf16 on
+            # a CPU with bf16 units, with freed blocks kept by malloc (kernels/cpu_attention.py).
+            attention = (dtype == torch.bfloat16 and cfg.train.cpu_allocator == "caching"
+                         and not torch.cuda.is_available() and cpu_has_bf16_units())
+            changed = compile_pointwise(model, attention=attention)
             n_attn = sum(1 for m in model.modules() if m.__dict__.get("attn_fn") is cpu_attention)
             n_head = sum(1 for m in model.modules() if isinstance(m, LMHead) and m.compiled)
             if changed - n_attn - n_head <= 0:
                 raise RuntimeError("model.compile: compile_pointwise found no norm_fn/rope_fn/act_fn to compile")
             if rank == 0:
-                cpu = (f"; on CPU also attention's backward in {n_attn} blocks (flash forward, megacpt's backward) "
-                       "and the loss head's softmax pass" if n_attn else "")
+                # The head's compiled pass applies to bf16 only (see linear_cross_entropy's `compiled`).
+                extra = ([f"attention's backward in {n_attn} blocks (flash forward, megacpt's CPU backward)"]
+                         if n_attn else []) + (["the loss head's softmax pass"]
+                                               if n_head and dtype == torch.bfloat16 else [])
+                also = f"; on CPU also {' and '.join(extra)}" if extra else ""
                 print(f"torch.compile: pointwise code (RMSNorm, RoPE, SwiGLU) of {changed - n_attn - n_head} modules "
-                      f"in {len(model.layers)} decoder blocks and the final norm{cpu}; linears stay eager under "
+                      f"in {len(model.layers)} decoder blocks and the final norm{also}; linears stay eager under "
                       "ZeRO-3 (compiled at their first call)", flush=True)
         elif cfg.model.compile:
             # Per block, not the whole model: every block has the same graph, so one compilation is
