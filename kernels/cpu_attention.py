@@ -64,24 +64,12 @@ def _pointwise_fn(compiled: bool):
     return _compiled_pointwise
 
 
-@contextlib.contextmanager
 def _bf16_products(enabled: bool):
     """fp32 matmuls of bf16-valued operands run as bf16 products with fp32 accumulation (oneDNN):
     exact, since the operands are bf16 values, and on AMX about twice as fast as sgemm here."""
-    if not enabled:
-        yield
-        return
-    m = torch.backends.mkldnn.matmul
-    try:
-        old = m.fp32_precision
-        m.fp32_precision = "bf16"
-    except (AttributeError, RuntimeError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        m.fp32_precision = old
+    from megacpt.kernels.linear_cross_entropy import _mkldnn_fp32_precision
+
+    return _mkldnn_fp32_precision("bf16") if enabled else contextlib.nullcontext()
 
 
 def _cpu_bf16_units() -> bool:
