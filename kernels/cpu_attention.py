@@ -26,12 +26,13 @@ document boundaries) of (b, h, s, d) queries and (b, kv, s, d) keys/values with 
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from .linear_cross_entropy import _cpu_bf16_products
 
 # Query rows per block: at SmolLM2's shape (512 tokens) 256 trained faster than 128 (smaller,
 # slower matmuls) and 512 (no causal trim) in an interleaved one-core comparison.
@@ -62,20 +63,6 @@ def _pointwise_fn(compiled: bool):
         # dynamic: each block of a causal sequence has a different number of keys.
         _compiled_pointwise = torch.compile(_pointwise, dynamic=True)
     return _compiled_pointwise
-
-
-def _bf16_products(enabled: bool):
-    """fp32 matmuls of bf16-valued operands run as bf16 products with fp32 accumulation (oneDNN):
-    exact, since the operands are bf16 values, and on AMX about twice as fast as sgemm here."""
-    from megacpt.kernels.linear_cross_entropy import _mkldnn_fp32_precision
-
-    return _mkldnn_fp32_precision("bf16") if enabled else contextlib.nullcontext()
-
-
-def _cpu_bf16_units() -> bool:
-    from megacpt.kernels.linear_cross_entropy import cpu_has_bf16_units
-
-    return cpu_has_bf16_units()
 
 
 def _grouped(x: Tensor, kv: int, start: int, end: int) -> Tensor:
@@ -120,10 +107,6 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
     block_rows = block_rows or BLOCK_ROWS
     fn = _pointwise_fn(compiled)
     grad_out = grad_out.contiguous()
-    # Scores from fp32 operands (exact widenings), as flash attention keeps them: a bf16 result
-    # would round them before the exponential. For bf16 on CPUs with bf16 units oneDNN still
-    # multiplies them as bf16 (exact products, fp32 accumulation).
-    bf16_products = dt == torch.bfloat16 and _cpu_bf16_units()
     kf = k.float()
     dq = torch.empty_like(q)
     dk = torch.zeros((b, kv, s, d), dtype=torch.float32)
@@ -135,7 +118,10 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
         r = end - start
         qb = _grouped(q, kv, start, end)
         dob = _grouped(grad_out, kv, start, end)
-        with _bf16_products(bf16_products):
+        # Scores from fp32 operands (exact widenings), as flash attention keeps them: a bf16 result
+        # would round them before the exponential. bf16 q, k on CPUs with bf16 units: the loss
+        # kernel's context has oneDNN multiply them as bf16 (exact products, fp32 accumulation).
+        with _cpu_bf16_products(q, k):
             sc = torch.matmul(qb.float(), kf[:, :, :end].transpose(-1, -2))
         dp = torch.matmul(dob, v[:, :, :end].transpose(-1, -2))
         shape5 = (b, kv, g, r, end)

@@ -302,18 +302,17 @@ def train(cfg: Config) -> int:
 
             # megacpt's CPU attention backward only where it measured faster than torch's: bf16 on
             # a CPU with bf16 units, with freed blocks kept by malloc (kernels/cpu_attention.py).
-            attention = (dtype == torch.bfloat16 and cfg.train.cpu_allocator == "caching"
-                         and not torch.cuda.is_available() and cpu_has_bf16_units())
+            # The loss head's compiled pass needs the first two as well (linear_cross_entropy).
+            bf16_cpu = dtype == torch.bfloat16 and not torch.cuda.is_available() and cpu_has_bf16_units()
+            attention = bf16_cpu and cfg.train.cpu_allocator == "caching"
             changed = compile_pointwise(model, attention=attention)
             n_attn = sum(1 for m in model.modules() if m.__dict__.get("attn_fn") is cpu_attention)
             n_head = sum(1 for m in model.modules() if isinstance(m, LMHead) and m.compiled)
             if changed - n_attn - n_head <= 0:
                 raise RuntimeError("model.compile: compile_pointwise found no norm_fn/rope_fn/act_fn to compile")
             if rank == 0:
-                # The head's compiled pass applies to bf16 only (see linear_cross_entropy's `compiled`).
                 extra = ([f"attention's backward in {n_attn} blocks (flash forward, megacpt's CPU backward)"]
-                         if n_attn else []) + (["the loss head's softmax pass"]
-                                               if n_head and dtype == torch.bfloat16 else [])
+                         if n_attn else []) + (["the loss head's softmax pass"] if n_head and bf16_cpu else [])
                 also = f"; on CPU also {' and '.join(extra)}" if extra else ""
                 print(f"torch.compile: pointwise code (RMSNorm, RoPE, SwiGLU) of {changed - n_attn - n_head} modules "
                       f"in {len(model.layers)} decoder blocks and the final norm{also}; linears stay eager under "
