@@ -8,7 +8,7 @@ and weights of an uninterrupted run.
 
 Crash points inside a save that MEGACPT_FAULT does not offer are reached through a
 `sitecustomize.py` written into a temporary dir on PYTHONPATH (see HOOK): it wraps a few
-functions of megacpt.train.checkpoint / megacpt.train.loop when the MEGACPT_TEST_* variables ask
+functions of megacpt.train.checkpoint / megacpt.train.step when the MEGACPT_TEST_* variables ask
 for it and does nothing otherwise. Resume on another data-parallel size (2 → 1 ranks, ZeRO-3
 through a universal checkpoint) is covered by tests/test_train_data.py.
 """
@@ -135,23 +135,23 @@ def _patch_checkpoint(mod):
     mod.os = _Os()
 
 
-def _patch_loop(mod):
+def _patch_step(mod):
     import time
 
-    real, delay = mod._train_step, float(_DELAY)
+    real, delay = mod.train_step, float(_DELAY)
 
-    def _train_step(*a, **kw):
+    def train_step(*a, **kw):
         time.sleep(delay)
         return real(*a, **kw)
 
-    mod._train_step = _train_step
+    mod.train_step = train_step
 
 
 _TARGETS = {}
 if _CRASH or _ENOSPC:
     _TARGETS["megacpt.train.checkpoint"] = _patch_checkpoint
 if _DELAY:
-    _TARGETS["megacpt.train.loop"] = _patch_loop
+    _TARGETS["megacpt.train.step"] = _patch_step
 
 if _TARGETS:
     import importlib.abc
@@ -310,7 +310,7 @@ def check_loadable(ckpt_dir: Path) -> dict:
     """What a resume or an export reads: metadata, every .pt through the safe loader, the weights."""
     from megacpt.train import checkpoint as ckpt
     from megacpt.train.consolidate import checkpoint_weights
-    from megacpt.train.safe_load import check_torch_file
+    from megacpt.safe_load import check_torch_file
 
     assert ckpt.is_checkpoint(ckpt_dir), ckpt_dir
     state = ckpt.read_state(ckpt_dir)
@@ -435,7 +435,7 @@ def test_single_process_crash_at_every_point_of_a_save(world):
     crashed(relaunch("a1", MEGACPT_TEST_CRASH="ds_partial:2"))
     expect_latest(None, exists_too=[f".tmp-{tag(2)}"])
     from megacpt.errors import UserError
-    from megacpt.train.safe_load import check_torch_file
+    from megacpt.safe_load import check_torch_file
 
     with pytest.raises(UserError, match="cannot read checkpoint file"):
         check_torch_file(root / f".tmp-{tag(2)}" / "mp_rank_00_model_states.pt")

@@ -1,10 +1,10 @@
 """The split of a global batch over data-parallel ranks covers it exactly, whatever the dp size."""
 
 import numpy as np
-
 from helpers import random_docs, write_shard
+
 from megacpt.data.dataset import BlendedDataset, Source
-from megacpt.train.loop import _rank_batches
+from megacpt.train.step import rank_batches
 
 
 def test_global_batch_is_the_same_for_any_dp_size(tmp_path):
@@ -17,7 +17,7 @@ def test_global_batch_is_the_same_for_any_dp_size(tmp_path):
     def seen(dp):
         rows = []
         for r in range(dp):
-            for b in _rank_batches(ds, 16, mb, G // (mb * dp), r, dp, False, False):
+            for b in rank_batches(ds, 16, mb, G // (mb * dp), r, dp, False):
                 rows += [tuple(x) for x in b["input_ids"].tolist()]
         return sorted(rows)
 
@@ -28,7 +28,7 @@ def test_global_batch_is_the_same_for_any_dp_size(tmp_path):
 def test_mask_eos_loss_ignores_cross_document_labels(tmp_path):
     write_shard(tmp_path / "a", [np.array([1, 2, 3, 99]), np.array([4, 5, 6, 7, 8, 99]), np.array([9, 10, 11, 12, 99])])
     ds = BlendedDataset([Source("a", str(tmp_path / "a"), 1.0)], seq_len=8, seed=0, num_samples=1)
-    (b,) = _rank_batches(ds, 0, 1, 1, 0, 1, True, True)
+    (b,) = rank_batches(ds, 0, 1, 1, 0, 1, True)
     seg = b["segments"][0]
     labels = b["labels"][0]
     tokens = ds[0]["tokens"]

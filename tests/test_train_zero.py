@@ -95,7 +95,7 @@ def test_metrics_fields(runs):
 
 
 def _checkpoint_tensors(ckpt_dir: Path) -> dict:
-    from megacpt.train.safe_load import _allowlist
+    from megacpt.safe_load import _allowlist
 
     out = {}
 

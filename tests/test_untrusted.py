@@ -37,7 +37,7 @@ def plant(path: Path, marker: Path, keep_real: bool = True) -> None:
     keep_real, the real contents stay and the payload hides in one extra entry."""
     import torch
 
-    from megacpt.train.safe_load import safe_load
+    from megacpt.safe_load import safe_load
 
     obj = dict(safe_load(path)) if keep_real and path.exists() else {}  # memory-mapped: write aside
     obj["extra_state"] = Payload(f"touch {marker}")

@@ -18,8 +18,11 @@ import string
 from collections import Counter
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
-IGNORE = -100
+from megacpt.labels import IGNORE
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
 
@@ -45,7 +48,7 @@ def token_f1(prediction: str, reference: str) -> float:
 
 
 def bleu(predictions: list[str], references: list[str]) -> float:
-    import sacrebleu
+    import sacrebleu  # optional: only SFT evaluations with BLEU need it
 
     return float(sacrebleu.corpus_bleu(predictions, [references]).score)
 
@@ -61,9 +64,6 @@ def generation_metrics(predictions: list[str], references: list[str], with_bleu:
 
 def loss_sums(engine, rows: list[dict], mb: int, dp_rank: int, dp_size: int, device, dp_group=None) -> tuple[float, int]:
     """Sum of response-token losses and their count over packed rows, split over data-parallel ranks."""
-    import torch
-    import torch.distributed as dist
-
     mine = rows[dp_rank::dp_size]
     calls = -(-(-(-len(rows) // dp_size)) // mb)
     total = torch.zeros(2, dtype=torch.float64)
@@ -90,8 +90,6 @@ def greedy_generate(forward, prompts: list[list[int]], max_new_tokens: int, stop
     out of attention and positions start at 0 at each prompt's first token, as when run alone.
     `all_done(flag) -> bool` lets ranks agree on when to stop (default: this rank alone).
     """
-    import torch
-
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.int64)
     seg = torch.zeros(len(prompts), width, dtype=torch.int64)
@@ -122,9 +120,6 @@ def greedy_generate(forward, prompts: list[list[int]], max_new_tokens: int, stop
 
 def evaluate(engine, evalset, tk, sft_cfg, mb: int, dp_rank: int, dp_size: int, device, dp_group=None) -> dict:
     """{loss, ppl, tokens, [exact_match, token_f1, bleu]} of one held-out set; equal on every rank."""
-    import torch
-    import torch.distributed as dist
-
     was_training = engine.training
     engine.eval()
     loss_sum, count = loss_sums(engine, evalset.rows, mb, dp_rank, dp_size, device, dp_group)

@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from megacpt.errors import UserError
 from megacpt.models.llama import SUPPORTED_ROPE_TYPES, ModelArgs
+from megacpt.safe_load import refusal_reason
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # Files copied verbatim from the source directory into an export.
@@ -121,8 +125,6 @@ def layer_windows(cfg: dict, arch: str, num_layers: int) -> list:
 
 def apply_overrides(args: ModelArgs, max_seq_len=None, rope_theta=None, rope_scaling=None) -> ModelArgs:
     """Long-context CPT overrides; returns new args (the HF config stays as read)."""
-    from dataclasses import replace
-
     changes = {}
     if max_seq_len is not None:
         changes["max_position_embeddings"] = int(max_seq_len)
@@ -238,8 +240,6 @@ class HFWeights(WeightSource):
             for k, f in index["weight_map"].items():
                 self._where[our_name(k)] = self.dir / f
         elif (self.dir / "model.safetensors").is_file():
-            from safetensors import safe_open
-
             path = self.dir / "model.safetensors"
             with safe_open(str(path), framework="pt") as f:
                 for k in f.keys():
@@ -260,15 +260,11 @@ class HFWeights(WeightSource):
                 # weights_only: a checkpoint is data, never code; mmap keeps RAM at what is touched.
                 self._bin[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
-                from megacpt.train.safe_load import refusal_reason
-
                 raise UserError(f"cannot load {path} safely (weights_only=True): {refusal_reason(e)}") from None
         return self._bin[path]
 
     def _handle(self, path: Path):
         if path not in self._handles:
-            from safetensors import safe_open
-
             self._handles[path] = safe_open(str(path), framework="pt")
         return self._handles[path]
 
@@ -341,8 +337,6 @@ def save_hf(state: dict, args: ModelArgs, base_cfg: dict, out_dir, source_dir=No
     `state` maps megacpt names to full tensors (or is an iterable of (name, tensor) pairs, read
     one at a time); with tied embeddings lm_head.weight is omitted.
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from megacpt.labels import IGNORE
 
 
 @dataclass
@@ -249,7 +249,7 @@ class LMHead(nn.Module):
         from megacpt.kernels import linear_cross_entropy
 
         return linear_cross_entropy(
-            h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum",
+            h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1), ignore_index=IGNORE, reduction="sum",
             compiled=self.compiled,
         )
 

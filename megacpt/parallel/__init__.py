@@ -10,8 +10,15 @@ Importing this package imports neither deepspeed nor the kernels.
 
 from megacpt.parallel.layouts import valid_layouts, validate_layout
 from megacpt.parallel.topology import DeepSpeedMPU, RankLayout, Topology
-from megacpt.parallel.tp import (apply_tp, gather_tp_state, init_tp_weights, iter_tp_state, load_tp_weights,
-                                 tp_grad_norm, tp_shards)
+from megacpt.parallel.tp import (
+                                 apply_tp,
+                                 gather_tp_state,
+                                 init_tp_weights,
+                                 iter_tp_state,
+                                 load_tp_weights,
+                                 tp_grad_norm,
+                                 tp_shards,
+)
 
 __all__ = ["Topology", "RankLayout", "DeepSpeedMPU", "validate_layout", "valid_layouts", "apply_tp",
            "load_tp_weights", "init_tp_weights", "gather_tp_state", "iter_tp_state", "tp_shards", "tp_grad_norm"]

@@ -31,10 +31,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megacpt.errors import ConfigError
-from megacpt.models.llama import ModelArgs, Transformer, attention_mask, positions_from_segments, rope_cos_sin
+from megacpt.models.hf import WeightSource, as_weights
+from megacpt.models.llama import ModelArgs, attention_mask, positions_from_segments, rope_cos_sin
+from megacpt.parallel.tp import init_tp_weights, load_tp_weights
 
 __all__ = ["BALANCE_METHODS", "stage_bounds", "item_bounds", "layer_weights", "PipeState", "EmbedStage",
-           "DecoderStage", "HeadStage", "build_stages", "megacpt_name"]
+           "DecoderStage", "HeadStage", "cut_stages", "megacpt_name"]
 
 BALANCE_METHODS = ("parameters", "layers")
 
@@ -181,8 +183,6 @@ def megacpt_name(pipe_name: str) -> str:
 
 
 def _renamed(inner, alias: dict):
-    from megacpt.models.hf import WeightSource
-
     class Renamed(_Renamed, WeightSource):
         pass
 
@@ -219,21 +219,16 @@ class _LocalView(nn.Module):
     """This stage's modules under the plain model's attribute names (for loading by name)."""
 
 
-def build_stages(args: ModelArgs, topology, layer_bounds: list[int], *, weights=None, seed: int = 0,
-                 dtype=torch.float32, activation_checkpointing: bool = False):
-    """The pipeline items for this rank: meta build → apply_tp → cut → this stage loaded.
+def cut_stages(model: nn.Module, args: ModelArgs, topology, layer_bounds: list[int], *, weights=None, seed: int = 0,
+               dtype=torch.float32, activation_checkpointing: bool = False):
+    """The pipeline items for this rank, cut from a meta model that tensor parallelism has already
+    been applied to (megacpt.train.parallelize); only this rank's stage is materialised and loaded.
 
     Returns (items, pipe_state, loss_fn, tied): `items` is the full list (other stages' items
     stay meta), `tied` the local copy's owner module and attribute of a tied embedding (or None).
     `weights`: an HF dir or WeightSource; None draws the layout-independent random init (used
     when a checkpoint is loaded over it).
     """
-    from megacpt.models.hf import as_weights
-    from megacpt.parallel.tp import apply_tp, init_tp_weights, load_tp_weights
-
-    with torch.device("meta"):
-        model = Transformer(args)
-    apply_tp(model, topology)
     tied = args.tie_word_embeddings
     if tied:
         # Two stages, two copies: the head's copy becomes its own (meta) parameter.

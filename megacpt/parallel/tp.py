@@ -34,15 +34,21 @@ Sequence parallelism (optional, `apply_tp(..., sequence_parallel=True)`) is desc
 
 from __future__ import annotations
 
+import contextlib
+import zlib
 from dataclasses import dataclass
 
+import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megacpt.errors import ConfigError
-from megacpt.models.llama import IGNORE_INDEX
+from megacpt.errors import ConfigError, UserError
+from megacpt.kernels import linear_cross_entropy, vocab_parallel_linear_cross_entropy
+from megacpt.labels import IGNORE
+from megacpt.models.hf import as_weights, check_weights
+from megacpt.parallel.layouts import tp_problems
 
 __all__ = [
     "Shard", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "VocabParallelLMHead",
@@ -314,14 +320,13 @@ class VocabParallelLMHead(_TPModule):
         if targets is None:
             local = F.linear(copy_to_tp_region(h, self.group), self.weight)
             return gather_from_tp_region(local, self.group)
-        from megacpt.kernels import linear_cross_entropy, vocab_parallel_linear_cross_entropy
 
         h2, t1 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         if _size(self.group) == 1:
-            return linear_cross_entropy(h2, self.weight, t1, ignore_index=IGNORE_INDEX, reduction="sum")
+            return linear_cross_entropy(h2, self.weight, t1, ignore_index=IGNORE, reduction="sum")
         return vocab_parallel_linear_cross_entropy(
             h2, self.weight, t1, self.group, vocab_start=self.vocab_start, vocab_size=self.vocab_size,
-            ignore_index=IGNORE_INDEX, reduction="sum")
+            ignore_index=IGNORE, reduction="sum")
 
     def extra_repr(self):
         s = self.tp_shards["weight"]
@@ -381,7 +386,6 @@ def apply_tp(model: nn.Module, topology, sequence_parallel: bool = False) -> nn.
         return model
     if getattr(model, "tp_topology", None) is not None:
         raise RuntimeError("apply_tp was already applied to this model")
-    from megacpt.parallel.layouts import tp_problems
 
     args = model.args
     problems = tp_problems(args, tp)
@@ -470,9 +474,6 @@ def load_tp_weights(model: nn.Module, weights, device=None, dtype=None) -> None:
     reading only the rows/columns it keeps. Meta parameters are replaced by real ones (on
     `device`, default CPU; in `dtype`, default the parameter's); real ones are copied into.
     Tied parameters stay one shared parameter."""
-    from megacpt.errors import UserError
-    from megacpt.models.hf import as_weights, check_weights
-
     weights = as_weights(weights)
     where = getattr(weights, "dir", "checkpoint")
     check_weights(weights, model, where)
@@ -498,8 +499,6 @@ def init_tp_weights(model: nn.Module, seed: int, std: float = 0.02, device=None,
     shared KV heads) are identical on every rank, and any tp gives the same model as tp = 1.
     Each rank draws one full tensor at a time (fine for random-init runs, which are small).
     Meta parameters are replaced as in load_tp_weights."""
-    import zlib
-
     shards = tp_shards(model)
     owners = _owners(model)
     for name, p in list(model.named_parameters()):
@@ -532,11 +531,7 @@ def _assign(p, t, owners, device, dtype) -> None:
 
 def _gathered(p):
     """Context that makes a ZeRO-3 partitioned parameter whole (no-op otherwise)."""
-    import contextlib
-
     if hasattr(p, "ds_id"):
-        import deepspeed
-
         return deepspeed.zero.GatheredParameters([p], modifier_rank=None)
     return contextlib.nullcontext()
 

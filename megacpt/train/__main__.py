@@ -1,5 +1,7 @@
+"""`python -m megacpt.train CONFIG.yaml [--set ...]`: one rank of a run (part of the CLI layer)."""
+
 import sys
 
-from megacpt.train.cli import main
+from megacpt.cli.train import main
 
 sys.exit(main())

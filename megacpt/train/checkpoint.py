@@ -14,12 +14,20 @@ removed at the next start.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import random
 import shutil
+import signal
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from deepspeed.checkpoint import ds_to_universal
+
+from megacpt.safe_load import check_torch_file
 
 STATE_FILE = "megacpt_state.json"
 HF_CONFIG_FILE = "hf_config.json"
@@ -109,8 +117,6 @@ def save(engine, ckpt_root, step: int, state: dict, hf_config: dict, keep: int, 
     a write error on one rank (disk full, quota) fails every rank the same way and leaves the
     previous checkpoint named by `latest`.
     """
-    import torch.distributed as dist
-
     root = Path(ckpt_root)
     tag = tag_for(step)
     tmp_tag = f".tmp-{tag}"
@@ -205,8 +211,6 @@ def _fault_point(where: str, step: int, rank: int) -> None:
     process with SIGKILL after its checkpoint files are written but before anything is renamed."""
     spec = os.environ.get("MEGACPT_FAULT")
     if spec and spec == f"kill:{where}:{step}:{rank}":
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -217,10 +221,6 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def _rng_state() -> dict:
-    import random
-
-    import numpy as np
-
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -235,10 +235,6 @@ def _rng_state() -> dict:
 
 
 def restore_rng(ckpt_dir, rank: int) -> None:
-    import random
-
-    import numpy as np
-
     path = Path(ckpt_dir) / "rng" / f"rank_{rank:05d}.pt"
     if not path.is_file():  # resuming on more ranks than saved: keep the fresh seeds
         return
@@ -253,12 +249,6 @@ def restore_rng(ckpt_dir, rank: int) -> None:
 
 def make_universal(ckpt_dir) -> Path:
     """Convert a ZeRO checkpoint into DeepSpeed's universal format (world-size independent), once."""
-    import argparse
-
-    from deepspeed.checkpoint import ds_to_universal
-
-    from megacpt.train.safe_load import check_torch_file
-
     ckpt_dir = Path(ckpt_dir)
     out = ckpt_dir / UNIVERSAL
     if (out / "zero").is_dir():

@@ -15,14 +15,22 @@ TP/PP exports hold the full model in memory once.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
-from megacpt.models.hf import StateDictWeights
-from megacpt.train.safe_load import check_torch_file, safe_load
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+from megacpt.models.hf import StateDictWeights, args_from_hf_config
+from megacpt.models.llama import Transformer
+from megacpt.parallel.tp import apply_tp, tp_shards
+from megacpt.safe_load import check_torch_file, safe_load
+from megacpt.train.checkpoint import HF_CONFIG_FILE
 
 _LAYER = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 _MP = re.compile(r"mp_rank_(\d+)")
@@ -40,8 +48,6 @@ def checkpoint_weights(ckpt_dir) -> StateDictWeights:
     if len(mp_ranks) > 1:
         return StateDictWeights(_merge_tp(ckpt_dir, [_tp_rank_state(ckpt_dir, files, t) for t in mp_ranks]))
     if any(f.name.endswith("optim_states.pt") for f in files):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, lazy_mode=True)
     else:
         state = safe_load(ckpt_dir / "mp_rank_00_model_states.pt")["module"]
@@ -63,7 +69,6 @@ def _tp_rank_state(ckpt_dir: Path, files: list[Path], t: int) -> dict:
     mine = [f for f in files if tag in f.name]
     if not any(f.name.endswith("optim_states.pt") for f in mine):
         return dict(safe_load(ckpt_dir / f"{tag}_model_states.pt")["module"])
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # zero_to_fp32 knows one model-parallel rank (mp_rank_00): show it this rank's files as such.
     tmp = Path(tempfile.mkdtemp(prefix="megacpt-tp-"))
@@ -81,13 +86,6 @@ def _tp_rank_state(ckpt_dir: Path, files: list[Path], t: int) -> dict:
 def tp_shard_layout(args, tp: int, tp_rank: int) -> dict:
     """Name → Shard of every split parameter on tensor-parallel rank `tp_rank` (what apply_tp
     does, replayed on a meta model without processes)."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from megacpt.models.llama import Transformer
-    from megacpt.parallel.tp import apply_tp, tp_shards
-
     with torch.device("meta"):
         m = Transformer(args)
     apply_tp(m, SimpleNamespace(tp_size=tp, tp_rank=tp_rank, tp_group=None, tp_subgroup=lambda size: None))
@@ -100,12 +98,8 @@ def tp_shard_layout(args, tp: int, tp_rank: int) -> dict:
 def _merge_tp(ckpt_dir: Path, states: list[dict]) -> dict:
     if len(states) == 1:
         return states[0]
-    import json
 
-    import torch
 
-    from megacpt.models.hf import args_from_hf_config
-    from megacpt.train.checkpoint import HF_CONFIG_FILE
 
     args = args_from_hf_config(json.loads((ckpt_dir / HF_CONFIG_FILE).read_text()), str(ckpt_dir))
     tp = len(states)

@@ -10,9 +10,16 @@ free local port.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from megacpt.errors import UserError
 
 _ENV_MAPS = [
     ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
@@ -71,10 +78,8 @@ def _routable_address() -> str:
 
 def _mpi_rendezvous(info: DistInfo) -> None:
     """Under mpirun without MASTER_ADDR/MASTER_PORT: rank 0's address and a free port, via mpi4py."""
-    from megacpt.errors import UserError
-
     try:
-        from mpi4py import MPI
+        from mpi4py import MPI  # optional: only mpirun launches without MASTER_* need it
     except ImportError:
         raise UserError("under mpirun, export MASTER_ADDR and MASTER_PORT to every rank "
                         "(mpirun -x MASTER_ADDR=HOST -x MASTER_PORT=PORT) or pip install mpi4py") from None
@@ -95,11 +100,6 @@ def _mpi_rendezvous(info: DistInfo) -> None:
 
 def init(timeout_s: float = 1800.0) -> DistInfo:
     """Start torch.distributed (via DeepSpeed, which keeps its own comm wrapper in sync)."""
-    import datetime
-
-    import deepspeed
-    import torch
-
     info = discover()
     os.environ["RANK"] = str(info.rank)
     os.environ["WORLD_SIZE"] = str(info.world_size)
@@ -110,8 +110,6 @@ def init(timeout_s: float = 1800.0) -> DistInfo:
     elif ("MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ) and _under_mpi():
         _mpi_rendezvous(info)
     elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        from megacpt.errors import UserError
-
         raise UserError("MASTER_ADDR/MASTER_PORT are not set; start ranks with deepspeed, torchrun, srun via slurm/cpt.sh or mpirun")
     # On GPUs our own small collectives (token counts, stop flags, checkpoint agreement) use CPU
     # tensors: give those gloo and everything on CUDA tensors NCCL.
@@ -133,8 +131,6 @@ def _default_group_timeout(timeout) -> None:
     """Groups created after init (megacpt's tp/dp groups, DeepSpeed's clone of the world that its
     gradient and ZeRO collectives use) get torch's default timeout (30 min on gloo, 10 on NCCL)
     unless told otherwise: give them the run's train.collective_timeout_s as well."""
-    import torch.distributed as dist
-
     real = getattr(dist.new_group, "_megacpt_real", dist.new_group)
 
     def new_group(*args, timeout=None, **kwargs):
@@ -149,8 +145,6 @@ def release_shm_names(rank: int) -> None:
     """DeepSpeed's CPU all-reduce maps a /dev/shm segment per rank and never unlinks it (69 MB of
     RAM per rank and launch, piling up across runs). Once every rank has mapped every segment
     the names are no longer needed: the mappings outlive them."""
-    import torch.distributed as dist
-
     dist.barrier()
     name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}"
             f"_{os.environ.get('MASTER_PORT', '')}_{rank}")

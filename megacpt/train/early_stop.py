@@ -8,6 +8,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import torch
+import torch.distributed as dist
+
+from megacpt.config import early_stopping_mode
+
 
 @dataclass
 class EarlyStopper:
@@ -22,8 +27,6 @@ class EarlyStopper:
 
     @classmethod
     def from_config(cls, es, state: dict | None = None) -> "EarlyStopper":
-        from megacpt.config import early_stopping_mode
-
         out = cls(es.metric, es.patience, es.min_delta, early_stopping_mode(es))
         if state and state.get("metric") == es.metric:
             out.best, out.best_step = state.get("best"), state.get("best_step")
@@ -47,9 +50,6 @@ class EarlyStopper:
 
     def after_eval(self, rec: dict, logger, can_stop: bool = True) -> str | None:
         """update() from a validation record, ranks agreeing, the stop logged as an event."""
-        import torch
-        import torch.distributed as dist
-
         value = rec.get(self.metric)
         if value is None:  # e.g. ppl_vs_base at step 0
             return None

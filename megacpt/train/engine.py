@@ -1,10 +1,5 @@
-"""Model construction and the DeepSpeed engine.
-
-Order (see DESIGN.md): build the plain model without allocating it whole (ZeRO-3: inside
-`deepspeed.zero.Init`, so each layer is partitioned as soon as it exists; otherwise on the meta
-device), then each rank loads only what it keeps from the HF files, then `deepspeed.initialize`
-with the DeepSpeed config generated from ours.
-"""
+"""What the DeepSpeed engine is given: the config generated from ours, the precision, and the
+optimizer's parameter groups. The engine itself is made in megacpt.train.parallelize."""
 
 from __future__ import annotations
 
@@ -13,8 +8,6 @@ import copy
 import torch
 
 from megacpt.config import Config, Derived
-from megacpt.models.hf import as_weights, check_weights, load_full_state
-from megacpt.models.llama import ModelArgs, Transformer
 
 
 def resolve_precision(precision: str) -> torch.dtype:
@@ -81,89 +74,3 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         (decay if len(shape) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-
-
-def mpu_for(topology):
-    """DeepSpeed's `mpu=` adapter when tensor parallelism splits the model, else None."""
-    if topology is None or topology.tp_size == 1:
-        return None
-    from megacpt.parallel import DeepSpeedMPU
-
-    return DeepSpeedMPU(topology)
-
-
-def build_model(args: ModelArgs, ds_config: dict, dtype: torch.dtype, zero_stage: int,
-                weights=None, device=None, topology=None, seed: int = 0,
-                sequence_parallel: bool = False) -> Transformer:
-    """Build the model for this rank, loading `weights` (an HF dir or a WeightSource) when given."""
-    import deepspeed
-
-    device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                        else torch.device("cpu"))
-    if topology is not None and topology.tp_size > 1:
-        return _build_tp_model(args, ds_config, dtype, zero_stage, weights, device, topology, seed,
-                               sequence_parallel)
-    if zero_stage == 3:
-        # No dtype= here: DeepSpeed 0.19 parses an explicit dtype as `(dtype or fp16) if fp16 else
-        # bf16`, which on CPU turns float32 into bfloat16. The config's bf16 flag says the same thing.
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = Transformer(args)
-        wrong = {p.ds_tensor.dtype for p in model.parameters()} - {dtype}
-        if wrong:
-            raise RuntimeError(f"zero.Init created parameters in {wrong}, expected {dtype}")
-        if weights is not None:
-            load_partitioned(model, weights)
-        return model
-    with torch.device("meta"):
-        model = Transformer(args)
-    if weights is not None:
-        load_full_state(model, weights)
-    else:
-        model = model.to_empty(device="cpu")
-        if args.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        model.init_weights()
-    return model.to(device=device, dtype=dtype)
-
-
-@torch.no_grad()
-def load_partitioned(model: torch.nn.Module, source) -> None:
-    """ZeRO-3: each rank copies only its own flat partition of every parameter from the files."""
-    import torch.distributed as dist
-
-    weights = as_weights(source)
-    weights_dir = getattr(weights, "dir", "checkpoint")
-    check_weights(weights, model, weights_dir)
-    for name, p in model.named_parameters():
-        shape = tuple(p.ds_shape)
-        if weights.shape(name) != shape:
-            from megacpt.errors import UserError
-
-            raise UserError(f"{weights_dir}: {name} has shape {weights.shape(name)}, config implies {shape}")
-        part = p.ds_tensor
-        size = part.ds_numel
-        start = size * dist.get_rank(group=p.ds_process_group)
-        n = max(0, min(size, p.ds_numel - start))
-        part.zero_()  # the padding of the last partition
-        if n:
-            part.narrow(0, 0, n).copy_(weights.get_flat_range(name, start, n))
-
-
-def _build_tp_model(args, ds_config, dtype, zero_stage, weights, device, topology, seed, sequence_parallel=False):
-    """Tensor parallel: meta build → apply_tp → each rank loads its slices (1/tp of the split
-    weights, on CPU) → ZeRO-3 partitions that slice over the data-parallel group."""
-    import deepspeed
-
-    from megacpt.parallel import DeepSpeedMPU, apply_tp, init_tp_weights, load_tp_weights
-
-    with torch.device("meta"):
-        model = Transformer(args)
-    apply_tp(model, topology, sequence_parallel=sequence_parallel)
-    if weights is not None:
-        load_tp_weights(model, weights, device="cpu", dtype=dtype)
-    else:  # weights come from a checkpoint after deepspeed.initialize
-        init_tp_weights(model, seed, device="cpu", dtype=dtype)
-    if zero_stage == 3:
-        deepspeed.zero.Init(module=model, data_parallel_group=topology.dp_group, mpu=DeepSpeedMPU(topology),
-                            config_dict_or_path=ds_config, mem_efficient_linear=False)
-    return model.to(device)

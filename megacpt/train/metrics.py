@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+import resource
 import sys
 from pathlib import Path
+
+import torch
 
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, by a substring of the device name.
 # Ordered most specific first.
@@ -32,11 +36,8 @@ DENSE_BF16_PEAK = [
 
 
 def device_name() -> str:
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    import platform
 
     return f"cpu ({platform.processor() or platform.machine()})"
 
@@ -51,11 +52,8 @@ def peak_flops(name: str) -> float | None:
 
 
 def peak_memory_mb() -> float:
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    import resource
 
     # ru_maxrss is in KiB on Linux: the process's peak resident set.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -87,7 +85,7 @@ class MetricsLogger:
         self._jsonl = open(run / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard: false runs lack it
 
                 self._tb = SummaryWriter(str(run / "tensorboard"))
             except ImportError:

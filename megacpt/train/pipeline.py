@@ -1,8 +1,8 @@
 """The trainer's pipeline-parallel path (parallel.pp > 1): DeepSpeed's PipelineEngine (1F1B,
 micro-batches = gradient accumulation steps) over the stages of megacpt.parallel.pp.
 
-Kept apart from loop.py, which calls `build`, then `PipelineRun.train_step` / `.evaluate` in
-place of its own step and evaluation; data order, token-mean loss, stop signals, metrics and
+Built by megacpt.train.parallelize.build_pipeline; the loop calls `PipelineRun.train_step` /
+`.evaluate` in place of its own step and evaluation; data order, token-mean loss, stop signals, metrics and
 checkpoints stay the loop's.
 
 Loss: the last stage's loss_fn returns the summed token loss of a micro-batch × dp·gas / T (T =
@@ -13,13 +13,16 @@ of the global batch, as in the non-pipeline path.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelDataParallelTopology
 
-IGNORE = -100
+from megacpt.labels import IGNORE
+from megacpt.parallel.pp import megacpt_name
+from megacpt.train.engine import deep_merge
+from megacpt.train.step import StepInputs, StepOut, batch_fingerprint, global_token_count
 
 
 def ds_config_for(ds_config: dict, zero_stage: int, dtype) -> tuple[dict, bool]:
@@ -30,8 +33,6 @@ def ds_config_for(ds_config: dict, zero_stage: int, dtype) -> tuple[dict, bool]:
     fp32, DeepSpeed clips but never reports the norm and the pipeline engine offers no point
     between the gradient all-reduce and the step to measure it, so we clip in an optimizer
     pre-step hook instead (the same rule: coef = min(1, clip / (norm + 1e-6)))."""
-    from megacpt.train.engine import deep_merge
-
     own_clip = zero_stage == 0 and dtype == torch.float32
     extra = {"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}}
     out = deep_merge(extra, ds_config)
@@ -41,70 +42,51 @@ def ds_config_for(ds_config: dict, zero_stage: int, dtype) -> tuple[dict, bool]:
     return out, (clip if own_clip else None)
 
 
-def build(args, topology, *, weights, seed: int, dtype, balance: str, activation_checkpointing: bool):
-    """The PipelineModule for this rank (only its own stage materialised and loaded)."""
-    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelDataParallelTopology
-
-    from megacpt.parallel.pp import build_stages, item_bounds, mark_norm_counting, stage_bounds
-
+def staged_pipeline(items, bounds, tied, topology, loss_fn):
+    """DeepSpeed's PipelineModule over our already-built items, in our Topology's rank order
+    (pipe, data, model with model fastest), with our stage boundaries and tied-embedding group."""
     t = topology
-    layer_bounds = stage_bounds(args, t.pp_size, balance)
-    items, state, loss_fn, tied = build_stages(args, t, layer_bounds, weights=weights, seed=seed, dtype=dtype,
-                                               activation_checkpointing=activation_checkpointing)
-    # Same rank order as our Topology (pipe, data, model with model fastest).
     ds_topo = (PipeModelDataParallelTopology(num_pp=t.pp_size, num_mp=t.tp_size, num_dp=t.dp_size) if t.tp_size > 1
                else PipeDataParallelTopology(num_pp=t.pp_size, num_dp=t.dp_size))
-    module = _staged_pipeline_class()(items, item_bounds(layer_bounds), tied, t.embed_group, topology=ds_topo,
-                                      loss_fn=loss_fn, partition_method="uniform")
-    mark_norm_counting(module, t, tied)
-    module.layer_bounds = layer_bounds
-    return module, state
+    return StagedPipeline(items, bounds, tied, t.embed_group, topology=ds_topo, loss_fn=loss_fn,
+                          partition_method="uniform")
 
 
-@functools.lru_cache(maxsize=None)
-def _staged_pipeline_class():
-    """Defined on first use: importing deepspeed.pipe is slow and this module is imported early."""
-    from deepspeed.pipe import PipelineModule
+class StagedPipeline(PipelineModule):
+    """PipelineModule with our stage boundaries and our tied-embedding group.
 
-    class StagedPipeline(PipelineModule):
-        """PipelineModule with our stage boundaries and our tied-embedding group.
+    DeepSpeed's own balancing counts parameters of modules it builds, and its TiedLayerSpec
+    builds the tied module itself; our items are already built (and sliced by apply_tp), so
+    we hand it the boundaries and the (weight, group) pair it all-reduces after backward."""
 
-        DeepSpeed's own balancing counts parameters of modules it builds, and its TiedLayerSpec
-        builds the tied module itself; our items are already built (and sliced by apply_tp), so
-        we hand it the boundaries and the (weight, group) pair it all-reduces after backward."""
+    def __init__(self, items, bounds, tied, tied_group, **kw):
+        # Read by _partition_layers during PipelineModule.__init__, so set before it.
+        object.__setattr__(self, "_megacpt_bounds", list(bounds))
+        object.__setattr__(self, "_megacpt_tied", tied)
+        object.__setattr__(self, "_megacpt_tied_group", tied_group)
+        super().__init__(items, **kw)
 
-        def __init__(self, items, bounds, tied, tied_group, **kw):
-            # Read by _partition_layers during PipelineModule.__init__, so set before it.
-            object.__setattr__(self, "_megacpt_bounds", list(bounds))
-            object.__setattr__(self, "_megacpt_tied", tied)
-            object.__setattr__(self, "_megacpt_tied_group", tied_group)
-            super().__init__(items, **kw)
+    def _partition_layers(self, method="uniform"):
+        self.parts = list(self._megacpt_bounds)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
-        def _partition_layers(self, method="uniform"):
-            self.parts = list(self._megacpt_bounds)
-            stage = self._topo.get_coord(self.global_rank).pipe
-            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+    def _index_tied_modules(self):
+        return {}
 
-        def _index_tied_modules(self):
-            return {}
+    def get_tied_weights_and_groups(self):
+        if self._megacpt_tied is None:
+            return []
+        owner, attr = self._megacpt_tied
+        return [(getattr(owner, attr), self._megacpt_tied_group)]
 
-        def get_tied_weights_and_groups(self):
-            if self._megacpt_tied is None:
-                return []
-            owner, attr = self._megacpt_tied
-            return [(getattr(owner, attr), self._megacpt_tied_group)]
-
-        def allreduce_tied_weight_gradients(self):
-            for w, group in self.get_tied_weights_and_groups():
-                if w.grad is not None:
-                    dist.all_reduce(w.grad, group=group)
-
-    return StagedPipeline
+    def allreduce_tied_weight_gradients(self):
+        for w, group in self.get_tied_weights_and_groups():
+            if w.grad is not None:
+                dist.all_reduce(w.grad, group=group)
 
 
 def rename(pipe_name: str) -> str:
-    from megacpt.parallel.pp import megacpt_name
-
     return megacpt_name(pipe_name)
 
 
@@ -131,29 +113,24 @@ class PipelineRun:
                 if p.grad is not None:
                     p.grad.mul_(coef)
 
-    def train_step(self, batches, gas: int, stop_flag: bool, use_segments: bool, where: dict, poison: bool):
-        from megacpt.train.loop import StepOut
-
+    def train_step(self, inputs: StepInputs, where: dict) -> StepOut:
         t, engine = self.topo, self.engine
         where["op"] = "all-reduce of the token count"
-        local = torch.tensor([sum(int((b["labels"] != IGNORE).sum()) for b in batches)], dtype=torch.float64)
-        dist.all_reduce(local, group=t.dp_group)
-        global_tokens = max(float(local.item()), 1.0)
-        self.state.loss_scale = t.dp_size * gas / global_tokens * (float("nan") if poison else 1.0)
-        self.state.use_segments = use_segments
+        global_tokens = global_token_count(inputs.batches, t.dp_group)
+        self.state.loss_scale = t.dp_size * inputs.gas / global_tokens * (float("nan") if inputs.poison else 1.0)
+        self.state.use_segments = inputs.use_segments
         dev = engine.device
-        data = [((b["input_ids"].to(dev), b["segments"].to(dev)), b["labels"].to(dev)) for b in batches]
+        data = [((b["input_ids"].to(dev), b["segments"].to(dev)), b["labels"].to(dev)) for b in inputs.batches]
         where["op"] = "pipeline batch (1F1B forward/backward, stage send/recv, gradient all-reduce, optimizer step)"
         self.norm = None
         loss = engine.train_batch(iter(data))
         where["op"] = "all-reduce of the stop flag"
-        stop = torch.tensor([float(stop_flag)], dtype=torch.float64)
+        stop = torch.tensor([float(inputs.stop_flag)], dtype=torch.float64)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # the stop decision spans the whole world
-        fingerprint = torch.tensor([sum(b["fingerprint"] for b in batches)], dtype=torch.int64)
-        dist.all_reduce(fingerprint, group=t.dp_group)
+        fingerprint = batch_fingerprint(inputs.batches, t.dp_group)
         norm = self.norm if self.own_clip is not None else engine.get_global_grad_norm()
         return StepOut(loss=float(loss), grad_norm=None if norm is None else float(norm),
-                       fingerprint=int(fingerprint), stop_signal=bool(stop[0] > 0))
+                       fingerprint=fingerprint, stop_signal=bool(stop[0] > 0))
 
     def evaluate(self, windows: np.ndarray, mb: int) -> tuple[float, int]:
         """Summed token loss and token count over all windows (split over dp like the plain path).

@@ -25,9 +25,14 @@ import re
 from pathlib import Path
 
 import torch
+from deepspeed.utils import safe_set_full_optimizer_state
+from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
 from megacpt.errors import ConfigError
-from megacpt.train.safe_load import check_torch_file, safe_load
+from megacpt.parallel.pp import item_bounds, megacpt_name, stage_bounds
+from megacpt.parallel.tp import tp_shards
+from megacpt.safe_load import check_torch_file, safe_load
+from megacpt.train.consolidate import tp_shard_layout
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 _OPTIM = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -36,8 +41,6 @@ _LAYER = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 
 def read_layout_free(ckpt_dir, args, old_parallel: dict) -> tuple[dict, int]:
     """{megacpt name: {"fp32", "exp_avg", "exp_avg_sq": full tensor}} and Adam's step count."""
-    from megacpt.parallel.pp import megacpt_name
-
     ckpt_dir = Path(ckpt_dir)
     for f in ckpt_dir.glob("*.pt"):
         check_torch_file(f)
@@ -91,8 +94,6 @@ def _from_torch_optimizer(ckpt_dir, model_states, m, tp, pp, args, balance) -> t
     """Without ZeRO: the torch optimizer's state by index; indices follow the order the trainer
     passes parameters (engine.param_groups: matrices, then vectors, each in module order)."""
     if pp > 1:
-        from megacpt.parallel.pp import item_bounds, stage_bounds
-
         ib = item_bounds(stage_bounds(args, pp, balance))
         pp_rank, tp_rank = divmod(m, tp)
         weights = {}
@@ -124,7 +125,6 @@ def _from_torch_optimizer(ckpt_dir, model_states, m, tp, pp, args, balance) -> t
 def _merge(per_tp: list[dict], args, tp: int) -> dict:
     if tp == 1:
         return per_tp[0]
-    from megacpt.train.consolidate import tp_shard_layout
 
     layouts = [tp_shard_layout(args, tp, t) for t in range(tp)]
     full = {}
@@ -144,18 +144,12 @@ def _merge(per_tp: list[dict], args, tp: int) -> dict:
 
 def apply_moments(engine, module, topology, full: dict, step: int, rename=None) -> None:
     """Write this rank's slices of the Adam moments (and the step count) into its optimizer."""
-    from deepspeed.utils import safe_set_full_optimizer_state
-
-    from megacpt.parallel.tp import tp_shards
-
     shards = {(rename(n) if rename else n): s for n, s in tp_shards(module).items()}
     zero = engine.zero_optimization_stage()
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     if zero > 0:
         # Adam's state is created lazily at the first step; create it (zeros) for each flat fp32
         # partition and link the parameters' fragments to it, so each can be written by name.
-        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
-
         zopt = engine.optimizer
         for lp_group, flat in zip(zopt.bit16_groups, zopt.single_partition_of_fp32_groups):
             inner.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),

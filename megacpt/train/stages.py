@@ -16,6 +16,10 @@ as at a later step (about 0.45× a fresh first step, approaching 1× over some t
 
 from __future__ import annotations
 
+import torch
+
+from megacpt.train.engine import param_groups as default_groups
+
 EMBEDDING = "embedding"
 BODY = "body"
 
@@ -36,8 +40,6 @@ def embedding_params(model) -> list:
 
 def param_groups(model, weight_decay: float, split_embeddings: bool) -> tuple[list[dict], list[str]]:
     """AdamW groups and the kind of each (EMBEDDING or BODY), in the same order."""
-    from megacpt.train.engine import param_groups as default_groups
-
     if not split_embeddings:
         groups = default_groups(model, weight_decay)
         return groups, [BODY] * len(groups)
@@ -70,8 +72,6 @@ class Stages:
                     self._handles.append(p.register_hook(self._hook))
 
     def _hook(self, grad):
-        import torch
-
         # zeros, not grad * 0: a non-finite gradient must not leak NaN into frozen weights.
         return torch.zeros_like(grad) if self.frozen else grad
 

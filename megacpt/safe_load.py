@@ -7,19 +7,22 @@ of the plain-data classes DeepSpeed writes; anything else is refused before Deep
 
 from __future__ import annotations
 
+import argparse
+import collections
+import pickle
 from pathlib import Path
+
+import torch
 
 from megacpt.errors import UserError
 
 
 def _allowlist() -> list:
-    import argparse
-    import collections
-
     allowed = [argparse.Namespace, collections.OrderedDict, collections.defaultdict, set, frozenset]
+    # DeepSpeed's classes only where DeepSpeed is installed: HF .bin files load without it.
     try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
 
         allowed += [ZeroStageEnum, LossScaler, DynamicLossScaler]
     except ImportError:
@@ -35,8 +38,6 @@ def _allowlist() -> list:
 
 def safe_load(path):
     """torch.load with weights_only=True and DeepSpeed's plain-data classes allowed."""
-    import torch
-
     with torch.serialization.safe_globals(_allowlist()):
         return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
 
@@ -52,8 +53,6 @@ def refusal_reason(e: BaseException) -> str:
 
 
 def check_torch_file(path) -> None:
-    import pickle
-
     try:
         safe_load(path)
     except pickle.UnpicklingError as e:

@@ -1,0 +1,177 @@
+"""THE construction of a model for one rank: the only place that applies parallelism and compile.
+
+Training, `megacpt eval`, `bench train` and `bench memory` build through `build_model`, the
+pipeline path through `build_pipeline`; `initialize` hands the result to DeepSpeed. The order,
+and why it is this one:
+
+1. Build on the meta device: nothing is allocated, so no rank ever holds the whole model when
+   ZeRO-3 or tensor parallelism says it need not. (ZeRO-3 without tensor parallelism builds
+   inside `deepspeed.zero.Init` instead, which partitions each parameter the moment it exists:
+   steps 1 and 3 in one.)
+2. Tensor (and sequence) parallelism: `apply_tp` swaps in column/row-parallel linears and the
+   vocab-parallel embedding/head, still on meta, so each parameter already has its slice's shape.
+3. Pipeline cut (parallel.pp > 1): the TP-split model is cut into items for DeepSpeed's pipeline
+   engine and only this rank's stage is materialised (build_pipeline).
+4. Load: each rank reads only its tensor-parallel slice of the weights (or draws the
+   layout-independent init when a checkpoint is loaded over it later); under ZeRO-3 without TP
+   only its flat partition of each parameter.
+5. ZeRO-3 partitioning of a TP-split model: `zero.Init(module=...)` cuts each rank's slice over
+   the data-parallel group.
+6. Activation checkpointing: a flag the blocks read, so it wraps whatever the blocks became.
+7. Compile: after TP and activation checkpointing, so it traces the final modules; per block
+   (one graph reused by every block), or under ZeRO-3, whose gather hooks on each linear would
+   break a compiled block, only the pointwise code between the linears.
+8. `deepspeed.initialize` with the generated config and the optimizer's parameter groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megacpt.errors import UserError
+from megacpt.models.hf import as_weights, check_weights, load_full_state
+from megacpt.models.llama import ModelArgs, Transformer, compile_pointwise
+from megacpt.parallel import DeepSpeedMPU, apply_tp, init_tp_weights, load_tp_weights
+from megacpt.parallel.pp import cut_stages, item_bounds, mark_norm_counting, stage_bounds
+from megacpt.train.pipeline import staged_pipeline
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """What to build for this rank, besides the process groups and the weights."""
+    args: ModelArgs
+    dtype: torch.dtype = torch.float32
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+    activation_checkpointing: bool = False
+    compile: bool = False
+    pp_balance: str = "parameters"
+    seed: int = 0  # the layout-independent random init when no weights are given
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_model(spec: BuildSpec, topology=None, weights=None, ds_config: dict | None = None,
+                say=print) -> Transformer:
+    """Steps 1, 2 and 4 to 7 for a model that is not cut into pipeline stages. `topology` None
+    means one process without process groups (eval); `weights` an HF dir or a WeightSource."""
+    device = default_device()
+    tp = topology is not None and topology.tp_size > 1
+    if spec.zero_stage == 3 and not tp:
+        model = _partitioned_while_built(spec.args, ds_config, spec.dtype)  # 1 + 5
+        if weights is not None:
+            load_partitioned(model, weights)  # 4
+    else:
+        with torch.device("meta"):
+            model = Transformer(spec.args)  # 1
+        if tp:
+            apply_tp(model, topology, sequence_parallel=spec.sequence_parallel)  # 2
+            _load_tp(model, weights, spec)  # 4
+            if spec.zero_stage == 3:  # 5
+                deepspeed.zero.Init(module=model, data_parallel_group=topology.dp_group, mpu=DeepSpeedMPU(topology),
+                                    config_dict_or_path=ds_config, mem_efficient_linear=False)
+            model = model.to(device)
+        else:
+            model = _load_whole(model, weights, spec).to(device=device, dtype=spec.dtype)  # 4
+    model.activation_checkpointing = spec.activation_checkpointing  # 6
+    if spec.compile:
+        _compile(model, spec.zero_stage, say)  # 7
+    return model
+
+
+def build_pipeline(spec: BuildSpec, topology, weights=None):
+    """Steps 1 to 4 and 6 for pipeline parallelism: the PipelineModule for this rank (only its own
+    stage materialised and loaded) and the state its stages share. ZeRO-0/1 only (validated)."""
+    with torch.device("meta"):
+        model = Transformer(spec.args)  # 1
+    apply_tp(model, topology)  # 2 (a no-op split at tp 1, which keeps one code path for the stages)
+    layer_bounds = stage_bounds(spec.args, topology.pp_size, spec.pp_balance)
+    items, state, loss_fn, tied = cut_stages(model, spec.args, topology, layer_bounds, weights=weights,  # 3 + 4
+                                             seed=spec.seed, dtype=spec.dtype,
+                                             activation_checkpointing=spec.activation_checkpointing)  # 6
+    module = staged_pipeline(items, item_bounds(layer_bounds), tied, topology, loss_fn)
+    mark_norm_counting(module, topology, tied)
+    module.layer_bounds = layer_bounds
+    return module, state
+
+
+def initialize(model: nn.Module, groups: list[dict], ds_config: dict, topology):
+    """Step 8: the DeepSpeed engine. Pipeline modules carry their own topology; otherwise the
+    `mpu` adapter tells ZeRO which group is data-parallel when tensor parallelism splits the model."""
+    pipelined = topology is not None and topology.pp_size > 1
+    mpu = DeepSpeedMPU(topology) if topology is not None and topology.tp_size > 1 and not pipelined else None
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config, mpu=mpu)
+    return engine
+
+
+def _partitioned_while_built(args: ModelArgs, ds_config: dict, dtype: torch.dtype) -> Transformer:
+    # No dtype= here: DeepSpeed 0.19 parses an explicit dtype as `(dtype or fp16) if fp16 else
+    # bf16`, which on CPU turns float32 into bfloat16. The config's bf16 flag says the same thing.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = Transformer(args)
+    wrong = {p.ds_tensor.dtype for p in model.parameters()} - {dtype}
+    if wrong:
+        raise RuntimeError(f"zero.Init created parameters in {wrong}, expected {dtype}")
+    return model
+
+
+def _load_whole(model: Transformer, weights, spec: BuildSpec) -> Transformer:
+    if weights is not None:
+        load_full_state(model, weights)
+        return model
+    model = model.to_empty(device="cpu")
+    if spec.args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.init_weights()
+    return model
+
+
+def _load_tp(model: Transformer, weights, spec: BuildSpec) -> None:
+    # On CPU first: under ZeRO-3 the slice is partitioned before it moves to the device.
+    if weights is not None:
+        load_tp_weights(model, weights, device="cpu", dtype=spec.dtype)
+    else:  # weights come from a checkpoint after deepspeed.initialize
+        init_tp_weights(model, spec.seed, device="cpu", dtype=spec.dtype)
+
+
+@torch.no_grad()
+def load_partitioned(model: nn.Module, source) -> None:
+    """ZeRO-3: each rank copies only its own flat partition of every parameter from the files."""
+    weights = as_weights(source)
+    weights_dir = getattr(weights, "dir", "checkpoint")
+    check_weights(weights, model, weights_dir)
+    for name, p in model.named_parameters():
+        shape = tuple(p.ds_shape)
+        if weights.shape(name) != shape:
+            raise UserError(f"{weights_dir}: {name} has shape {weights.shape(name)}, config implies {shape}")
+        part = p.ds_tensor
+        size = part.ds_numel
+        start = size * dist.get_rank(group=p.ds_process_group)
+        n = max(0, min(size, p.ds_numel - start))
+        part.zero_()  # the padding of the last partition
+        if n:
+            part.narrow(0, 0, n).copy_(weights.get_flat_range(name, start, n))
+
+
+def _compile(model: Transformer, zero_stage: int, say) -> None:
+    if zero_stage == 3:
+        # ZeRO-3 gathers each linear's weight in a hook on its module, which would break a
+        # compiled block around every linear: compile what lies between the linears instead.
+        changed = compile_pointwise(model)
+        if changed <= 0:
+            raise RuntimeError("model.compile: compile_pointwise found no norm_fn/rope_fn/act_fn to compile")
+        say(f"torch.compile: pointwise code (RMSNorm, RoPE, SwiGLU) of {changed} modules in {len(model.layers)} "
+            "decoder blocks and the final norm; linears stay eager under ZeRO-3 (compiled at their first call)")
+        return
+    # Per block, not the whole model: every block has the same graph, so one compilation is
+    # reused by all of them, and the fused loss head (our own kernel) stays outside.
+    for layer in model.layers:
+        layer.compile()
+    say(f"torch.compile: {len(model.layers)} decoder blocks (compiled at their first call)")
