@@ -14,6 +14,9 @@ import pytest
 from conftest_data import big_vocab_tokenizer_dir, hf_tokenizer_dir, make_docs, sp_model  # noqa: F401 (fixtures)
 from megacpt import cli
 from megacpt.data import prepare as P
+from megacpt.data import readers as R
+from megacpt.data import sidecar as S
+from megacpt.data import workers as W
 from megacpt.data.indexed import IndexedDataset, list_shard_prefixes
 from megacpt.errors import DataError
 
@@ -138,7 +141,7 @@ def test_hf_tokens_equal_tokenizer_encoding(tmp_path, hf_tokenizer_dir, fmt):
     out = tmp_path / "out" / "corpus"
     assert run("prepare", "--input", *inputs, "--tokenizer", hf_tokenizer_dir, "--output", out, "--workers", 1, *extra) == 0
     assert read_docs(out) == hf_expected(hf_tokenizer_dir, docs)
-    sc = P.read_sidecar(out)
+    sc = S.read_sidecar(out)
     assert sc["documents"] == len(docs) and sc["records"] == len(docs)
     assert sc["tokens"] == sum(map(len, hf_expected(hf_tokenizer_dir, docs)))
     assert sc["dtype"] == "uint16"
@@ -151,7 +154,7 @@ def test_sentencepiece_tokens_equal_tokenizer_encoding(tmp_path, sp_model, fmt):
     out = tmp_path / "sp"
     assert run("prepare", "--input", *inputs, "--tokenizer", sp_model, "--output", out, "--workers", 1, *extra) == 0
     assert read_docs(out) == sp_expected(sp_model, DOCS)
-    sc = P.read_sidecar(out)
+    sc = S.read_sidecar(out)
     assert sc["tokenizer"]["kind"] == "sentencepiece" and sc["tokenizer"]["eos_id"] == 2
 
 
@@ -167,7 +170,7 @@ def test_several_inputs_keep_order_and_bos_no_eos(tmp_path, hf_tokenizer_dir):
              "--workers", 1, "--bos", "--no-eos")
     assert rc == 0
     assert read_docs(out) == hf_expected(hf_tokenizer_dir, a + b + c, bos=True, eos=False)
-    sc = P.read_sidecar(out)
+    sc = S.read_sidecar(out)
     assert [s["records"] for s in sc["sources"]] == [10, 15] + [1] * len(c)
     assert sc["bos"] is True and sc["eos"] is False
 
@@ -196,7 +199,7 @@ def test_empty_records_are_skipped_and_counted(tmp_path, hf_tokenizer_dir):
     out = tmp_path / "e"
     assert run("prepare", "--input", p, "--tokenizer", hf_tokenizer_dir, "--output", out, "--workers", 1) == 0
     assert read_docs(out) == hf_expected(hf_tokenizer_dir, ["a b", "c"])
-    assert P.read_sidecar(out)["skipped"] == {"empty": 2, "undecodable": 0}
+    assert S.read_sidecar(out)["skipped"] == {"empty": 2, "undecodable": 0}
 
 
 # ----------------------------------------------------------------------------- ordering, splitting
@@ -218,7 +221,8 @@ def mixed_inputs(tmp: Path, n_jsonl=45, n_lines=30, n_parquet=25):
 
 
 def test_workers_do_not_change_bytes(tmp_path, hf_tokenizer_dir, monkeypatch):
-    monkeypatch.setattr(P, "BATCH_DOCS", 4)  # many small batches: order must be restored
+    monkeypatch.setattr(W, "BATCH_DOCS", 4)  # many small batches: order must be restored
+    monkeypatch.setattr(R, "ARROW_ROWS", 4)
     inputs, docs = mixed_inputs(tmp_path)
     common = ["--input", *inputs, "--tokenizer", hf_tokenizer_dir, "--text-mode", "lines", "--valid-fraction", "0.1"]
     assert run("prepare", *common, "--output", tmp_path / "w1", "--workers", 1) == 0
@@ -229,7 +233,8 @@ def test_workers_do_not_change_bytes(tmp_path, hf_tokenizer_dir, monkeypatch):
 
 @pytest.mark.parametrize("num_shards", [3, 7])
 def test_split_then_merge_is_byte_identical(tmp_path, hf_tokenizer_dir, monkeypatch, num_shards):
-    monkeypatch.setattr(P, "BATCH_DOCS", 5)
+    monkeypatch.setattr(W, "BATCH_DOCS", 5)
+    monkeypatch.setattr(R, "ARROW_ROWS", 5)
     inputs, docs = mixed_inputs(tmp_path) if num_shards == 3 else mixed_inputs(tmp_path, 2, 1, 2)
     common = ["--input", *inputs, "--tokenizer", hf_tokenizer_dir, "--text-mode", "lines",
               "--workers", 1, "--valid-fraction", "0.1"]
@@ -239,15 +244,15 @@ def test_split_then_merge_is_byte_identical(tmp_path, hf_tokenizer_dir, monkeypa
         assert run("prepare", *common, "--output", tmp_path / f"part{i}", "--num-shards", num_shards, "--shard-index", i) == 0
         parts.append(tmp_path / f"part{i}")
     # contiguous, document-aligned parts of (nearly) equal size
-    counts = [P.read_sidecar(p)["records"] for p in parts]
+    counts = [S.read_sidecar(p)["records"] for p in parts]
     assert sum(counts) == len(docs) and max(counts) - min(counts) <= 1
     assert run("merge", *parts, "--output", tmp_path / "merged") == 0
     assert raw(tmp_path / "merged") == raw(tmp_path / "whole")
     assert run("merge", *[f"{p}_valid" for p in parts], "--output", tmp_path / "merged_valid") == 0
     assert raw(tmp_path / "merged_valid") == raw(tmp_path / "whole_valid")
-    sc = P.read_sidecar(tmp_path / "merged")
-    assert sc["documents"] == P.read_sidecar(tmp_path / "whole")["documents"]
-    assert sc["tokenizer"]["vocab_hash"] == P.read_sidecar(tmp_path / "whole")["tokenizer"]["vocab_hash"]
+    sc = S.read_sidecar(tmp_path / "merged")
+    assert sc["documents"] == S.read_sidecar(tmp_path / "whole")["documents"]
+    assert sc["tokenizer"]["vocab_hash"] == S.read_sidecar(tmp_path / "whole")["tokenizer"]["vocab_hash"]
 
 
 def test_max_shard_size(tmp_path, hf_tokenizer_dir):
@@ -265,9 +270,9 @@ def test_max_shard_size(tmp_path, hf_tokenizer_dir):
     for p, nxt in zip(parts, parts[1:]):
         assert os.path.getsize(f"{p}.bin") + 2 * int(IndexedDataset(nxt).sizes[0]) > 200
     assert sum((read_docs(p) for p in parts), []) == read_docs(tmp_path / "whole")
-    sc = P.read_sidecar(tmp_path / "s" / "c")
+    sc = S.read_sidecar(tmp_path / "s" / "c")
     assert [s["prefix"] for s in sc["shards"]] == [Path(p).name for p in parts]
-    assert P.read_sidecar(parts[1]) == sc
+    assert S.read_sidecar(parts[1]) == sc
     # a size-split prefix merges back into the unsplit bytes
     assert run("merge", tmp_path / "s" / "c", "--output", tmp_path / "m") == 0
     assert raw(tmp_path / "m") == raw(tmp_path / "whole")
@@ -283,9 +288,9 @@ def test_valid_fraction(tmp_path, hf_tokenizer_dir):
     assert len(held) == 10
     assert read_docs(f"{out}_valid") == [expected[r] for r in held]
     assert read_docs(out) == [e for r, e in enumerate(expected) if r not in held]
-    sc = P.read_sidecar(out)
+    sc = S.read_sidecar(out)
     assert sc["valid"]["documents"] == 10 and sc["documents"] == 30
-    assert P.read_sidecar(f"{out}_valid") == sc
+    assert S.read_sidecar(f"{out}_valid") == sc
 
 
 def test_rerun_replaces_stale_outputs(tmp_path, hf_tokenizer_dir):
@@ -305,8 +310,8 @@ def test_merge_directory_and_sidecar(tmp_path, hf_tokenizer_dir):
                    "--output", tmp_path / "d" / f"p{i}", "--num-shards", 2, "--shard-index", i) == 0
     assert run("merge", tmp_path / "d", "--output", tmp_path / "m") == 0
     assert read_docs(tmp_path / "m") == hf_expected(hf_tokenizer_dir, DOCS)
-    sc = P.read_sidecar(tmp_path / "m")
-    assert sc["documents"] == len(DOCS) and sc["vocab_size"] == P.read_sidecar(tmp_path / "d" / "p0")["vocab_size"]
+    sc = S.read_sidecar(tmp_path / "m")
+    assert sc["documents"] == len(DOCS) and sc["vocab_size"] == S.read_sidecar(tmp_path / "d" / "p0")["vocab_size"]
     assert len(sc["merged_from"]) == 2
 
 
@@ -371,7 +376,7 @@ def test_bad_input_exit_2_and_no_output(tmp_path, hf_tokenizer_dir, capsys, case
 
 
 def test_error_after_shards_were_written_leaves_nothing(tmp_path, hf_tokenizer_dir, monkeypatch):
-    monkeypatch.setattr(P, "BATCH_DOCS", 3)
+    monkeypatch.setattr(W, "BATCH_DOCS", 3)
     p = tmp_path / "late.jsonl"
     write_jsonl(p, DOCS)
     with open(p, "a") as f:
@@ -382,8 +387,8 @@ def test_error_after_shards_were_written_leaves_nothing(tmp_path, hf_tokenizer_d
 
 
 def test_ctrl_c_leaves_nothing(tmp_path, hf_tokenizer_dir, monkeypatch, capsys):
-    monkeypatch.setattr(P, "BATCH_DOCS", 3)
-    real = P._process
+    monkeypatch.setattr(W, "BATCH_DOCS", 3)
+    real = W._process
     calls = []
 
     def interrupted(*a):
@@ -392,7 +397,7 @@ def test_ctrl_c_leaves_nothing(tmp_path, hf_tokenizer_dir, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real(*a)
 
-    monkeypatch.setattr(P, "_process", interrupted)
+    monkeypatch.setattr(W, "_process", interrupted)
     inputs, _ = write_input(tmp_path / "in", DOCS, "jsonl")
     rc = run("prepare", "--input", *inputs, "--tokenizer", hf_tokenizer_dir, "--output", tmp_path / "out" / "c",
              "--workers", 1, "--max-shard-size", 100)
@@ -417,7 +422,7 @@ def test_undecodable_skip_counts(tmp_path, hf_tokenizer_dir):
     assert run("prepare", "--input", p, j, "--tokenizer", hf_tokenizer_dir, "--output", out, "--workers", 1,
                "--text-mode", "lines", "--on-decode-error", "skip") == 0
     assert read_docs(out) == hf_expected(hf_tokenizer_dir, ["fine line", "ok", "good"])
-    assert P.read_sidecar(out)["skipped"]["undecodable"] == 3
+    assert S.read_sidecar(out)["skipped"]["undecodable"] == 3
 
 
 def test_merge_refuses_mismatched_dtype_and_tokenizer(tmp_path, hf_tokenizer_dir, big_vocab_tokenizer_dir, sp_model, capsys):
@@ -440,22 +445,22 @@ def test_json_array_parser_across_chunks(tmp_path):
     items = [{"text": d, "nested": {"x": [1, 2, {"y": "]"}]}} for d in make_docs(30, seed=9)] + [{"text": "x" * 50}]
     p = tmp_path / "a.json"
     p.write_text(" \n[ " + " ,\n".join(json.dumps(x, ensure_ascii=False) for x in items) + "\n]\n", encoding="utf-8")
-    assert list(P._iter_json_array(str(p), chunk=7)) == items
+    assert list(R._iter_json_array(str(p), chunk=7)) == items
     (tmp_path / "e.json").write_text("[]")
-    assert list(P._iter_json_array(str(tmp_path / "e.json"))) == []
+    assert list(R._iter_json_array(str(tmp_path / "e.json"))) == []
     (tmp_path / "t.json").write_text('[{"text": "a"}, {"text": "b"')
     with pytest.raises(DataError, match="truncated|invalid JSON"):
-        list(P._iter_json_array(str(tmp_path / "t.json"), chunk=5))
+        list(R._iter_json_array(str(tmp_path / "t.json"), chunk=5))
 
 
 def test_count_matches_records(tmp_path):
     (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfa\nb\n\n\n c\n\nd\n")
     for mode, n in [("file", 1), ("blocks", 3), ("lines", 4)]:
-        src = P.Source(str(tmp_path / "b.txt"), "text", mode)
+        src = R.Source(str(tmp_path / "b.txt"), "text", mode)
         recs = list(src.records())
         assert src.count() == len(recs) == n
-    assert list(P.Source(str(tmp_path / "b.txt"), "text", "blocks").records())[0][1] == b"a\nb"
-    assert [r[0] for r in P.Source(str(tmp_path / "b.txt"), "text", "lines").records(1, 3)] == [2, 5]
+    assert list(R.Source(str(tmp_path / "b.txt"), "text", "blocks").records())[0][1] == b"a\nb"
+    assert [r[0] for r in R.Source(str(tmp_path / "b.txt"), "text", "lines").records(1, 3)] == [2, 5]
 
 
 def test_parse_size():
@@ -466,4 +471,4 @@ def test_parse_size():
 
 
 def test_read_sidecar_missing(tmp_path):
-    assert P.read_sidecar(tmp_path / "nothing") is None
+    assert S.read_sidecar(tmp_path / "nothing") is None

@@ -192,7 +192,7 @@ def test_yaml_python_tags_rejected(world, tmp_path, capsys, tag):
 
 # (module, function) pairs allowed to call a flagged function, and why.
 ALLOWED = {
-    ("megacpt/data/prepare.py", "_init_worker", "pickle.load"):
+    ("megacpt/data/workers.py", "_init_worker", "pickle.load"):
         "reads back the tokenizer spec the parent process itself wrote to a private mkstemp file",
 }
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megacpt.data.indexed import IndexedDataset, list_shard_prefixes
+from megacpt.data.sidecar import read_sidecar
 from megacpt.errors import DataError
 
 MAX_SHUFFLE_BLOCK = 1 << 20
@@ -232,8 +233,6 @@ def check_vocab(prefix: str, vocab_size: int, shard: IndexedDataset | None = Non
     every token id, read in chunks so memory stays bounded. Nothing is cached: a shard rewritten
     in place is checked again.
     """
-    from megacpt.data.prepare import read_sidecar
-
     vocab_size = int(vocab_size)
     try:
         # Also finds the sidecar of PREFIX_00000-style split shards and of PREFIX_valid.

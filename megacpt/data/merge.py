@@ -8,10 +8,10 @@ by the merged sizes array (4 bytes per document), never by the tokens.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from megacpt.data.indexed import IndexedDataset, IndexedDatasetWriter, list_shard_prefixes
+from megacpt.data.sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, created_by, read_sidecar, write_sidecar
 from megacpt.errors import DataError, UserError
 
 
@@ -27,8 +27,6 @@ def _expand(inputs) -> list[str]:
 
 
 def _merge_sidecars(prefixes, sidecars, ds_list, output) -> dict:
-    from megacpt.data.prepare import SIDECAR_FORMAT, SIDECAR_VERSION, _created_by
-
     known = [(p, s) for p, s in zip(prefixes, sidecars) if s is not None]
     tokenizer = None
     bos = eos = None
@@ -72,14 +70,12 @@ def _merge_sidecars(prefixes, sidecars, ds_list, output) -> dict:
         "skipped": skipped,
         "sources": sources,
         "merged_from": list(prefixes),
-        "created_by": _created_by(),
+        "created_by": created_by(),
     }
 
 
 def merge(inputs, output) -> dict:
     """Concatenate the shards of `inputs` (in order) into OUTPUT.bin/.idx + OUTPUT.json."""
-    from megacpt.data.prepare import _write_json_atomic, read_sidecar, sidecar_path
-
     output = str(output)
     if not inputs:
         raise UserError("merge needs at least one input prefix")
@@ -107,7 +103,7 @@ def merge(inputs, output) -> dict:
         writer.close()
         writer.commit()
         renamed = True
-        _write_json_atomic(sidecar_path(output), sidecar)
+        write_sidecar(output, sidecar)
     except BaseException:
         writer.abort()
         if renamed:  # keep "all or nothing" even when only the sidecar failed
@@ -117,22 +113,9 @@ def merge(inputs, output) -> dict:
     return sidecar
 
 
-def register(subparsers) -> None:
-    from megacpt.cli import add_common
-
-    p = subparsers.add_parser(
-        "merge",
-        help="concatenate tokenized shards without re-tokenizing",
-        description="Concatenate shard prefixes (or directories of shards) in order into OUTPUT.bin/.idx + OUTPUT.json.",
-    )
-    p.add_argument("prefixes", nargs="+", metavar="PREFIX", help="shard prefixes, size-split prefixes or directories, in order")
-    p.add_argument("--output", required=True, metavar="PREFIX", help="merged output prefix")
-    add_common(p)
-    p.set_defaults(func=_cmd_merge)
-
-
-def _cmd_merge(args) -> int:
+def main_args(args) -> int:
+    """`megacpt merge` with parsed arguments (parser: megacpt/cli/prepare.py)."""
     sc = merge(args.prefixes, args.output)
     print(f"wrote {args.output}: {sc['documents']:,} documents, {sc['tokens']:,} tokens ({sc['dtype']}) "
-          f"from {len(sc['merged_from'])} shards", file=sys.stdout)
+          f"from {len(sc['merged_from'])} shards")
     return 0

@@ -26,15 +26,17 @@ skipping `consumed_samples` rows, as for CPT.
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from megacpt.data.dataset import blend_assignment, source_seed
+from megacpt.data.labels import IGNORE
 from megacpt.errors import ConfigError, DataError
 
-IGNORE = -100
 ROLES = ("system", "user", "assistant")
 
 
@@ -61,10 +63,8 @@ class Tokenizer:
 
 
 def load_tokenizer(path) -> Tokenizer:
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy (seconds): only runs with an SFT phase need it
 
     p = Path(path)
     if not p.is_dir():
@@ -240,8 +240,6 @@ def build_row(examples: list[Example], seq_len: int) -> dict:
 
 
 def _source_seed(seed: int, name: str) -> int:
-    from megacpt.data.dataset import source_seed
-
     return source_seed(seed, "sft\x00" + name)
 
 
@@ -252,8 +250,6 @@ class SFTDataset:
     """
 
     def __init__(self, sources: list[tuple[str, list[Example], float]], seq_len: int, seed: int, num_samples: int):
-        from megacpt.data.dataset import blend_assignment
-
         self.seq_len, self.num_samples = int(seq_len), int(num_samples)
         self.names = [s[0] for s in sources]
         self.examples = [s[1] for s in sources]
@@ -296,7 +292,7 @@ class SFTDataset:
 
 def rank_batches(dataset: SFTDataset, first_sample: int, mb: int, gas: int, dp_rank: int, dp_size: int) -> list[dict]:
     """This rank's micro-batches of a global batch, in the same sample layout as CPT's."""
-    import torch
+    import torch  # heavy: the rest of the data layer runs on numpy alone (prepare, merge, checks)
 
     out = []
     for m in range(gas):
