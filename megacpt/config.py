@@ -1,18 +1,23 @@
 """Typed run configuration: YAML in (safe_load), `--set a.b=c` overrides, unknown keys rejected.
 
-The dataclasses below are the schema and the documentation of every key. Values are checked
-against the field types when loaded (YAML 1.1 reads `1e-4` as a string: numbers written that
-way are accepted for float fields). A loaded Config is never mutated; derived values (world
-size, accumulation steps) live in `Derived`, computed separately.
+The dataclasses below are the schema and the documentation of every key: each field carries a
+one-line description (`help` in its metadata), which `describe_config()` lists with the key's
+type and default (`megacpt train --help-config`). Values are checked against the field types when
+loaded (YAML 1.1 reads `1e-4` as a string: numbers written that way are accepted for float
+fields). A loaded Config is never mutated; derived values (world size, accumulation steps) live in
+`Derived`, computed separately.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
+import json
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -21,157 +26,182 @@ import yaml
 from megacpt.errors import ConfigError
 
 
+def _field(default=MISSING, help: str = "", *, factory=MISSING):
+    """A config field with its one-line description (listed by describe_config)."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    init_from: Optional[str] = None  # HF dir or megacpt checkpoint dir: weights only
-    max_seq_len: Optional[int] = None  # long-context overrides, written into exported configs
-    rope_theta: Optional[float] = None
-    rope_scaling: Optional[dict] = None
-    activation_checkpointing: bool = False
-    # torch.compile each decoder block (after TP and activation checkpointing, before the engine);
-    # under ZeRO-3 only the blocks' pointwise code (RMSNorm, RoPE, SwiGLU), plus on CPU megacpt's
-    # attention backward and the loss head's compiled softmax pass, see compile_pointwise.
-    compile: bool = False
+    init_from: Optional[str] = _field(None, "HF model dir or megacpt run/checkpoint dir to start from: weights only "
+                                            "(a resume ignores it)")
+    max_seq_len: Optional[int] = _field(None, "long-context override of max_position_embeddings, written into "
+                                              "exported configs; null: the model's")
+    rope_theta: Optional[float] = _field(None, "long-context override of the RoPE base; null: the model's")
+    rope_scaling: Optional[dict] = _field(None, "long-context override of the HF rope_scaling mapping; null: the model's")
+    activation_checkpointing: bool = _field(False, "recompute each decoder block's activations in the backward "
+                                                   "instead of keeping them")
+    # After TP and activation checkpointing, before the engine. Under ZeRO-3 only the blocks'
+    # pointwise code (RMSNorm, RoPE, SwiGLU), plus on CPU megacpt's attention backward and the loss
+    # head's compiled softmax pass: the per-module gather hooks would break a compiled block.
+    compile: bool = _field(False, "torch.compile each decoder block (under ZeRO-3 its pointwise code only, "
+                                  "see compile_pointwise)")
 
 
 @dataclass(frozen=True)
 class TrainSource:
-    name: str
-    path: str
-    weight: float = 1.0
+    name: str = _field(help="source name, unique: metrics count its tokens as tokens/NAME; seeds its data order")
+    path: str = _field(help="shard prefix or directory of shards (megacpt prepare); task sft: a .jsonl file or "
+                            "a directory of them")
+    weight: float = _field(1.0, "share of the training samples, relative to the other sources' weights")
 
 
 @dataclass(frozen=True)
 class ValidSource:
-    name: str
-    path: str
+    name: str = _field(help="set name, unique: metrics are valid/NAME/loss, /ppl, /ppl_vs_base, ...")
+    path: str = _field(help="held-out shard prefix or directory; task sft: a .jsonl file or a directory of them")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    seq_len: int = 512
-    train: list[TrainSource] = field(default_factory=list)
-    valid: list[ValidSource] = field(default_factory=list)
-    valid_tokens: int = 8192
-    document_mask: bool = False  # attention and positions restart at each document
-    mask_eos_loss: bool = False  # do not train on predicting the token after an EOS
+    seq_len: int = _field(512, "tokens per training sequence")
+    train: list[TrainSource] = _field(help="training sources of the main phase, blended by weight", factory=list)
+    valid: list[ValidSource] = _field(help="held-out sets evaluated every train.eval_interval steps", factory=list)
+    valid_tokens: int = _field(8192, "input tokens evaluated per validation set at most (task cpt)")
+    document_mask: bool = _field(False, "attention and positions restart at each document")
+    mask_eos_loss: bool = _field(False, "do not train on predicting the token after an EOS")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    kind: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 10
-    decay_fraction: float = 0.1  # wsd: share of steps spent decaying
-    decay_shape: Literal["linear", "1-sqrt"] = "1-sqrt"
+    kind: Literal["cosine", "linear", "wsd", "constant"] = _field(
+        "cosine", "LR schedule after the warm-up: cosine or linear decay to optim.min_lr, wsd (stable, then decay), "
+                  "or constant")
+    warmup_steps: int = _field(10, "steps of linear warm-up to the peak LR")
+    decay_fraction: float = _field(0.1, "wsd: share of steps spent decaying")
+    decay_shape: Literal["linear", "1-sqrt"] = _field("1-sqrt", "wsd: shape of the decay to optim.min_lr")
 
 
 @dataclass(frozen=True)
 class PhaseData:
-    train: list[TrainSource] = field(default_factory=list)
+    train: list[TrainSource] = _field(help="the phase's training sources, blended by weight", factory=list)
 
 
 @dataclass(frozen=True)
 class PhaseConfig:
-    name: str
-    steps: int
-    data: Optional[PhaseData] = None  # None: the previous phase's mixture
-    schedule: Optional[ScheduleConfig] = None  # None: the top-level schedule
-    lr: Optional[float] = None  # None: the top-level optim.lr
-    min_lr: Optional[float] = None
-    trainable: Optional[Literal["all", "embeddings"]] = None  # None: train.trainable
+    name: str = _field(help="phase name, unique: logged with each step; seeds the phase's data order")
+    steps: int = _field(help="optimizer steps of the phase, after those of the phases before it")
+    data: Optional[PhaseData] = _field(None, "the phase's data; null: the previous phase's mixture")
+    schedule: Optional[ScheduleConfig] = _field(None, "the phase's LR schedule; null: the top-level schedule")
+    lr: Optional[float] = _field(None, "the phase's peak LR; null: the top-level optim.lr")
+    min_lr: Optional[float] = _field(None, "the phase's final LR; null: the top-level optim.min_lr")
+    trainable: Optional[Literal["all", "embeddings"]] = _field(None, "what the phase trains; null: train.trainable")
 
 
 @dataclass(frozen=True)
 class EarlyStoppingConfig:
-    metric: str  # a validation metric, e.g. valid/new/loss or valid/sft/exact_match
-    patience: int = 3  # evaluations in a row without improvement before stopping
-    min_delta: float = 0.0  # an improvement must beat the best value by more than this
-    mode: Optional[Literal["min", "max"]] = None  # None: max for exact_match/token_f1/bleu, else min
+    metric: str = _field(help="a validation metric, e.g. valid/new/loss or valid/sft/exact_match")
+    patience: int = _field(3, "evaluations in a row without improvement before stopping")
+    min_delta: float = _field(0.0, "an improvement must beat the best value by more than this")
+    mode: Optional[Literal["min", "max"]] = _field(None, "whether lower or higher is better; null: max for "
+                                                         "exact_match/token_f1/bleu, else min")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 100
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
-    eval_interval: int = 20
-    log_interval: int = 1
-    stop_after: Optional[int] = None
-    eval_at_start: bool = True  # measure the base model before the first step
-    nonfinite: Literal["rollback", "stop"] = "rollback"  # on a NaN/inf loss or gradient norm
-    max_rollbacks: int = 3  # rollbacks (each skipping the offending batch) before giving up
-    spike_factor: float = 3.0  # log a loss_spike event when loss > factor × median of the last 50; 0: off
-    collective_timeout_s: float = 1800.0  # a rank that stops participating fails the others after this
-    # embeddings: only embed_tokens (and an untied lm_head) learn in the main phase; the rest
-    # keeps its weights bit for bit (e.g. right after extend-vocab). Phases may override it.
-    trainable: Literal["all", "embeddings"] = "all"
-    early_stopping: Optional[EarlyStoppingConfig] = None
-    # CPU ranks only. caching: glibc malloc keeps freed blocks for reuse instead of returning
-    # them to the kernel after every step (megacpt/train/cpu_alloc.py; faster, but the resident
-    # set stays at its peak); system: malloc's defaults.
-    cpu_allocator: Literal["caching", "system"] = "caching"
+    steps: int = _field(100, "optimizer steps of the main phase (phases follow it)")
+    micro_batch_size: int = _field(1, "sequences per rank in one forward/backward")
+    global_batch_size: int = _field(8, "sequences per optimizer step over all data-parallel ranks "
+                                       "(gradient accumulation makes up the rest)")
+    eval_interval: int = _field(20, "steps between validations (and at the last step)")
+    log_interval: int = _field(1, "steps between metrics lines (and at the last step)")
+    stop_after: Optional[int] = _field(None, "end this invocation cleanly after N steps, checkpoint first (like a "
+                                             "job time limit); null: run to the end")
+    eval_at_start: bool = _field(True, "measure the base model before the first step")
+    nonfinite: Literal["rollback", "stop"] = _field("rollback", "what to do on a NaN/inf loss or gradient norm")
+    max_rollbacks: int = _field(3, "rollbacks (each skipping the offending batch) before giving up")
+    spike_factor: float = _field(3.0, "log a loss_spike event when loss > factor × median of the last 50; 0: off")
+    collective_timeout_s: float = _field(1800.0, "a rank that stops participating fails the others after this")
+    # Right after extend-vocab, for example: the new rows settle in while the rest stays as it was.
+    trainable: Literal["all", "embeddings"] = _field(
+        "all", "embeddings: only embed_tokens (and an untied lm_head) learn in the main phase, the rest keeps its "
+               "weights bit for bit; phases may override it")
+    early_stopping: Optional[EarlyStoppingConfig] = _field(None, "stop when a validation metric stops improving; "
+                                                                 "null: off")
+    # caching is faster (no page faults on fresh buffers every step), but the resident set stays
+    # at its peak; see megacpt/train/cpu_alloc.py.
+    cpu_allocator: Literal["caching", "system"] = _field(
+        "caching", "CPU ranks only: caching (glibc malloc keeps freed blocks for reuse) or system (malloc's defaults)")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1.0e-4
-    min_lr: float = 1.0e-5
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1.0e-8
-    # Peak LR of embed_tokens and an untied lm_head; they follow the same schedule scaled by
-    # embedding_lr / lr (phases with their own lr too). None: the same LR as everything else.
-    embedding_lr: Optional[float] = None
+    lr: float = _field(1.0e-4, "peak learning rate (AdamW)")
+    min_lr: float = _field(1.0e-5, "learning rate at the end of the decay")
+    weight_decay: float = _field(0.1, "AdamW weight decay")
+    grad_clip: float = _field(1.0, "clip the global gradient norm to this (DeepSpeed gradient_clipping; 0: off)")
+    beta1: float = _field(0.9, "AdamW beta1")
+    beta2: float = _field(0.95, "AdamW beta2")
+    eps: float = _field(1.0e-8, "AdamW epsilon")
+    embedding_lr: Optional[float] = _field(
+        None, "peak LR of embed_tokens and an untied lm_head, same schedule scaled by embedding_lr / lr (phases "
+              "with their own lr too); null: optim.lr")
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    zero_stage: int = 3
-    tp: int = 1
-    pp: int = 1
-    # How pipeline stages are balanced: "parameters" (embedding and head counted) or "layers".
-    pp_balance: str = "parameters"
-    # Megatron sequence parallelism inside the tensor group (norms/residuals on seq_len/tp positions).
-    sequence_parallel: bool = False
+    zero_stage: int = _field(3, "DeepSpeed ZeRO stage, 0-3: how much of the training state is partitioned over "
+                                "data-parallel ranks")
+    tp: int = _field(1, "tensor-parallel size")
+    pp: int = _field(1, "pipeline-parallel stages")
+    pp_balance: str = _field("parameters", "how pipeline stages are balanced: parameters (embedding and head "
+                                           "counted) or layers")
+    sequence_parallel: bool = _field(False, "Megatron sequence parallelism inside the tensor group (norms and "
+                                            "residuals on seq_len/tp positions)")
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    interval: int = 50
-    keep: int = 2
-    # Save when the last step is done. Benchmarks turn it off: a 1B model's final ZeRO
-    # checkpoint is ~17 GB of disk and tens of seconds that are not training.
-    final: bool = True
+    interval: int = _field(50, "steps between checkpoints")
+    keep: int = _field(2, "newest checkpoints kept")
+    # Benchmarks turn it off: a 1B model's final ZeRO checkpoint is ~17 GB of disk and tens of
+    # seconds that are not training.
+    final: bool = _field(True, "save a checkpoint when the last step is done")
 
 
 @dataclass(frozen=True)
 class SFTConfig:
-    tokenizer: Optional[str] = None  # tokenizer dir (and chat template); None: the model's HF dir
-    eval_examples: int = 32  # held-out examples generated per set for exact_match/token_f1/bleu; 0: loss only
-    max_new_tokens: int = 64  # greedy generation length limit
-    eval_batch_size: int = 8  # prompts generated together per rank
-    bleu: bool = True  # sacrebleu corpus BLEU of the generations (generation tasks)
+    tokenizer: Optional[str] = _field(None, "tokenizer dir (and chat template); null: the model's HF dir")
+    eval_examples: int = _field(32, "held-out examples generated per set for exact_match/token_f1/bleu; "
+                                    "0: loss only")
+    max_new_tokens: int = _field(64, "greedy generation length limit")
+    eval_batch_size: int = _field(8, "prompts generated together per rank")
+    bleu: bool = _field(True, "sacrebleu corpus BLEU of the generations (generation tasks)")
 
 
 @dataclass(frozen=True)
 class Config:
-    run_dir: str = "runs/demo"
-    seed: int = 1234
-    task: Literal["cpt", "sft"] = "cpt"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    phases: list[PhaseConfig] = field(default_factory=list)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)  # task: sft only
-    tensorboard: bool = True
-    deepspeed: dict = field(default_factory=dict)  # merged last into the generated DeepSpeed config
+    run_dir: str = _field("runs/demo", "the run's directory: checkpoints, metrics.jsonl, config.resolved.json; "
+                                       "a run with a checkpoint there resumes")
+    seed: int = _field(1234, "seed of the data order and of torch's and numpy's random state")
+    task: Literal["cpt", "sft"] = _field("cpt", "cpt: next-token prediction on tokenized shards; sft: "
+                                                "prompt/response fine-tuning on .jsonl")
+    model: ModelConfig = _field(help="the model: where its weights come from, length overrides, speed switches",
+                                factory=ModelConfig)
+    data: DataConfig = _field(help="training and validation data", factory=DataConfig)
+    phases: list[PhaseConfig] = _field(help="stages after the main phase, each with its own steps and optionally "
+                                            "data, schedule, LR and trainable parameters", factory=list)
+    train: TrainConfig = _field(help="steps, batch sizes, evaluation and fault handling", factory=TrainConfig)
+    optim: OptimConfig = _field(help="AdamW and the learning rates", factory=OptimConfig)
+    schedule: ScheduleConfig = _field(help="learning-rate schedule of the main phase", factory=ScheduleConfig)
+    parallel: ParallelConfig = _field(help="how the model and batch are split over ranks", factory=ParallelConfig)
+    precision: Literal["auto", "bf16", "fp32"] = _field("auto", "training dtype; auto: bf16 on GPUs, fp32 on CPUs")
+    checkpoint: CheckpointConfig = _field(help="when checkpoints are written and how many are kept",
+                                          factory=CheckpointConfig)
+    sft: SFTConfig = _field(help="task: sft only: tokenizer and generation-based evaluation", factory=SFTConfig)
+    tensorboard: bool = _field(True, "also write TensorBoard event files into run_dir/tensorboard")
+    deepspeed: dict = _field(help="merged last into the generated DeepSpeed config (offload, bucket sizes, ...)",
+                             factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -283,8 +313,6 @@ def _from_dict(cls, data, path: str = ""):
 
 
 def _closest(word: str, options: list[str]) -> Optional[str]:
-    import difflib
-
     m = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return m[0] if m else None
 
@@ -330,8 +358,6 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
-    import copy
-
     tree = copy.deepcopy(data) if data else {}
     parsed = parse_overrides(overrides or [])
     if parsed:
@@ -378,7 +404,17 @@ def _positive(value, name, allow_zero=False):
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no files and no world size."""
+    """Checks that need no files and no world size, in a fixed order (the first failure is reported)."""
+    _check_numbers(cfg)
+    _check_parallel(cfg)
+    _check_batch_and_schedule(cfg)
+    _check_sources(cfg)
+    _validate_early_stopping(cfg)
+    _check_sft_length(cfg)
+    _check_phases(cfg)
+
+
+def _check_numbers(cfg: Config) -> None:
     t, d, o = cfg.train, cfg.data, cfg.optim
     for name, v in [
         ("train.steps", t.steps),
@@ -405,9 +441,13 @@ def validate(cfg: Config) -> None:
         _positive(v, name, allow_zero=True)
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr})")
-    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
-    if cfg.parallel.pp > 1:
+
+
+def _check_parallel(cfg: Config) -> None:
+    par, d = cfg.parallel, cfg.data
+    if par.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {par.zero_stage}")
+    if par.pp > 1:
         # The pipeline stages are built by megacpt/parallel/pp.py, outside the code paths of these.
         for on, what in ((cfg.model.compile, "model.compile"), (cfg.task == "sft", "task: sft"),
                          (cfg.optim.embedding_lr is not None, "optim.embedding_lr"),
@@ -416,23 +456,27 @@ def validate(cfg: Config) -> None:
             if on:
                 raise ConfigError(f"{what} is not available with pipeline parallelism (parallel.pp > 1) yet; "
                                   f"use pp: 1 (tensor parallelism and ZeRO work) or drop {what}")
-    if cfg.parallel.sequence_parallel:
-        if cfg.parallel.tp < 2:
+    if par.sequence_parallel:
+        if par.tp < 2:
             raise ConfigError("parallel.sequence_parallel splits positions over the tensor-parallel group: "
                               "set parallel.tp ≥ 2, or turn sequence_parallel off")
-        if cfg.parallel.pp > 1:
+        if par.pp > 1:
             raise ConfigError("parallel.sequence_parallel is not available with pipeline parallelism (pp > 1) yet; "
                               "use pp: 1 or turn sequence_parallel off")
-        if d.seq_len % cfg.parallel.tp:
+        if d.seq_len % par.tp:
             raise ConfigError(f"parallel.sequence_parallel needs data.seq_len ({d.seq_len}) divisible by "
-                              f"parallel.tp ({cfg.parallel.tp})")
-    if cfg.parallel.sequence_parallel and cfg.task == "sft" and cfg.sft.eval_examples > 0:
+                              f"parallel.tp ({par.tp})")
+    if par.sequence_parallel and cfg.task == "sft" and cfg.sft.eval_examples > 0:
         # Greedy generation runs forwards of every length; sequence parallelism needs lengths
         # divisible by tp.
         raise ConfigError("task: sft generations (sft.eval_examples > 0) do not run with parallel.sequence_parallel; "
                           "set sft.eval_examples: 0 or turn sequence_parallel off")
-    if cfg.parallel.pp_balance not in ("parameters", "layers"):
-        raise ConfigError(f"parallel.pp_balance must be parameters or layers, got {cfg.parallel.pp_balance!r}")
+    if par.pp_balance not in ("parameters", "layers"):
+        raise ConfigError(f"parallel.pp_balance must be parameters or layers, got {par.pp_balance!r}")
+
+
+def _check_batch_and_schedule(cfg: Config) -> None:
+    t = cfg.train
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size ({t.global_batch_size}) is not a multiple of train.micro_batch_size "
@@ -440,6 +484,10 @@ def validate(cfg: Config) -> None:
         )
     if not 0 < cfg.schedule.decay_fraction <= 1:
         raise ConfigError(f"schedule.decay_fraction must be in (0, 1], got {cfg.schedule.decay_fraction}")
+
+
+def _check_sources(cfg: Config) -> None:
+    d = cfg.data
     for i, src in enumerate(d.train):
         if not src.weight > 0:
             raise ConfigError(f"data.train.{i} ({src.name}): weight must be > 0, got {src.weight}")
@@ -447,10 +495,16 @@ def validate(cfg: Config) -> None:
         names = [s.name for s in items]
         if len(set(names)) != len(names):
             raise ConfigError(f"{group}: source names must be unique, got {names}")
-    _validate_early_stopping(cfg)
+
+
+def _check_sft_length(cfg: Config) -> None:
+    d = cfg.data
     if cfg.task == "sft" and cfg.sft.max_new_tokens >= d.seq_len:
         raise ConfigError(f"sft.max_new_tokens ({cfg.sft.max_new_tokens}) must be below data.seq_len ({d.seq_len}): "
                           f"prompt and generation share the sequence")
+
+
+def _check_phases(cfg: Config) -> None:
     names = [p.name for p in cfg.phases]
     if len(set(names)) != len(names):
         raise ConfigError(f"phases: names must be unique, got {names}")
@@ -497,9 +551,9 @@ def early_stopping_mode(es: EarlyStoppingConfig) -> str:
 class Derived:
     """Values that follow from the config and the launch (never written back into Config)."""
 
-    world_size: int
-    dp_size: int
-    grad_accum: int
+    world_size: int = _field(help="ranks in the launch")
+    dp_size: int = _field(help="data-parallel ranks: world_size / (parallel.tp × parallel.pp)")
+    grad_accum: int = _field(help="micro-batches each rank accumulates per optimizer step")
 
 
 def derive(cfg: Config, world_size: int) -> Derived:
@@ -572,3 +626,76 @@ def run_changing_diff(old: dict, new: dict) -> list[str]:
         return any(k == s or k.startswith(s if s.endswith(".") else s + ".") for s in RESUME_SAFE_KEYS)
 
     return [k for k in diff_configs(old, new) if not safe(k)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Documentation
+
+
+def describe_config() -> str:
+    """Every config key, one per line: dotted path (`data.train[].weight` for the items of a list),
+    type, default and description, grouped by top-level section (`megacpt train --help-config`)."""
+    lines = ["Config keys (YAML; `--set KEY=VALUE` overrides one, list items by index: --set data.train.0.weight=0.9).",
+             "Each line: KEY: TYPE = DEFAULT  # DESCRIPTION. A mapping's keys follow it; [] stands for each list item."]
+    hints = typing.get_type_hints(Config)
+    top = [f for f in dataclasses.fields(Config) if _nested(hints[f.name]) is None]
+    lines += ["", "top level"] + [_describe_line(f, hints[f.name], f.name) for f in top]
+    for f in dataclasses.fields(Config):
+        inner = _nested(hints[f.name])
+        if inner is not None:
+            lines += ["", f.name, _describe_line(f, hints[f.name], f.name)]
+            lines += _describe_fields(inner[0], f.name + inner[1])
+    return "\n".join(lines) + "\n"
+
+
+def _nested(tp):
+    """(dataclass, "" or "[]") when a field of type `tp` holds a mapping or a list of mappings, else None."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    if dataclasses.is_dataclass(tp):
+        return tp, ""
+    if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        return typing.get_args(tp)[0], "[]"
+    return None
+
+
+def _describe_fields(cls, prefix: str) -> list[str]:
+    """Lines for the fields of `cls` under `prefix`, each nested field's keys right after it."""
+    hints, out = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}.{f.name}"
+        out.append(_describe_line(f, hints[f.name], path))
+        inner = _nested(hints[f.name])
+        if inner is not None:
+            out += _describe_fields(inner[0], path + inner[1])
+    return out
+
+
+def _describe_line(f: dataclasses.Field, tp, path: str) -> str:
+    return f"  {path}: {_type_doc(tp)} = {_default_doc(f)}  # {f.metadata['help']}"
+
+
+def _type_doc(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(json.dumps(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_doc(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is list:
+        return "list"
+    if tp is dict or dataclasses.is_dataclass(tp):
+        return "mapping"
+    return tp.__name__
+
+
+def _default_doc(f: dataclasses.Field) -> str:
+    if f.default is not MISSING:
+        return json.dumps(f.default)
+    if f.default_factory is MISSING:
+        return "required"
+    value = f.default_factory()
+    # A section's default is the mapping of its own defaults, which `{}` asks for.
+    return "{}" if dataclasses.is_dataclass(value) else json.dumps(value)

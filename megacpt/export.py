@@ -5,21 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from megacpt.errors import UserError
+from megacpt.models.hf import args_from_hf_config, as_weights, read_hf_config, save_hf
+from megacpt.train import checkpoint as ckpt
+from megacpt.train.consolidate import checkpoint_weights
 
 
 def load_model_source(path):
     """(ModelArgs, base HF config, WeightSource, tokenizer source dir) for an HF dir, run or checkpoint."""
-    from megacpt.models.hf import args_from_hf_config, as_weights, read_hf_config
-    from megacpt.train import checkpoint as ckpt
-
     p = Path(path)
     if not p.exists():
         raise UserError(f"{path} does not exist; pass an HF model dir, a run dir or a checkpoint dir")
     found = ckpt.resolve_checkpoint(p)
     if found is not None:
-        from megacpt.train.consolidate import checkpoint_weights
-
         cfg = json.loads((found / ckpt.HF_CONFIG_FILE).read_text())
         source_dir = ckpt.read_state(found).get("source_dir")
         return args_from_hf_config(cfg, str(found)), cfg, checkpoint_weights(found), source_dir
@@ -30,10 +30,6 @@ def load_model_source(path):
 
 
 def export(src, output, dtype: str | None = None) -> Path:
-    import torch
-
-    from megacpt.models.hf import save_hf
-
     args, cfg, weights, source_dir = load_model_source(src)
     out_dtype = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     names = [n for n in weights.keys() if not (args.tie_word_embeddings and n == "lm_head.weight")]
@@ -43,21 +39,8 @@ def export(src, output, dtype: str | None = None) -> Path:
     return Path(output)
 
 
-def _run(args) -> int:
+def run(args) -> int:
+    """`megacpt export` (parser: megacpt/cli/export.py)."""
     out = export(args.src, args.output, args.dtype)
     print(f"exported {args.src} -> {out}")
     return 0
-
-
-def register(sub) -> None:
-    from megacpt.cli import add_common
-
-    p = sub.add_parser("export", help="write a run/checkpoint as a Hugging Face model directory",
-                       description="Consolidate a checkpoint (any ZeRO stage, any world size) into an HF dir "
-                                   "(config.json, safetensors, tokenizer files).")
-    p.add_argument("src", metavar="RUN_OR_CHECKPOINT")
-    p.add_argument("--output", required=True, metavar="HF_DIR")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="dtype of the written weights (default: as trained, fp32 masters)")
-    add_common(p)
-    p.set_defaults(func=_run)

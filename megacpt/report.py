@@ -243,7 +243,7 @@ def _ema(ys: list, alpha: float) -> list:
 
 
 def _style_axes(ax, spec: dict, token_x: bool) -> None:
-    from matplotlib import ticker
+    from matplotlib import ticker  # optional dependency, and slow to import: only when plotting
 
     ax.set_xlabel(spec["xlabel"])
     ax.set_ylabel(spec["ylabel"] + (" (log scale)" if ax.get_yscale() == "log" else ""))
@@ -267,7 +267,7 @@ def _plot_lines(ax, series: dict, colors: dict, spec: dict, smooth: bool = False
     ys = [y for s in series.values() for y in s["y"] if y is not None and y > 0]
     # "auto": log only when the values span enough to need it (ratios near 1 read better linear).
     if ys and (spec["yscale"] == "log" or (spec["yscale"] == "auto" and max(ys) / min(ys) >= AUTO_LOG_SPAN)):
-        from matplotlib import ticker
+        from matplotlib import ticker  # optional dependency, and slow to import: only when plotting
 
         ax.set_yscale("log")
         # Plain numbers ("3.5", not "3.5×10⁰"); minor ticks labelled too when the data spans little
@@ -281,6 +281,7 @@ def _plot_lines(ax, series: dict, colors: dict, spec: dict, smooth: bool = False
 
 
 def _figure(w: float, h: float):
+    # Optional dependency, and slow to import: only when plotting. Agg directly: no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -441,7 +442,7 @@ def report(run_dirs, output) -> dict:
         raise UserError(f"--output {output} exists and is not a directory; pass a directory")
     out.mkdir(parents=True, exist_ok=True)
     plots = build_series(runs)
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # optional dependency, and slow to import: only when plotting
 
     palette = colormaps["tab10"].colors
     colors = {r.name: palette[i % len(palette)] for i, r in enumerate(runs)}
@@ -453,20 +454,9 @@ def report(run_dirs, output) -> dict:
     return data
 
 
-def _run(args) -> int:
+def run(args) -> int:
+    """`megacpt report` (parser: megacpt/cli/report.py)."""
     data = report(args.run_dirs, args.output)
     files = [p["file"] for p in data["plots"].values()]
     print(f"wrote {Path(args.output) / 'index.html'} ({len(data['runs'])} runs; {', '.join(files)})")
     return 0
-
-
-def register(sub) -> None:
-    from megacpt.cli import add_common
-
-    p = sub.add_parser("report", help="plots and an HTML page for one or more runs",
-                       description="Plot training loss, learning rate, throughput and per-domain validation "
-                                   "perplexity of one or more runs (overlaid) into PNGs, report.json and index.html.")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--output", required=True, metavar="DIR")
-    add_common(p)
-    p.set_defaults(func=_run)

@@ -50,9 +50,14 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, pre_tokenizers, trainers
+
 from megacpt.errors import UserError
+from megacpt.models.hf import HFWeights, args_from_hf_config, read_hf_config, save_hf
 
 INITS = ("mean", "subword")
 REPORT_FILE = "extend_vocab.json"
@@ -129,7 +134,7 @@ def load_tokenizer_json(model_dir) -> dict:
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read {path}: {e}") from None
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # heavy (seconds): only for a model dir without tokenizer.json
 
         tok = AutoTokenizer.from_pretrained(str(d))
     except Exception as e:
@@ -140,8 +145,6 @@ def load_tokenizer_json(model_dir) -> dict:
 
 
 def _tokenizer_from(data: dict):
-    from tokenizers import Tokenizer
-
     return Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
 
 
@@ -247,8 +250,6 @@ def learn_bpe_tokens(data: dict, corpus, num_tokens: int, text_key: str = "text"
                      max_chars: int = DEFAULT_MAX_TRAIN_CHARS) -> list[str]:
     """Tokens (in model form, learning order) of a BPE trained on `corpus` with the base tokenizer's
     normaliser and pre-tokenizer, that the base vocabulary does not have."""
-    from tokenizers import pre_tokenizers, trainers
-
     base = BPEExtender(data)
     blank = json.loads(json.dumps(data))
     blank["added_tokens"] = []
@@ -285,8 +286,6 @@ def learn_bpe_tokens(data: dict, corpus, num_tokens: int, text_key: str = "text"
 
 def _init_rows(matrix, new_ids, pieces_ids, init: str, n_real: int):
     """Fill rows `new_ids` of `matrix` (fp32 math, stored in its dtype)."""
-    import torch
-
     mean = matrix[:n_real].float().mean(0)
     for row, ids in zip(new_ids, pieces_ids):
         if init == "subword" and ids:
@@ -296,8 +295,6 @@ def _init_rows(matrix, new_ids, pieces_ids, init: str, n_real: int):
 
 
 def _resized(t, rows: int):
-    import torch
-
     out = torch.empty((rows, *t.shape[1:]), dtype=t.dtype)
     n = min(rows, t.shape[0])
     out[:n] = t[:n]
@@ -315,14 +312,41 @@ def tokens_per_char(tokenizer, docs: list[str]) -> dict:
 # The whole operation
 
 
-def extend_vocab(model_dir, out_dir, new_tokens: list[str], init: str = "mean", *, forms: bool = False,
-                 max_new: int | None = None, report_corpus=None, text_key: str = "text",
-                 pad_to_multiple_of: int = 1, max_report_chars: int = DEFAULT_MAX_REPORT_CHARS) -> dict:
-    """Add `new_tokens` (text, or model-alphabet strings with forms=True) to the HF model in
-    `model_dir`; write tokenizer + resized model to `out_dir`. Returns the report (also written to
-    out_dir/extend_vocab.json). `max_new` caps the new vocabulary entries, intermediates included."""
-    from megacpt.models.hf import HFWeights, args_from_hf_config, read_hf_config, save_hf
+@dataclass(frozen=True)
+class ModelForms:
+    """Tokens already in the BPE model's alphabet (as learn_bpe_tokens returns them), added in order
+    while the new vocabulary entries, intermediates included, stay within `max_new`."""
 
+    forms: list[str]
+    max_new: int | None = None
+
+
+@dataclass
+class _Picked:
+    """What happened to each requested token: added, only added as a prefix, or skipped (and why)."""
+
+    added: list[str] = field(default_factory=list)
+    intermediate: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The resized embedding: ids 0..new_len-1, vocab_size rows, and how each new row starts."""
+
+    new_len: int
+    vocab_size: int
+    padding_reason: str | None
+    new_ids: list[int]  # rows of the new ids, initialised by `init`
+    pieces_ids: list[list[int]]  # old-tokenizer pieces of each new id (subword init)
+    pad_rows: list[int]  # rows past the new ids that did not exist before: mean init, whatever `init`
+
+
+def extend_vocab(model_dir, out_dir, new_tokens: list[str] | ModelForms, init: str = "mean", *, report_corpus=None,
+                 text_key: str = "text", pad_to_multiple_of: int = 1,
+                 max_report_chars: int = DEFAULT_MAX_REPORT_CHARS) -> dict:
+    """Add `new_tokens` (text, or ModelForms) to the HF model in `model_dir`; write tokenizer +
+    resized model to `out_dir`. Returns the report (also written to out_dir/extend_vocab.json)."""
     if init not in INITS:
         raise UserError(f"init {init!r} is not one of {', '.join(INITS)}")
     if int(pad_to_multiple_of) < 1:
@@ -337,54 +361,80 @@ def extend_vocab(model_dir, out_dir, new_tokens: list[str], init: str = "mean", 
     if args.vocab_size < ext.base_len:
         raise UserError(f"{model_dir}: the tokenizer has ids up to {ext.base_len - 1} but the model only "
                         f"{args.vocab_size} embedding rows; the tokenizer does not belong to this model")
+    if isinstance(new_tokens, ModelForms):
+        picked = _pick(ext, new_tokens.forms, forms=True, max_new=new_tokens.max_new)
+    else:
+        picked = _pick(ext, new_tokens, forms=False, max_new=None)
+    rows = _plan_rows(ext, args.vocab_size, int(pad_to_multiple_of))
+    new_backend, exported = _write(model_dir, out_dir, ext, cfg, args, rows, init)
+    # Checks on what was written: the exported tokenizer is the one we built, sizes agree.
+    if len(exported) != rows.new_len:
+        raise RuntimeError(f"exported tokenizer has {len(exported)} tokens, expected {rows.new_len}")
+    unreachable = [e for e in picked.added if [t.value for t in new_backend.model.tokenize(e)] != [e]]
+    report = _report(model_dir, init, ext, args, rows, picked, unreachable, len(data["model"]["merges"]))
+    if report_corpus is not None:
+        docs = list(read_corpus(report_corpus, text_key, max_report_chars))
+        if not docs:
+            raise UserError(f"report corpus {report_corpus} has no text")
+        report["corpus"] = {"path": str(report_corpus), **_corpus_report(docs, ext.old, new_backend, exported)}
+    _write_json_atomic(out_dir / REPORT_FILE, report)
+    return report
 
-    added, intermediate, skipped = [], [], []
-    for tok in dict.fromkeys(new_tokens):  # de-duplicated, order kept
+
+def _pick(ext: BPEExtender, new_tokens: list[str], forms: bool, max_new: int | None) -> _Picked:
+    """Add what can be added of `new_tokens` to `ext`, in order (de-duplicated), up to `max_new` entries."""
+    p = _Picked()
+    for tok in dict.fromkeys(new_tokens):
         if max_new is not None and len(ext.new_entries) >= max_new:
             break
         form, why = (tok, "") if forms else ext.form_of(tok)
         if form is None:
-            skipped.append({"token": tok, "reason": why})
+            p.skipped.append({"token": tok, "reason": why})
             continue
-        if form in intermediate:  # asked for, and already added as a prefix of an earlier token
-            intermediate.remove(form)
-            added.append(form)
+        if form in p.intermediate:  # asked for, and already added as a prefix of an earlier token
+            p.intermediate.remove(form)
+            p.added.append(form)
             continue
         if ext.known(form):
-            skipped.append({"token": tok, "reason": "already in the vocabulary"})
+            p.skipped.append({"token": tok, "reason": "already in the vocabulary"})
             continue
         plan = ext.plan(form)
         if plan is None:
-            skipped.append({"token": tok, "reason": "has characters the base vocabulary cannot represent"})
+            p.skipped.append({"token": tok, "reason": "has characters the base vocabulary cannot represent"})
             continue
         if max_new is not None and len(ext.new_entries) + len(plan[1]) > max_new:
             continue
         entries = ext.add(form, plan)
-        added.append(form)
-        intermediate.extend(e for e in entries if e != form)
+        p.added.append(form)
+        p.intermediate.extend(e for e in entries if e != form)
     if not ext.new_entries:
-        reasons = sorted({s["reason"] for s in skipped})
-        raise UserError(f"no token could be added ({len(skipped)} skipped: {'; '.join(reasons)}); "
+        reasons = sorted({s["reason"] for s in p.skipped})
+        raise UserError(f"no token could be added ({len(p.skipped)} skipped: {'; '.join(reasons)}); "
                         f"pass tokens the vocabulary lacks")
+    return p
 
-    # Sizes: ids 0..new_len-1; rows at least the base model's, optionally padded.
+
+def _plan_rows(ext: BPEExtender, base_rows: int, multiple: int) -> _Rows:
+    """Rows: at least the base model's (`base_rows`), padded up to a multiple of `multiple`."""
     new_len = ext.next_id
-    rows = max(args.vocab_size, new_len)
-    m = int(pad_to_multiple_of)
-    vocab_size = -(-rows // m) * m
+    rows = max(base_rows, new_len)
+    vocab_size = -(-rows // multiple) * multiple
     reasons = []
-    if args.vocab_size > new_len:
-        reasons.append(f"kept the base model's {args.vocab_size} rows (more than its tokenizer's ids)")
+    if base_rows > new_len:
+        reasons.append(f"kept the base model's {base_rows} rows (more than its tokenizer's ids)")
     if vocab_size > rows:
-        reasons.append(f"padded to a multiple of {m} (pad_to_multiple_of)")
-    new_ids = list(range(ext.base_len, new_len))
-    pieces_ids = [[ext.vocab[p] for p in ext.old_pieces(e)] for e in ext.new_entries]
-    # Rows past the new ids that did not exist before (padding): mean init, whatever `init`.
-    pad_rows = list(range(max(new_len, args.vocab_size), vocab_size))
+        reasons.append(f"padded to a multiple of {multiple} (pad_to_multiple_of)")
+    return _Rows(new_len=new_len, vocab_size=vocab_size, padding_reason="; ".join(reasons) or None,
+                 new_ids=list(range(ext.base_len, new_len)),
+                 pieces_ids=[[ext.vocab[p] for p in ext.old_pieces(e)] for e in ext.new_entries],
+                 pad_rows=list(range(max(new_len, base_rows), vocab_size)))
 
-    from dataclasses import replace
 
-    new_args = replace(args, vocab_size=vocab_size)
+def _write(model_dir: Path, out_dir: Path, ext: BPEExtender, cfg: dict, args, rows: _Rows, init: str):
+    """Write the new tokenizer and the resized model to `out_dir` (through a temporary dir next to
+    it); returns (the new tokenizers backend, the tokenizer transformers reads back from out_dir)."""
+    from transformers import AutoTokenizer  # heavy (seconds to import): only once a model is written
+
     weights = HFWeights(model_dir)
     resize = {"embed_tokens.weight"} | (set() if args.tie_word_embeddings else {"lm_head.weight"})
     if "lm_head.weight" in resize and "lm_head.weight" not in weights:
@@ -396,9 +446,9 @@ def extend_vocab(model_dir, out_dir, new_tokens: list[str], init: str = "mean", 
                 continue
             t = weights.get(name)
             if name in resize:
-                t = _resized(t, vocab_size)
-                _init_rows(t, new_ids, pieces_ids, init, ext.base_len)
-                _init_rows(t, pad_rows, [[]] * len(pad_rows), "mean", ext.base_len)
+                t = _resized(t, rows.vocab_size)
+                _init_rows(t, rows.new_ids, rows.pieces_ids, init, ext.base_len)
+                _init_rows(t, rows.pad_rows, [[]] * len(rows.pad_rows), "mean", ext.base_len)
             yield name, t
 
     new_data = ext.to_json()
@@ -411,57 +461,50 @@ def extend_vocab(model_dir, out_dir, new_tokens: list[str], init: str = "mean", 
             if (model_dir / f).is_file():
                 shutil.copy2(model_dir / f, stage / f)
         (stage / "tokenizer.json").write_text(json.dumps(new_data, ensure_ascii=False), encoding="utf-8")
-        from transformers import AutoTokenizer
-
         hf_tok = AutoTokenizer.from_pretrained(str(stage))
         hf_tok.save_pretrained(str(final))
         if (model_dir / "generation_config.json").is_file():
             shutil.copy2(model_dir / "generation_config.json", final / "generation_config.json")
-        save_hf(tensors(), new_args, cfg, out_dir, source_dir=final)
+        save_hf(tensors(), replace(args, vocab_size=rows.vocab_size), cfg, out_dir, source_dir=final)
+    return new_backend, AutoTokenizer.from_pretrained(str(out_dir))
 
-    # Checks on what was written: the exported tokenizer is the one we built, sizes agree.
-    from transformers import AutoTokenizer
 
-    exported = AutoTokenizer.from_pretrained(str(out_dir))
-    if len(exported) != new_len:
-        raise RuntimeError(f"exported tokenizer has {len(exported)} tokens, expected {new_len}")
-    unreachable = [e for e in added if [t.value for t in new_backend.model.tokenize(e)] != [e]]
-
-    report = {
+def _report(model_dir: Path, init: str, ext: BPEExtender, args, rows: _Rows, picked: _Picked,
+            unreachable: list[str], base_merges: int) -> dict:
+    return {
         "base_model": str(model_dir),
         "init": init,
         "base_tokenizer_len": ext.base_len,
-        "tokenizer_len": new_len,
+        "tokenizer_len": rows.new_len,
         "base_vocab_size": args.vocab_size,
-        "vocab_size": vocab_size,
-        "padding_rows": vocab_size - new_len,
-        "padding_reason": "; ".join(reasons) or None,
+        "vocab_size": rows.vocab_size,
+        "padding_rows": rows.vocab_size - rows.new_len,
+        "padding_reason": rows.padding_reason,
         "tied_embeddings": args.tie_word_embeddings,
-        "new_ids": [ext.base_len, new_len],
-        "num_added": len(added),
-        "num_intermediate": len(intermediate),
-        "added": [{"token": ext.text_of(f), "form": f, "id": ext.vocab[f]} for f in added],
-        "intermediate": [{"token": ext.text_of(f), "form": f, "id": ext.vocab[f]} for f in intermediate],
-        "skipped": skipped,
+        "new_ids": [ext.base_len, rows.new_len],
+        "num_added": len(picked.added),
+        "num_intermediate": len(picked.intermediate),
+        "added": [{"token": ext.text_of(f), "form": f, "id": ext.vocab[f]} for f in picked.added],
+        "intermediate": [{"token": ext.text_of(f), "form": f, "id": ext.vocab[f]} for f in picked.intermediate],
+        "skipped": picked.skipped,
         "unreachable": unreachable,
-        "merges_added": len(ext.merges) - len(data["model"]["merges"]),
+        "merges_added": len(ext.merges) - base_merges,
     }
-    if report_corpus is not None:
-        docs = list(read_corpus(report_corpus, text_key, max_report_chars))
-        if not docs:
-            raise UserError(f"report corpus {report_corpus} has no text")
-        before, after = tokens_per_char(ext.old, docs), tokens_per_char(new_backend, docs)
-        sample = docs[:200]
-        enc = exported.backend_tokenizer.encode_batch(sample, add_special_tokens=False)
-        agree = all(e.ids == n.ids for e, n in zip(enc, new_backend.encode_batch(sample, add_special_tokens=False)))
-        roundtrip = sum(new_backend.decode(e.ids) == ext.old.decode(o.ids)
-                        for e, o in zip(enc, ext.old.encode_batch(sample, add_special_tokens=False)))
-        report["corpus"] = {"path": str(report_corpus), "docs": len(docs), "before": before, "after": after,
-                            "reduction": 1 - after["tokens_per_char"] / before["tokens_per_char"],
-                            "exported_tokenizer_agrees": agree,
-                            "roundtrip_docs_ok": roundtrip, "roundtrip_docs_checked": len(sample)}
-    _write_json_atomic(out_dir / REPORT_FILE, report)
-    return report
+
+
+def _corpus_report(docs: list[str], old, new_backend, exported) -> dict:
+    """Tokens per character before/after on `docs`, and checks that the exported tokenizer encodes
+    as the one built and that decoding gives back what the old tokenizer decodes."""
+    before, after = tokens_per_char(old, docs), tokens_per_char(new_backend, docs)
+    sample = docs[:200]
+    enc = exported.backend_tokenizer.encode_batch(sample, add_special_tokens=False)
+    agree = all(e.ids == n.ids for e, n in zip(enc, new_backend.encode_batch(sample, add_special_tokens=False)))
+    roundtrip = sum(new_backend.decode(e.ids) == old.decode(o.ids)
+                    for e, o in zip(enc, old.encode_batch(sample, add_special_tokens=False)))
+    return {"docs": len(docs), "before": before, "after": after,
+            "reduction": 1 - after["tokens_per_char"] / before["tokens_per_char"],
+            "exported_tokenizer_agrees": agree,
+            "roundtrip_docs_ok": roundtrip, "roundtrip_docs_checked": len(sample)}
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -471,24 +514,24 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI
+# Command
 
 
-def _run(args) -> int:
+def run(args) -> int:
+    """`megacpt extend-vocab` (parser: megacpt/cli/vocab.py)."""
     if args.tokens is not None:
         if args.num_tokens is not None:
             raise UserError("--num-tokens goes with --train-bpe, not --tokens; drop it")
-        tokens, forms, max_new = read_token_file(args.tokens), False, None
+        tokens = read_token_file(args.tokens)
         report_corpus = args.report_corpus
     else:
         if args.num_tokens is None or args.num_tokens < 1:
             raise UserError("--train-bpe needs --num-tokens K (K ≥ 1 new vocabulary entries)")
         data = load_tokenizer_json(args.model)
-        tokens = learn_bpe_tokens(data, args.train_bpe, args.num_tokens, args.text_key, args.max_chars)
-        forms, max_new = True, args.num_tokens
+        learned = learn_bpe_tokens(data, args.train_bpe, args.num_tokens, args.text_key, args.max_chars)
+        tokens = ModelForms(learned, max_new=args.num_tokens)
         report_corpus = args.report_corpus or args.train_bpe
-    r = extend_vocab(args.model, args.output, tokens, args.init, forms=forms, max_new=max_new,
-                     report_corpus=report_corpus, text_key=args.text_key,
+    r = extend_vocab(args.model, args.output, tokens, args.init, report_corpus=report_corpus, text_key=args.text_key,
                      pad_to_multiple_of=args.pad_to_multiple_of)
     print(f"added {r['num_added']} tokens (+{r['num_intermediate']} intermediate), ids {r['new_ids'][0]}.."
           f"{r['new_ids'][1] - 1}; tokenizer {r['base_tokenizer_len']} -> {r['tokenizer_len']}, "
@@ -505,31 +548,3 @@ def _run(args) -> int:
               f"{c['after']['tokens_per_char']:.4f} ({100 * c['reduction']:.1f}% fewer tokens)")
     print(f"wrote {args.output} ({REPORT_FILE})")
     return 0
-
-
-def register(sub) -> None:
-    from megacpt.cli import add_common
-
-    p = sub.add_parser("extend-vocab", help="add tokens to a model's tokenizer and resize its embeddings",
-                       description="Add tokens (a list, or learned by a BPE on a new corpus) to an HF model's "
-                                   "BPE tokenizer, resize the embedding and head, initialise the new rows, "
-                                   "and write a new HF dir whose tokenizer and model agree.")
-    p.add_argument("--model", required=True, metavar="HF_DIR", help="base Hugging Face model dir (with tokenizer)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--tokens", metavar="FILE",
-                     help="one token per line, as text; keep a leading space for word-initial tokens (' Haus')")
-    src.add_argument("--train-bpe", metavar="CORPUS", help="learn new tokens with a BPE on this text/.jsonl corpus")
-    p.add_argument("--num-tokens", type=int, metavar="K",
-                   help="with --train-bpe: number of new vocabulary entries (intermediate merge tokens included)")
-    p.add_argument("--init", choices=INITS, default="mean",
-                   help="new rows: mean of all rows (mean) or of the token's pieces under the old tokenizer (subword)")
-    p.add_argument("--output", required=True, metavar="HF_DIR")
-    p.add_argument("--report-corpus", metavar="FILE",
-                   help="report tokens per character before/after on this corpus (default: the --train-bpe corpus)")
-    p.add_argument("--text-key", default="text", help="field of .jsonl records holding the text (default: text)")
-    p.add_argument("--pad-to-multiple-of", type=int, default=1, metavar="N",
-                   help="pad the embedding rows up to a multiple of N (e.g. 64 for tensor cores); default 1")
-    p.add_argument("--max-chars", type=int, default=DEFAULT_MAX_TRAIN_CHARS,
-                   help="characters of the --train-bpe corpus to read at most")
-    add_common(p)
-    p.set_defaults(func=_run)

@@ -84,3 +84,119 @@ def test_schedules():
     mid = lr_at(89, 100, decay_shape="1-sqrt", **wsd)
     assert mid == pytest.approx(0.1 + 0.9 * (1 - (10 / 20) ** 0.5))
     assert lr_at(89, 100, decay_shape="linear", **wsd) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def _config_dataclasses():
+    import dataclasses
+    import inspect
+
+    import megacpt.config as mc
+
+    return [c for _, c in inspect.getmembers(mc, inspect.isclass)
+            if dataclasses.is_dataclass(c) and c.__module__ == mc.__name__]
+
+
+def test_every_config_field_has_a_description():
+    import dataclasses
+
+    classes = _config_dataclasses()
+    assert len(classes) >= 14
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            help_ = f.metadata.get("help", "")
+            assert help_.strip() and "\n" not in help_, f"{cls.__name__}.{f.name} has no one-line description"
+
+
+def _walk(cls, prefix, seen):
+    """(dotted path, field, type) of every key under `cls`, `[]` standing for the items of a list."""
+    import dataclasses
+    import types
+    import typing
+
+    seen.add(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        yield path, f, tp
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(inner) == 1:
+            tp = inner[0]
+        if dataclasses.is_dataclass(tp):
+            yield from _walk(tp, path + ".", seen)
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            yield from _walk(typing.get_args(tp)[0], path + "[].", seen)
+
+
+def _expected_type_words(tp) -> list[str]:
+    import dataclasses
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return [f'"{a}"' for a in typing.get_args(tp)]
+    if origin in (typing.Union, types.UnionType):
+        return [w for a in typing.get_args(tp) for w in _expected_type_words(a)]
+    if tp is type(None):
+        return ["null"]
+    if origin is list:
+        return ["list"]
+    if tp is dict or dataclasses.is_dataclass(tp):
+        return ["mapping"]
+    return [{int: "int", float: "float", str: "str", bool: "bool"}[tp]]
+
+
+def _expected_default(f) -> str:
+    """The default as YAML writes it; a mapping section's default is `{}` (all of its own defaults)."""
+    import dataclasses
+
+    if f.default is not dataclasses.MISSING:
+        if f.default is None:
+            return "null"
+        if isinstance(f.default, bool):
+            return "true" if f.default else "false"
+        if isinstance(f.default, str):
+            return f'"{f.default}"'
+        return repr(f.default)
+    if f.default_factory is dataclasses.MISSING:
+        return "required"
+    return "[]" if f.default_factory is list else "{}"
+
+
+def test_describe_config_lists_every_key_with_type_default_and_description():
+    from megacpt.config import Derived, describe_config
+
+    text = describe_config()
+    lines = text.splitlines()
+    seen = set()
+    keys = list(_walk(Config, "", seen))
+    assert seen == set(_config_dataclasses()) - {Derived}, "a config dataclass is not reachable from Config"
+    for path, f, tp in keys:
+        mine = [ln for ln in lines if ln.strip().startswith(f"{path}: ")]
+        assert len(mine) == 1, f"{path}: {len(mine)} lines in describe_config()"
+        head, _, desc = mine[0].partition("  # ")
+        assert desc == f.metadata["help"], path
+        type_part, _, default_part = head.strip()[len(path) + 2:].rpartition(" = ")
+        for word in _expected_type_words(tp):
+            assert word in type_part, f"{path}: type {word} missing from {type_part!r}"
+        assert default_part == _expected_default(f), f"{path}: default {default_part!r}"
+    # Spot checks of the rendering, written out.
+    assert '  optim.lr: float = 0.0001  # ' in text
+    assert '  data.train[].weight: float = 1.0  # ' in text
+    assert '  phases[].trainable: "all" | "embeddings" or null = null  # ' in text
+    assert '  data.train[].name: str = required  # ' in text
+    # Sections: each top-level mapping or list heads its own group.
+    for section in ("top level", "model", "data", "phases", "train", "optim", "schedule", "parallel", "checkpoint",
+                    "sft"):
+        assert section in lines
+
+
+def test_config_module_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, megacpt.config; heavy = [m for m in ('torch', 'deepspeed', 'transformers', 'megacpt.train') "
+            "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr

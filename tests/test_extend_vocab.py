@@ -244,3 +244,12 @@ def test_cli_token_file_and_errors(base, capsys):
     assert main(["extend-vocab", "--model", str(dirs[False]), "--tokens", str(tokens),
                  "--output", str(dirs[False])]) == 2
     assert not (tmp / "bad-out").exists()
+
+
+def test_parser_constants_match_the_module():
+    """megacpt/cli/vocab.py writes INITS and the --max-chars default out (parsing stays torch-free)."""
+    import megacpt.cli.vocab as cli_vocab
+    import megacpt.vocab as vocab
+
+    assert cli_vocab.INITS == vocab.INITS
+    assert cli_vocab.DEFAULT_MAX_TRAIN_CHARS == vocab.DEFAULT_MAX_TRAIN_CHARS

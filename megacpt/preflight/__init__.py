@@ -19,13 +19,14 @@ A rank that never arrives shows as a time-out after --timeout seconds, not a han
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
 import socket
 import sys
 import time
 
 from megacpt.errors import UserError
+from megacpt.train import dist as mdist
 
 # The known tensor: element i of rank r is ((r % 7) + 1) * ((i % 5) + 1). Sums stay small
 # integers (at most 35 × world size), which float32 holds exactly: any difference is an error.
@@ -43,7 +44,7 @@ def expected_sum(world: int, numel: int = CHECK_NUMEL) -> list[float]:
 
 def max_error(result, world: int) -> float:
     """Largest absolute difference between an all-reduced known tensor and its expected sum."""
-    import torch
+    import torch  # lazy: `--help` and the pure helpers stay free of torch
 
     want = torch.tensor(expected_sum(world, result.numel()), dtype=torch.float64)
     return float((result.detach().double().cpu().flatten() - want).abs().max())
@@ -114,7 +115,7 @@ def _cpus() -> int:
 
 
 def _rank_row(info, device, err: float) -> dict:
-    import torch
+    import torch  # lazy: `--help` and the pure helpers stay free of torch
 
     row = {"rank": info.rank, "local_rank": info.local_rank, "host": socket.gethostname(), "pid": os.getpid(),
            "cpus": _cpus(), "torch": torch.__version__, "allreduce_error": err, "allreduce_ok": err == 0.0,
@@ -131,10 +132,9 @@ def _rank_row(info, device, err: float) -> dict:
 
 
 def preflight(timeout_s: float, size_mb: float | None, json_out: str | None) -> int:
+    # Lazy: `--help` and the pure helpers stay free of torch.
     import torch
     import torch.distributed as dist
-
-    from megacpt.train import dist as mdist
 
     t0 = time.perf_counter()
     info = mdist.discover()
@@ -183,8 +183,6 @@ def preflight(timeout_s: float, size_mb: float | None, json_out: str | None) -> 
                 line += f"; all-reduce of {numel * 4 / 2**20:.0f} MiB: {per_iter * 1e3:.1f} ms, bus bandwidth {busbw:.2f} GB/s"
             print(line, flush=True)
             if json_out:
-                import json
-
                 with open(json_out, "w") as f:
                     json.dump({"ranks": rows, "problems": problems, "busbw_gbps": busbw,
                                "rendezvous_s": rendezvous_s}, f, indent=2)
@@ -205,55 +203,15 @@ def preflight(timeout_s: float, size_mb: float | None, json_out: str | None) -> 
 
 def _sync(device) -> None:
     if device.type == "cuda":
-        import torch
+        import torch  # lazy: `--help` and the pure helpers stay free of torch
 
         torch.cuda.synchronize(device)
 
 
-DESCRIPTION = (
-    "Check a launch before a long job: all ranks meet, an all-reduce of a known tensor gives the known "
-    "answer on every rank, and each rank's host, device and free memory are listed. Run it under the "
-    "launcher the training uses (srun, deepspeed --module megacpt.preflight, torchrun -m megacpt.preflight, "
-    "mpirun); rank 0 prints a table and every rank exits 1 if anything is wrong."
-)
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    from megacpt.cli import add_common
-
-    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
-                   help="seconds to wait for all ranks and for each collective (default 300)")
-    p.add_argument("--size-mb", type=float, default=None, metavar="MB",
-                   help="payload of the timed all-reduce (default 64 on GPU, 8 on CPU)")
-    p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the table as JSON (rank 0)")
-    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    add_common(p)
-    p.set_defaults(func=_cmd)
-
-
-def _cmd(args) -> int:
+def run(args) -> int:
+    """`megacpt preflight` and `python -m megacpt.preflight` (parser: megacpt/cli/preflight.py)."""
     if args.timeout <= 0:
         raise UserError(f"--timeout {args.timeout} must be > 0 seconds")
     if args.size_mb is not None and args.size_mb <= 0:
         raise UserError(f"--size-mb {args.size_mb} must be > 0")
     return preflight(args.timeout, args.size_mb, args.json_out)
-
-
-def register(sub) -> None:
-    p = sub.add_parser("preflight", help="check ranks, all-reduce and devices under a launcher",
-                       description=DESCRIPTION)
-    add_args(p)
-
-
-def main(argv=None) -> int:
-    from megacpt.cli import run
-
-    p = argparse.ArgumentParser(prog="python -m megacpt.preflight", description=DESCRIPTION)
-    add_args(p)
-    args = p.parse_args(argv)
-    return run(args.func, args, args.debug)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
