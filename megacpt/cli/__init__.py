@@ -26,38 +26,21 @@ _PARSERS = [
     "megacpt.cli.report",
     "megacpt.cli.vocab",
 ]
-# Not moved into the CLI layer yet (issue 18 in progress): they still register themselves.
-_LEGACY = [
-    "megacpt.data.prepare",
-    "megacpt.train.cli",
-    "megacpt.eval.cli",
-    "megacpt.export",
-    "megacpt.bench.cli",
-    "megacpt.preflight",
-    "megacpt.report",
-    "megacpt.vocab",
-]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megacpt", description="Continued pre-training of decoder LMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for new, old in zip(_PARSERS, _LEGACY):
-        try:
-            importlib.import_module(new).add_parsers(sub)
-        except ModuleNotFoundError as e:
-            if e.name != new:
-                raise
-            importlib.import_module(old).register(sub)
+    for name in _PARSERS:
+        importlib.import_module(name).add_parsers(sub)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    func = load(args.target) if hasattr(args, "target") else args.func
-    return run(func, args, getattr(args, "debug", False))
+    return run(load(args.target), args, getattr(args, "debug", False))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from megacpt.data.dataset import blend_assignment, source_seed
-from megacpt.data.labels import IGNORE
+from megacpt.labels import IGNORE
 from megacpt.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
