@@ -1,4 +1,4 @@
-"""Triton kernels for the fused linear + cross-entropy (imported lazily by linear_cross_entropy.py).
+"""Triton backend of the fused linear + cross-entropy (imported lazily by linear_cross_entropy.py).
 
 Nothing of size N x V ever reaches global memory:
   * _lce_fwd_kernel: one program per (block of tokens, slice of the vocabulary) streams the
@@ -21,16 +21,19 @@ cuBLAS path, which is therefore what impl="auto" uses (bench/README.md).
 
 Offsets are int64 (row * stride overflows int32 once N*H or V*H passes 2^31).
 Under TRITON_INTERPRET=1 (CPU tensors) bf16/fp16 tiles are upcast to fp32 before tl.dot, which the
-interpreter otherwise gets wrong, and tanh is built from sigmoid (no libdevice there).
+interpreter otherwise gets wrong, and tanh is built from sigmoid (no libdevice there). Whether the
+kernels run interpreted is capabilities.CAPS.triton_interpret, read when megacpt.kernels was
+imported; this module refuses to load if triton.jit decided otherwise (the variable changed since).
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
+
+from .capabilities import CAPS
+from .per_token import LossSpec
 
 __all__ = ["TritonBackend", "lce_stats", "lce_grads", "KERNELS", "interpreting"]
 
@@ -233,8 +236,13 @@ INTERP_SPLITS = 2
 
 
 def interpreting() -> bool:
-    """True when the kernels were decorated under TRITON_INTERPRET=1 (decided at import)."""
-    return type(_lce_fwd_kernel).__name__ == "InterpretedFunction"
+    """True when the kernels run in triton's CPU interpreter (TRITON_INTERPRET=1, see CAPS)."""
+    return CAPS.triton_interpret
+
+
+if (type(_lce_fwd_kernel).__name__ == "InterpretedFunction") != CAPS.triton_interpret:
+    raise ImportError(f"TRITON_INTERPRET changed after megacpt.kernels was imported (it was "
+                      f"{'1' if CAPS.triton_interpret else 'unset'}); set it before that import")
 
 
 def _launch_opts(dtype: torch.dtype) -> dict:
@@ -278,13 +286,13 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) ->
         raise ValueError("hidden, weight and targets must be on one device")
     if hidden.device.type != "cuda" and not interpreting():
         raise ValueError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                         "megacpt.kernels.triton_lce is first imported (CPU interpreter)")
+                         "megacpt.kernels is imported (CPU interpreter)")
 
 
-def lce_stats(hidden, weight, targets, *, vocab_start: int = 0, softcap: Optional[float] = None,
-              need_sum: bool = False):
+def lce_stats(hidden, weight, targets, spec: LossSpec):
     """Per-token (max, sumexp, target logit, logit sum | None) over this weight's rows."""
     _check(hidden, weight, targets)
+    vocab_start, softcap, need_sum = spec.vocab_start, spec.softcap, spec.need_sum
     n, h = hidden.shape
     v = weight.shape[0]
     if n == 0:
@@ -305,23 +313,20 @@ def lce_stats(hidden, weight, targets, *, vocab_start: int = 0, softcap: Optiona
     return row_max, sumexp, part[2].sum(0), (part[3].sum(0) if need_sum else None)
 
 
-def lce_grads(hidden, weight, targets, row_max, log_sumexp, row_scale, *, vocab_start: int = 0,
-              softcap: Optional[float] = None, z_loss: float = 0.0, label_smoothing: float = 0.0,
-              vocab_total: Optional[int] = None, need_dx: bool = True, need_dw: bool = True):
+def lce_grads(hidden, weight, targets, row_max, log_sumexp, row_scale, spec: LossSpec):
     """fp32 gradients of sum_i row_scale[i] * loss_i w.r.t. hidden and weight (None if not needed)."""
     _check(hidden, weight, targets)
     n, h = hidden.shape
     v = weight.shape[0]
-    vocab_total = v if vocab_total is None else vocab_total
+    softcap, eps = spec.softcap, spec.label_smoothing
     row_max = row_max.float().contiguous()
     log_sumexp = log_sumexp.float().contiguous()
     row_scale = row_scale.float().contiguous()
     opts = _launch_opts(hidden.dtype)
     common = (n, v, h, hidden.stride(0), weight.stride(0))
-    scalars = (vocab_start, float(softcap or 1.0), 2.0 * z_loss, 1.0 - label_smoothing,
-               label_smoothing / vocab_total)
+    scalars = (spec.vocab_start, float(softcap or 1.0), 2.0 * spec.z_loss, 1.0 - eps, eps / spec.vocab_total)
     dx = dw = None
-    if need_dx:
+    if spec.need_dx:
         n_blocks = triton.cdiv(n, opts["BLOCK_N"])
         splits, per_split = _vocab_splits(n_blocks, v, opts["BLOCK_V"], MAX_SPLITS_DX, hidden.device)
         part = torch.zeros((splits, n, h), dtype=torch.float32, device=hidden.device)
@@ -330,7 +335,7 @@ def lce_grads(hidden, weight, targets, row_max, log_sumexp, row_scale, *, vocab_
                 hidden, weight, targets, row_max, log_sumexp, row_scale, part, *common, part.stride(1),
                 *scalars, per_split, part.stride(0), HAS_SOFTCAP=softcap is not None, **opts)
         dx = part[0] if splits == 1 else part.sum(0)
-    if need_dw:
+    if spec.need_dw:
         dw = torch.zeros((v, h), dtype=torch.float32, device=weight.device)
         if n:
             _lce_bwd_dw_kernel[(triton.cdiv(v, opts["BLOCK_V"]),)](
@@ -340,11 +345,12 @@ def lce_grads(hidden, weight, targets, row_max, log_sumexp, row_scale, *, vocab_
 
 
 class TritonBackend:
+    """The stats/grads primitives of linear_cross_entropy.py on the Triton kernels."""
+
     name = "triton"
 
-    def stats(self, hidden, weight, targets, *, vocab_start=0, softcap=None, need_sum=False):
-        return lce_stats(hidden, weight, targets, vocab_start=vocab_start, softcap=softcap,
-                         need_sum=need_sum)
+    def stats(self, hidden, weight, targets, spec: LossSpec):
+        return lce_stats(hidden, weight, targets, spec)
 
-    def grads(self, hidden, weight, targets, row_max, log_sumexp, row_scale, **kw):
-        return lce_grads(hidden, weight, targets, row_max, log_sumexp, row_scale, **kw)
+    def grads(self, hidden, weight, targets, row_max, log_sumexp, row_scale, spec: LossSpec):
+        return lce_grads(hidden, weight, targets, row_max, log_sumexp, row_scale, spec)

@@ -21,55 +21,54 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .linear_cross_entropy import _finish, _maybe_check_targets, _reduce, _row_scale, _validate, get_backend
+from .linear_cross_entropy import check_targets, forward_no_grad, get_backend, validate
+from .per_token import LossSpec, finish, reduce_loss, row_scale
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
 
-def _global_stats(backend, hidden, weight, targets, group, vocab_start, softcap, need_sum):
-    row_max, sumexp, tgt_logit, logit_sum = backend.stats(hidden, weight, targets, vocab_start=vocab_start,
-                                                          softcap=softcap, need_sum=need_sum)
-    global_max = row_max.clone()
-    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-    parts = [sumexp * torch.exp(row_max - global_max), tgt_logit]  # tgt_logit is 0 off-shard
-    if need_sum:
-        parts.append(logit_sum)
-    packed = torch.stack(parts)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    return global_max, packed[0], packed[1], (packed[2] if need_sum else None)
+class _GlobalStats:
+    """A backend whose stats are over the whole vocabulary: the shard's own, combined across the
+    ranks of `group` (one all_reduce MAX, one SUM); its grads are the shard's own."""
+
+    def __init__(self, backend, group):
+        self.backend, self.group = backend, group
+
+    def stats(self, hidden, weight, targets, spec: LossSpec):
+        row_max, sumexp, tgt_logit, logit_sum = self.backend.stats(hidden, weight, targets, spec)
+        global_max = row_max.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=self.group)
+        parts = [sumexp * torch.exp(row_max - global_max), tgt_logit]  # tgt_logit is 0 off-shard
+        if spec.need_sum:
+            parts.append(logit_sum)
+        packed = torch.stack(parts)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
+        return global_max, packed[0], packed[1], (packed[2] if spec.need_sum else None)
 
 
 class _VocabParallelLCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, group, backend, vocab_start, vocab_size, ignore_index,
-                reduction, z_loss, label_smoothing, softcap):
-        row_max, sumexp, tgt_logit, logit_sum = _global_stats(
-            backend, hidden, weight, targets, group, vocab_start, softcap, bool(label_smoothing))
-        loss, z, valid, log_se = _finish(row_max, sumexp, tgt_logit, logit_sum, targets,
-                                         ignore_index=ignore_index, vocab_total=vocab_size,
-                                         z_loss=z_loss, label_smoothing=label_smoothing)
+    def forward(ctx, hidden, weight, targets, shard: _GlobalStats, spec: LossSpec, reduction: str):
+        stats = shard.stats(hidden, weight, targets, spec)
+        loss, z, valid, log_se = finish(stats, targets, spec)
         n_valid = valid.sum()
-        ctx.save_for_backward(hidden, weight, targets, row_max, log_se, valid, n_valid)
-        ctx.group, ctx.backend, ctx.reduction = group, backend, reduction
-        ctx.opts = dict(vocab_start=vocab_start, vocab_total=vocab_size, softcap=softcap,
-                        z_loss=z_loss, label_smoothing=label_smoothing)
-        z_out = _reduce(z, reduction, n_valid)
+        ctx.save_for_backward(hidden, weight, targets, stats[0], log_se, valid, n_valid)
+        ctx.shard, ctx.spec, ctx.reduction = shard, spec, reduction
+        z_out = reduce_loss(z, reduction, n_valid)
         ctx.mark_non_differentiable(z_out)
-        return _reduce(loss, reduction, n_valid), z_out
+        return reduce_loss(loss, reduction, n_valid), z_out
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_z):
         hidden, weight, targets, row_max, log_se, valid, n_valid = ctx.saved_tensors
-        row_scale = _row_scale(grad_loss, ctx.reduction, valid, n_valid)
-        dx, dw = ctx.backend.grads(hidden, weight, targets, row_max, log_se, row_scale,
-                                   need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
-                                   **ctx.opts)
+        scale = row_scale(grad_loss, ctx.reduction, valid, n_valid)
+        dx, dw = ctx.shard.backend.grads(hidden, weight, targets, row_max, log_se, scale, ctx.spec)
         if dx is not None:
-            dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=ctx.group)
+            dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=ctx.shard.group)
             dx = dx.to(hidden.dtype)
         if dw is not None:
             dw = dw.to(weight.dtype)
-        return dx, dw, None, None, None, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None
 
 
 def vocab_parallel_linear_cross_entropy(hidden: Tensor, weight_shard: Tensor, targets: Tensor, group=None,
@@ -87,33 +86,27 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, weight_shard: Tensor, ta
     Returns the same value on every rank, like linear_cross_entropy (same options and semantics).
     group=None means the default process group (passed through to torch.distributed as is).
     """
-    _validate(hidden, weight_shard, targets, reduction, impl, z_loss, label_smoothing, softcap)
+    validate(hidden, weight_shard, targets, reduction, impl, z_loss, label_smoothing, softcap)
     world = dist.get_world_size(group)
     v_local = weight_shard.shape[0]
     vocab_size = v_local * world if vocab_size is None else int(vocab_size)
     if not (0 <= vocab_start and vocab_start + v_local <= vocab_size):
         raise ValueError(f"shard rows [{vocab_start}, {vocab_start + v_local}) do not fit in "
                          f"vocab_size {vocab_size}")
-    softcap = float(softcap) if softcap is not None else None
     lead_shape = targets.shape
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     targets1 = targets.reshape(-1)
-    _maybe_check_targets(targets1, vocab_size, ignore_index)
-    backend = get_backend(impl, hidden.device)
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight_shard.requires_grad):
-        loss, z = _VocabParallelLCE.apply(hidden2, weight_shard, targets1, group, backend, vocab_start,
-                                          vocab_size, ignore_index, reduction, float(z_loss),
-                                          float(label_smoothing), softcap)
+    check_targets(targets1, vocab_size, ignore_index)
+    shard = _GlobalStats(get_backend(impl), group)
+    grad = torch.is_grad_enabled()
+    spec = LossSpec(vocab_total=vocab_size, ignore_index=ignore_index, z_loss=float(z_loss),
+                    label_smoothing=float(label_smoothing),
+                    softcap=float(softcap) if softcap is not None else None, vocab_start=vocab_start,
+                    need_dx=grad and hidden.requires_grad, need_dw=grad and weight_shard.requires_grad)
+    if spec.need_dx or spec.need_dw:
+        loss, z = _VocabParallelLCE.apply(hidden2, weight_shard, targets1, shard, spec, reduction)
     else:
-        with torch.no_grad():
-            row_max, sumexp, tgt_logit, logit_sum = _global_stats(
-                backend, hidden2, weight_shard, targets1, group, vocab_start, softcap,
-                bool(label_smoothing))
-            loss, z, valid, _ = _finish(row_max, sumexp, tgt_logit, logit_sum, targets1,
-                                        ignore_index=ignore_index, vocab_total=vocab_size,
-                                        z_loss=float(z_loss), label_smoothing=float(label_smoothing))
-            n_valid = valid.sum()
-            loss, z = _reduce(loss, reduction, n_valid), _reduce(z, reduction, n_valid)
+        loss, z = forward_no_grad(shard, hidden2, weight_shard, targets1, spec, reduction)
     if reduction == "none":
         loss, z = loss.reshape(lead_shape), z.reshape(lead_shape)
     return (loss, z) if return_z_loss else loss

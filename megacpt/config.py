@@ -41,9 +41,9 @@ class ModelConfig:
     rope_scaling: Optional[dict] = _field(None, "long-context override of the HF rope_scaling mapping; null: the model's")
     activation_checkpointing: bool = _field(False, "recompute each decoder block's activations in the backward "
                                                    "instead of keeping them")
-    # After TP and activation checkpointing, before the engine. Under ZeRO-3 only the blocks'
-    # pointwise code (RMSNorm, RoPE, SwiGLU), plus on CPU megacpt's attention backward and the loss
-    # head's compiled softmax pass: the per-module gather hooks would break a compiled block.
+    # After TP and activation checkpointing, before the engine (train/parallelize.py). Under ZeRO-3
+    # only the blocks' pointwise code (RMSNorm, RoPE, SwiGLU): the per-module gather hooks would
+    # break a compiled block.
     compile: bool = _field(False, "torch.compile each decoder block (under ZeRO-3 its pointwise code only, "
                                   "see compile_pointwise)")
 

@@ -203,49 +203,21 @@ def test_no_grad_inputs_and_partial_grads():
         assert w.grad is not None and w.grad.shape == weight.shape
 
 
-@pytest.mark.parametrize("mode", ["on", "off"])
 @pytest.mark.parametrize("chunks,reduction,ignore_every", [(4, "sum", 5), (1, "sum", 0), (1, "sum", 5),
                                                            (1, "none", 5), (3, "none", 0)])
-def test_cpu_bf16_products_keep_fp32_logits(mode, chunks, reduction, ignore_every, monkeypatch):
-    """bf16 inputs on CPU: with bf16 products (CPUs with AMX/AVX512-BF16) the logits are still
-    accumulated in fp32 from exact bf16 operands, so the loss is as accurate as with fp32 sgemm
-    (rounded bf16 logits would be ~1e-3 off); gradients carry bf16 rounding of the dlogits.
-    Covers one chunk (dW is the bf16 product itself) and several (fp32 sum of dW), the
-    precomputed ("sum") and recomputed ("none") gradients, all-valid and ignored rows, and a
-    vocabulary of several weight blocks with a ragged last one."""
-    import importlib
-
-    lce = importlib.import_module("megacpt.kernels.linear_cross_entropy")
-    if mode == "on" and not lce.cpu_has_bf16_units():
-        pytest.skip("this CPU has no bf16 units (amx_bf16/avx512_bf16)")
-    monkeypatch.setattr(lce, "CPU_BF16_PRODUCTS", mode)
-    monkeypatch.setattr(lce, "CPU_BF16_BLOCK", 1000)  # V=3001: blocks of 1000, 1000, 1000, 1
+def test_cpu_bf16_inputs_keep_fp32_logits(chunks, reduction, ignore_every):
+    """bf16 inputs on CPU: the logits are accumulated in fp32 from exact bf16 operands (an fp32
+    copy of the weight), so the loss is as accurate as with fp32 inputs (rounded bf16 logits
+    would be ~1e-3 off); gradients carry bf16 rounding. One chunk and several, the precomputed
+    ("sum") and recomputed ("none") gradients, all-valid and ignored rows."""
     n, v = 64, 3001
     hidden, weight, targets = make_case(n, 96, v, dtype=torch.bfloat16, scale=4.0, ignore_every=ignore_every)
     upstream = torch.rand(n) if reduction == "none" else None
-    before = torch.backends.mkldnn.matmul.fp32_precision
     ours, ref = run_both(hidden, weight, targets, reduction=reduction, upstream=upstream,
                          ours_kw=dict(_chunk_elems=(n // chunks) * v))
-    assert torch.backends.mkldnn.matmul.fp32_precision == before  # the setting is scoped to the call
     assert rel_err(ours["loss"], ref["loss"]) < 1e-5
     for k in ("dx", "dw"):
         assert rel_err(ours[k], ref[k]) < 1e-2, k
-
-
-def test_cpu_bf16_products_only_for_bf16_operands(monkeypatch):
-    import importlib
-
-    lce = importlib.import_module("megacpt.kernels.linear_cross_entropy")
-    monkeypatch.setattr(lce, "CPU_BF16_PRODUCTS", "on")
-    h, w = torch.zeros(2, 4, dtype=torch.bfloat16), torch.zeros(3, 4, dtype=torch.bfloat16)
-    with lce._cpu_bf16_products(h, w):
-        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
-    for a, b in ((h.float(), w.float()), (h.half(), w.half()), (h, w.float())):
-        with lce._cpu_bf16_products(a, b):  # fp32/fp16 values are not exact in bf16: untouched
-            assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"
-    monkeypatch.setattr(lce, "CPU_BF16_PRODUCTS", "off")
-    with lce._cpu_bf16_products(h, w):
-        assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"
 
 
 def test_deterministic():
@@ -410,7 +382,8 @@ def _expect_value_error(fn):
 def _interp_extra_checks():
     """Triton-only checks; each returns (name, dict) for the parent to assert on."""
     from megacpt.kernels import triton_lce
-    from megacpt.kernels.linear_cross_entropy import torch_grads, torch_stats
+    from megacpt.kernels.per_token import LossSpec
+    from megacpt.kernels.torch_lce import torch_grads, torch_stats
 
     out = {"interpreting": dict(value=triton_lce.interpreting())}
 
@@ -421,28 +394,29 @@ def _interp_extra_checks():
     targets = torch.randint(0, 40, (13,), generator=g)
     errs = {}
     for cap in (None, 4.0):
-        a = triton_lce.lce_stats(hidden, weight, targets, vocab_start=10, softcap=cap, need_sum=True)
-        b = torch_stats(hidden, weight, targets, vocab_start=10, softcap=cap, need_sum=True)
+        spec = LossSpec(vocab_total=40, vocab_start=10, softcap=cap, z_loss=1e-2, label_smoothing=0.1)
+        a = triton_lce.lce_stats(hidden, weight, targets, spec)
+        b = torch_stats(hidden, weight, targets, spec)
         errs[f"stats_{cap}"] = max(rel_err(x.double(), y.double()) for x, y in zip(a, b))
         row_max, log_se = b[0], b[1].log() + 0.5  # any consistent statistics will do
         scale = torch.linspace(-1, 1, 13)
-        kw = dict(vocab_start=10, softcap=cap, z_loss=1e-2, label_smoothing=0.1, vocab_total=40)
-        a = triton_lce.lce_grads(hidden, weight, targets, row_max, log_se, scale, **kw)
-        b = torch_grads(hidden, weight, targets, row_max, log_se, scale, **kw)
+        a = triton_lce.lce_grads(hidden, weight, targets, row_max, log_se, scale, spec)
+        b = torch_grads(hidden, weight, targets, row_max, log_se, scale, spec)
         errs[f"grads_{cap}"] = max(rel_err(x.double(), y.double()) for x, y in zip(a, b))
     out["vocab_start"] = errs
 
     # Bad input -> ValueError before any launch.
     h, w, t = make_case(5, 16, 30)
+    spec = LossSpec(vocab_total=30)
     out["bad_input"] = {
         "non_contiguous_hidden": _expect_value_error(
             lambda: linear_cross_entropy(torch.randn(16, 5).t(), w, t, impl="triton")),
         "non_contiguous_weight": _expect_value_error(
             lambda: linear_cross_entropy(h, torch.randn(16, 30).t(), t, impl="triton")),
-        "mismatched_h": _expect_value_error(lambda: triton_lce.lce_stats(h, torch.randn(30, 8), t)),
+        "mismatched_h": _expect_value_error(lambda: triton_lce.lce_stats(h, torch.randn(30, 8), t, spec)),
         "wrong_dtype": _expect_value_error(
-            lambda: triton_lce.lce_stats(h.double(), w.double(), t)),
-        "mixed_dtype": _expect_value_error(lambda: triton_lce.lce_stats(h, w.half(), t)),
+            lambda: triton_lce.lce_stats(h.double(), w.double(), t, spec)),
+        "mixed_dtype": _expect_value_error(lambda: triton_lce.lce_stats(h, w.half(), t, spec)),
         "target_range": _expect_value_error(
             lambda: linear_cross_entropy(h, w, torch.tensor([0, 1, 30, 2, 3]), impl="triton")),
     }
@@ -657,45 +631,19 @@ elif __name__ == "__main__" and "--aot-worker" in sys.argv:
     _aot_worker()
 
 
-def test_cpu_bf16_path_chunks_up_to_the_weight_size(monkeypatch):
-    """Without an fp32 weight copy, the CPU bf16 path sizes its chunks by the weight: all rows in
-    one chunk while the logits have no more elements than the weight (SmolLM2's head at N=512),
-    else chunks of at most 2/3 of them; the fp32 path keeps CHUNK_ELEMS."""
-    import importlib
-
-    lce = importlib.import_module("megacpt.kernels.linear_cross_entropy")
-    h, w = torch.empty(512, 576, dtype=torch.bfloat16), torch.empty(49152, 576, dtype=torch.bfloat16)
-    monkeypatch.setattr(lce, "CPU_BF16_PRODUCTS", "on")
-    assert lce._chunk_rows(h, w, None) == 512
-    c = lce._chunk_rows(torch.empty(1024, 576, dtype=torch.bfloat16), w, None)
-    assert c * 49152 <= 2 * w.numel() // 3 and -(-1024 // c) == 3
-    assert lce._chunk_rows(torch.empty(0, 576, dtype=torch.bfloat16), w, None) >= 1
-    assert lce._chunk_rows(h, w, 8 * 49152) == 8  # an explicit budget still rules
-    monkeypatch.setattr(lce, "CPU_BF16_PRODUCTS", "off")
-    assert lce._chunk_rows(h, w, None) == lce.chunk_rows(512, 49152, lce.CHUNK_ELEMS) < 512
-    assert lce._chunk_rows(h.float(), w.float(), None) < 512
-
-
-@pytest.mark.parametrize("mode", ["on", "off"])
-def test_cpu_bf16_several_chunks_make_no_weight_sized_temporaries(mode, monkeypatch):
-    """With several chunks, dW is summed in one fp32 buffer: no bf16 product of weight size and
-    no fp32 copy of it per chunk (a review found 8 weight-sizes of peak memory instead of 4)."""
-    import importlib
-
+def test_cpu_bf16_several_chunks_make_no_weight_sized_temporaries():
+    """bf16 on CPU with several chunks: dW is summed in one fp32 buffer, next to one fp32 copy of
+    the weight per call: no bf16 product of weight size and no fp32 copy of it per chunk."""
     from megacpt.bench.loss import LiveStorageTracker
 
-    lce = importlib.import_module("megacpt.kernels.linear_cross_entropy")
-    if mode == "on" and not lce.cpu_has_bf16_units():
-        pytest.skip("this CPU has no bf16 units (amx_bf16/avx512_bf16)")
-    monkeypatch.setattr(lce, "CPU_BF16_PRODUCTS", mode)
     n, hdim, v, c = 64, 256, 8192, 16
     hidden, weight, targets = make_case(n, hdim, v, dtype=torch.bfloat16)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     with LiveStorageTracker(preexisting=(h, w, targets)) as tracker:
         linear_cross_entropy(h, w, targets, reduction="sum", _chunk_elems=c * v).backward()
     w_elems = v * hdim
-    # fp32 dW + the bf16 gradient returned + fp32 weight copy ("off" only) + 2 chunk workspaces
-    bound = 4 * w_elems + 2 * w_elems + (4 * w_elems if mode == "off" else 0) + 2 * 10 * c * v + 16 * n * hdim
+    # fp32 dW + the bf16 gradient returned + fp32 weight copy + 2 chunk workspaces
+    bound = 4 * w_elems + 2 * w_elems + 4 * w_elems + 2 * 10 * c * v + 16 * n * hdim
     assert tracker.peak <= bound, (tracker.peak, bound)
 
 
@@ -708,48 +656,3 @@ def test_no_rows(dtype, reduction):
     assert loss.shape == ((0,) if reduction == "none" else ())
     loss.sum().backward()
     assert hidden.grad.shape == (0, 16) and torch.count_nonzero(weight.grad) == 0
-
-
-@pytest.mark.slow
-def test_compiled_softmax_pass_matches_reference_and_eager(monkeypatch):
-    """compiled=True: on the CPU bf16-products path in one chunk, the softmax pass is one
-    torch.compile'd loop and gives the fp64 reference's loss and gradients (and eager's, to
-    rounding), with ignored rows, confident targets (p - 1 formed in fp32) and reductions sum and
-    mean. Where it does not apply (fp32, several chunks with an fp32 dW, z-loss, label smoothing,
-    softcap) the eager path runs and the results are the reference's as before."""
-    import importlib
-
-    lce = importlib.import_module("megacpt.kernels.linear_cross_entropy")
-    monkeypatch.setattr(lce, "CPU_BF16_PRODUCTS", "on")  # the bf16-products branches on any CPU
-    calls = []
-    real = lce._compiled_softmax_grad
-    monkeypatch.setattr(lce, "_compiled_softmax_grad", lambda: (lambda *a: calls.append(1) or real()(*a)))
-    n, v = 47, 1001
-    for dtype in (torch.bfloat16, torch.float32):
-        cases = {"plain": make_case(n, 64, v, dtype=dtype, scale=4.0, ignore_every=5),
-                 "confident": make_case(n, 64, v, dtype=dtype, confident=True)}
-        tol = 1e-5 if dtype == torch.float32 else 1e-2
-        for name, (hidden, weight, targets) in cases.items():
-            # The default chunking (one chunk: 47 x 1001 logits <= the weight's elements in bf16),
-            # then chunks of 16 rows (eager: several chunks sum dW in fp32).
-            for chunk_rows, reduction in ((None, "sum"), (None, "mean"), (16, "sum")):
-                calls.clear()
-                chunk_elems = chunk_rows * v if chunk_rows else None
-                kw = dict(reduction=reduction, ours_kw=dict(compiled=True, _chunk_elems=chunk_elems))
-                ours, ref = run_both(hidden, weight, targets, **kw)
-                assert len(calls) == (1 if dtype == torch.bfloat16 and chunk_rows is None else 0), (dtype, chunk_rows)
-                eager, _ = run_both(hidden, weight, targets, reduction=reduction, ours_kw=dict(_chunk_elems=chunk_elems))
-                # Confident targets: fp32 rounding of the logits bounds the loss to ~2e-4 (see CASES).
-                loss_tol = 1e-3 if name == "confident" else 1e-5
-                assert rel_err(ours["loss"], ref["loss"]) < loss_tol, (dtype, name, chunk_rows)
-                assert rel_err(ours["loss"], eager["loss"]) < loss_tol, (dtype, name, chunk_rows)
-                for k in ("dx", "dw"):
-                    assert rel_err(ours[k], ref[k]) < max(tol, loss_tol), (dtype, name, chunk_rows, k)
-                    assert rel_err(ours[k], eager[k]) < max(tol, loss_tol), (dtype, name, chunk_rows, k)
-    hidden, weight, targets = make_case(n, 64, v, dtype=torch.bfloat16, scale=4.0, ignore_every=5)
-    for opts in (dict(z_loss=1e-3), dict(label_smoothing=0.1), dict(softcap=5.0)):
-        calls.clear()
-        ours, ref = run_both(hidden, weight, targets, reduction="sum", ours_kw=dict(compiled=True), **opts)
-        assert not calls, opts
-        assert rel_err(ours["loss"], ref["loss"]) < 1e-5, opts
-        assert rel_err(ours["dx"], ref["dx"]) < 1e-2, opts

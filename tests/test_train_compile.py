@@ -19,7 +19,6 @@ def test_compiled_blocks_match_eager(tmp_path):
                             **{"model.compile": compiled, "model.activation_checkpointing": compiled})
         r = run_ok(nproc, write_config(tmp_path / f"{name}.yaml", c))
         assert ("torch.compile: 2 decoder blocks" in r.stdout) == (name == "compiled")
-        # fp32: no CPU attention backward (slower than torch's there) and no compiled loss pass (bf16 only).
         assert ("torch.compile: pointwise code (RMSNorm, RoPE, SwiGLU) of 9 modules in 2 decoder blocks and the "
                 "final norm; linears stay eager" in r.stdout) == (name == "zero3-pointwise")
         recs = train_losses(tmp_path / name)
@@ -50,23 +49,18 @@ def test_compile_pointwise_matches_eager_in_fp32_and_bf16():
     torch._dynamo.utils.counters.clear()
     eager = _tiny_model()
     compiled = copy.deepcopy(eager)
-    # 5 norms (2 per block + final), 2 attentions (RoPE, and on CPU the attention itself), 2 MLPs,
-    # and on CPU the loss head; a second call changes nothing.
-    assert llama.compile_pointwise(compiled, attention=True) == 12
-    assert compiled.lm_head.compiled
-    assert llama.compile_pointwise(compiled, attention=True) == 0
+    # 5 norms (2 per block + final), 2 attentions (RoPE), 2 MLPs; a second call changes nothing.
+    assert llama.compile_pointwise(compiled) == 9
+    assert llama.compile_pointwise(compiled) == 0
     for m in compiled.modules():
         for attr in llama.POINTWISE_FNS:
             if attr in m.__dict__:
                 assert hasattr(getattr(m, attr), "_torchdynamo_orig_callable"), (type(m).__name__, attr)
-        if isinstance(m, llama.Attention):
-            assert m.attn_fn is llama.cpu_attention
     ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
     for model in (eager, compiled):
         model(ids, ids.clone()).backward()
-    # rms_norm, rope_qk, swiglu and the attention backward's pointwise pass (the loss head's
-    # compiled pass is for bf16 only: fp32 keeps the eager one)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
+    # rms_norm, rope_qk, swiglu
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megacpt.kernels import linear_cross_entropy
 from megacpt.labels import IGNORE
 
 
@@ -91,17 +92,6 @@ def sdpa_attention(q, k, v, mask):
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
     )
-
-
-def cpu_attention(q, k, v, mask):
-    """sdpa_attention for CPU training: torch's flash forward, a backward of oneDNN matmuls and one
-    compiled pointwise pass per block of queries (megacpt.kernels.cpu_attention), instead of torch's
-    CPU flash backward. compile_pointwise(attention=True) swaps it in for modules on CPU."""
-    from megacpt.kernels.cpu_attention import causal_attention
-
-    if q.device.type != "cpu" or not torch.is_grad_enabled():
-        return sdpa_attention(q, k, v, mask)
-    return causal_attention(q, k, v, mask, compiled=True)
 
 
 class RMSNorm(nn.Module):
@@ -193,7 +183,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, args.num_kv_heads * d, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_heads * d, h, bias=False)
         self.rope_fn = rope_qk  # compile_pointwise swaps in a compiled copy
-        self.attn_fn = sdpa_attention  # compile_pointwise(attention=True) swaps in cpu_attention on CPU
 
     def forward(self, x, cos, sin, mask):
         b, s, _ = x.shape
@@ -201,7 +190,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, nkv, s, d)
         v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = self.rope_fn(q, k, cos, sin)
-        out = self.attn_fn(q, k, v, mask)
+        out = sdpa_attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -241,16 +230,12 @@ class LMHead(nn.Module):
     def __init__(self, hidden_size: int, vocab_size: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
-        self.compiled = False  # compile_pointwise sets it on CPU: the kernel's softmax pass compiled
 
     def forward(self, h, targets=None):
         if targets is None:
             return F.linear(h, self.weight)
-        from megacpt.kernels import linear_cross_entropy
-
         return linear_cross_entropy(
-            h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1), ignore_index=IGNORE, reduction="sum",
-            compiled=self.compiled,
+            h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
         )
 
 
@@ -312,24 +297,17 @@ class Transformer(nn.Module):
 POINTWISE_FNS = ("norm_fn", "rope_fn", "act_fn")
 
 
-def compile_pointwise(model: nn.Module, attention: bool = False) -> int:
-    """torch.compile the parameter-free pointwise code of every block (RMSNorm, RoPE, SwiGLU);
-    on CPU also the loss head's softmax pass (LMHead.compiled) and, with attention=True, give
-    attention megacpt's CPU backward (cpu_attention).
+def compile_pointwise(model: nn.Module) -> int:
+    """torch.compile the parameter-free pointwise code of every block (RMSNorm, RoPE, SwiGLU).
 
     For ZeRO-3, which gathers each linear's weight in hooks on its module, so a whole compiled
     block would break its graph around every linear: these functions take tensors only (the
     norm weight is passed in, already gathered), so they compile to fused loops (one pass over
     memory instead of one per op, forward and backward) and the linears stay eager. One compiled
-    copy per function, shared by all blocks. attention=True is for bf16 on CPUs with bf16 units
-    and a caching allocator, where cpu_attention's backward beats torch's flash backward (~6x
-    its forward there); in fp32, or when every call faults in fresh pages, torch's was faster.
-    GPUs keep torch's attention. Returns the number of modules changed.
+    copy per function, shared by all blocks. Returns the number of modules changed.
     """
     compiled: dict = {}
     changed = 0
-    first = next(model.parameters(), None)
-    on_cpu = first is not None and first.device.type == "cpu"
     for module in model.modules():
         for attr in POINTWISE_FNS:
             fn = module.__dict__.get(attr)
@@ -338,12 +316,6 @@ def compile_pointwise(model: nn.Module, attention: bool = False) -> int:
             if fn not in compiled:
                 compiled[fn] = torch.compile(fn)
             setattr(module, attr, compiled[fn])
-            changed += 1
-        if attention and on_cpu and module.__dict__.get("attn_fn") is sdpa_attention:
-            module.attn_fn = cpu_attention
-            changed += 1
-        if on_cpu and isinstance(module, LMHead) and not module.compiled:
-            module.compiled = True
             changed += 1
     return changed
 
