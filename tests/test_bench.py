@@ -9,11 +9,12 @@ import pytest
 
 from helpers import REPO, cpu_env
 
-from megacpt.bench.train import comm_estimate, percentile, step_stats
+from megacpt.bench.comm import CommSetup, comm_estimate, comm_estimate_layout, stage_numels
+from megacpt.bench.report import percentile, step_stats
 
 
 def _megacpt(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "megacpt.cli", *args], env=cpu_env(), cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "megacpt", *args], env=cpu_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -35,14 +36,14 @@ def test_comm_estimate_hand_count():
 
 
 def test_comm_estimate_per_group_hand_count():
-    from megacpt.bench.train import comm_estimate_layout
     from megacpt.models.llama import ModelArgs
 
     a = ModelArgs(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, tie_word_embeddings=True)
     # tp=2 × pp=2 × dp=2, ZeRO-1, fp32, seq 16, micro-batch 1, 4 micro-batches; stages: embedding +
     # layer 0 | layer 1 + norm + head (the tied copy). A = 16·32 = 512 elements, 2048 bytes.
-    est = comm_estimate_layout(a, 1, 2, 2, 2, 16, 1, 4, 4)
+    est = comm_estimate_layout(a, CommSetup(zero_stage=1, dp=2, tp=2, pp=2, seq_len=16, micro_batch=1,
+                                            bytes_per_elem=4, grad_accum=4))
     g = est["per_group"]
     # tp all-reduce of B bytes: 2·B·½ = B per rank. Stage 0: 4 per layer + the embedding's = 5 × A;
     # stage 1: 4 + the head input gradient = 5 × A, + 3 fp32 loss statistics per token (16 tokens).
@@ -177,3 +178,47 @@ def test_bench_memory_smoke(tmp_path):
             assert rk["model_state"] == rk["params"] + rk["fp32_master"] + rk["grads"] + rk["adam"] + rk["persistent"]
         assert row["ratio_to_expected_max"] == pytest.approx(
             max(rk["model_state"] for rk in row["ranks"]) / row["expected_bytes_per_rank"])
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 2), (2, 3)])
+@pytest.mark.parametrize("kv,tied,bias", [(4, False, False), (2, True, True), (1, True, False)])
+def test_stage_numels_match_the_split_model(tp, pp, kv, tied, bias):
+    # What each stage's rank holds, counted from the model the trainer builds: a meta Transformer
+    # split by apply_tp (tp rank 0), cut into stages by stage_bounds.
+    from types import SimpleNamespace
+
+    import torch
+
+    from megacpt.models.llama import ModelArgs, Transformer
+    from megacpt.parallel.pp import stage_bounds
+    from megacpt.parallel.tp import apply_tp
+
+    a = ModelArgs(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=kv,
+                  head_dim=8, tie_word_embeddings=tied, qkv_bias=bias)
+    with torch.device("meta"):
+        m = Transformer(a)
+    apply_tp(m, SimpleNamespace(tp_size=tp, tp_rank=0, tp_group=None, tp_subgroup=lambda size: None))
+    bounds = stage_bounds(a, pp) if pp > 1 else [0, 3]
+    emb, norm = m.embed_tokens.weight.numel(), m.norm.weight.numel()
+    for s, got in enumerate(stage_numels(a, tp, pp)):
+        want = [p.numel() for i in range(bounds[s], bounds[s + 1]) for p in m.layers[i].parameters()]
+        want += [emb] if s == 0 else []
+        want += ([norm] + ([emb] if pp > 1 or not tied else [])) if s == pp - 1 else []
+        assert got == want
+
+
+def test_loss_choices_match_the_bench():
+    from megacpt.bench import loss
+    from megacpt.cli import bench as cli_bench
+
+    assert cli_bench.LOSS_DTYPES == sorted(loss._DTYPES)
+    assert cli_bench.LOSS_IMPLS == loss._IMPLS
+
+
+def test_bench_targets_resolve():
+    from megacpt.cli import build_parser
+    from megacpt.cli.common import load
+
+    parser = build_parser()
+    for argv in (["bench", "train", "--model", "tiny"], ["bench", "memory"], ["bench", "loss"], ["bench", "data"]):
+        assert callable(load(parser.parse_args(argv).target))

@@ -33,22 +33,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megacpt.bench.launch import bench_env, fail, free_port, launcher, run_launcher
+from megacpt.bench.report import bench_command, versions, write_json
+from megacpt.bench.shapes import resolve_model
+from megacpt.config import config_from_dict, derive
 from megacpt.errors import UserError
-
-
-def add_memory_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="small", metavar="HF_DIR_OR_SHAPE",
-                   help="HF dir or shape name (default: small, ~7M parameters)")
-    p.add_argument("--world-sizes", default="1,2,4", help="comma-separated world sizes (default 1,2,4)")
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--persistence-threshold", type=int, default=0,
-                   help="stage3_param_persistence_threshold (default 0: every parameter is partitioned; "
-                        "DeepSpeed's own default 100000 keeps small ones whole on every rank)")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
-    p.add_argument("--json", metavar="OUT.json", default=None)
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--timeout", type=float, default=1200)
+from megacpt.models.hf import args_from_hf_config, read_hf_config
+from megacpt.train import dist as mdist
+from megacpt.train.engine import build_model, deepspeed_config, param_groups, resolve_precision
+from megacpt.train.metrics import device_name
 
 
 def _nbytes(t) -> int:
@@ -92,8 +89,6 @@ def measure_engine(engine) -> dict:
     grads = _nbytes(gbuf) if gbuf is not None else 0
     inner = getattr(opt, "optimizer", opt)
     adam = 0
-    import torch
-
     for st in inner.state.values():
         for v in st.values():
             if isinstance(v, torch.Tensor):
@@ -109,15 +104,7 @@ def measure_engine(engine) -> dict:
 
 
 def worker(spec: dict) -> int:
-    import deepspeed
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-
-    from megacpt.config import config_from_dict, derive
-    from megacpt.models.hf import args_from_hf_config, read_hf_config
-    from megacpt.train import dist as mdist
-    from megacpt.train.engine import build_model, deepspeed_config, param_groups, resolve_precision
+    import deepspeed  # heavy (seconds to import): only the ranks need it, not the bench's own process
 
     info = mdist.discover()
     hf_dir = spec["hf_dir"]
@@ -155,11 +142,7 @@ def worker(spec: dict) -> int:
 
 
 def run_memory_bench(a) -> int:
-    from megacpt.bench.shapes import resolve_model
-    from megacpt.bench.train import bench_env, free_port, launcher, run_launcher, versions, _fail
-    from megacpt.models.hf import args_from_hf_config, read_hf_config
-    from megacpt.train.metrics import device_name
-
+    """`megacpt bench memory` (a: its parsed arguments)."""
     try:
         worlds = [int(w) for w in a.world_sizes.split(",") if w.strip()]
     except ValueError:
@@ -185,7 +168,7 @@ def run_memory_bench(a) -> int:
             log = work / f"w{W}.log"
             rc, wall, _ = run_launcher(cmd, env, log, a.timeout)
             if rc != 0:
-                _fail(f"memory bench at world size {W}", rc, log)
+                fail(f"memory bench at world size {W}", rc, log)
             ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(W)]
             expected = 16 * P / W
             rows.append({"world_size": W, "expected_bytes_per_rank": expected,
@@ -199,7 +182,7 @@ def run_memory_bench(a) -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "device": device_name(),
         "versions": versions(),
-        "command": "megacpt bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        "command": bench_command(),
         "model": {"arg": a.model, "shape": shape, "hf_dir": str(hf_dir), "params": P},
         "precision": a.precision,
         "persistence_threshold": a.persistence_threshold,
@@ -211,9 +194,7 @@ def run_memory_bench(a) -> int:
     }
     print(format_memory_table(out), flush=True)
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
-        print(f"wrote {a.json}", flush=True)
+        write_json(a.json, out)
     return 0
 
 

@@ -26,18 +26,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
 
 def _peak_memory_mb() -> float:
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -57,8 +58,6 @@ class Progress:
 
 
 def _dtype(spec):
-    import torch
-
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["precision"]]
 
 
@@ -71,10 +70,8 @@ def _write(spec, rank: int, times: list, losses: list, extra: dict | None = None
 
 
 def run_plain(spec: dict) -> int:
+    # deepspeed and transformers take seconds to import; only the peer that uses them pays for it.
     import deepspeed
-    import numpy as np
-    import torch
-    import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
     if torch.cuda.is_available():
@@ -131,10 +128,9 @@ def _accelerate_cpu_workaround() -> bool:
     cpu=True) fixes the bookkeeping; the state still becomes DEEPSPEED and the training path is
     the Trainer's own. Only applied without CUDA.
     """
-    import torch
-
     if torch.cuda.is_available() or int(os.environ.get("LOCAL_RANK", -1)) == -1:
         return False
+    # accelerate comes with transformers' Trainer and is as slow to import: only the peer b ranks need it.
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
@@ -158,27 +154,20 @@ def _bf16_cpu_workaround(bf16: bool) -> bool:
     anyway, and on CPUs with bf16 units DeepSpeed's bf16 ZeRO path runs fine, so the check is
     told the truth about this machine instead: bf16 works here. Only applied without CUDA.
     """
-    import torch
-
     if not bf16 or torch.cuda.is_available():
         return False
-    import transformers.training_args as ta
+    import transformers.training_args as ta  # heavy; only the peer b ranks import it
 
     ta.is_torch_bf16_gpu_available = lambda *a, **k: True
     return True
 
 
-def run_trainer(spec: dict) -> int:
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+def _training_args(spec: dict):
+    """TrainingArguments with the spec's batch geometry, optimizer values and DeepSpeed JSON."""
+    from transformers import TrainingArguments  # heavy; only the peer b ranks import it
 
-    ds = spec["ds_config"]
     o = spec["optim"]
-    bf16 = spec["precision"] == "bf16"
-    patched = _accelerate_cpu_workaround()
-    bf16_patched = _bf16_cpu_workaround(bf16)
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(Path(spec["out"]) / "trainer_out"),
         per_device_train_batch_size=spec["micro_batch"],
         gradient_accumulation_steps=spec["grad_accum"],
@@ -190,8 +179,8 @@ def run_trainer(spec: dict) -> int:
         weight_decay=o["weight_decay"],
         max_grad_norm=o["grad_clip"],
         lr_scheduler_type="constant",
-        bf16=bf16,
-        deepspeed=ds,  # before from_pretrained: ZeRO-3 then builds the model partitioned
+        bf16=spec["precision"] == "bf16",
+        deepspeed=spec["ds_config"],  # before from_pretrained: ZeRO-3 then builds the model partitioned
         logging_steps=1,
         save_strategy="no",
         eval_strategy="no",
@@ -201,6 +190,15 @@ def run_trainer(spec: dict) -> int:
         seed=spec.get("seed", 1234),
         gradient_checkpointing=bool(spec.get("activation_checkpointing")),
     )
+
+
+def run_trainer(spec: dict) -> int:
+    # transformers takes seconds to import; only the peer that uses it pays for it.
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
+
+    patched = _accelerate_cpu_workaround()
+    bf16_patched = _bf16_cpu_workaround(spec["precision"] == "bf16")
+    args = _training_args(spec)
     model = AutoModelForCausalLM.from_pretrained(spec["hf_dir"], dtype=_dtype(spec))
     samples = np.load(spec["samples"], mmap_mode="r")
     S = spec["seq_len"]
@@ -230,8 +228,6 @@ def run_trainer(spec: dict) -> int:
     timer = Timer()
     trainer = Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[timer])
     trainer.train()
-    import torch.distributed as dist
-
     rank = dist.get_rank() if dist.is_initialized() else 0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     _write(spec, rank, timer.times, losses, {"world_size_seen_by_trainer": args.world_size,

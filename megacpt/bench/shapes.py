@@ -17,6 +17,9 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 from megacpt.errors import UserError
 
 _LLAMA3_SCALING = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -101,9 +104,7 @@ def resolve_model(model: str, dtype: str = "float32", cache_dir=None) -> tuple[P
 
 def build_random_hf_dir(name: str, out, dtype: str = "float32", seed: int = 0) -> Path:
     """Write a random-init HF dir for shape `name` (normal(0, 0.02) matrices, unit norms, zero biases)."""
-    import torch
-    import transformers
-    from safetensors.torch import save_file
+    import transformers  # heavy (seconds to import): only building a new shape needs it
 
     cfg_dict = hf_config(name)
     model_type = cfg_dict.pop("model_type")
