@@ -338,7 +338,8 @@ def test_live_storage_tracker_counts_and_frees():
 def test_loss_bench_smoke(tmp_path, capsys):
     import argparse
 
-    from megacpt.bench.loss import add_loss_args, run_loss_bench
+    from megacpt.bench.loss import run_loss_bench
+    from megacpt.cli.bench import add_loss_args
 
     parser = argparse.ArgumentParser()
     add_loss_args(parser)

@@ -39,24 +39,6 @@ _IMPLS = ("ours", "ours-torch", "eager", "torch-chunked", "liger")
 _DEFAULT_SHAPES = {"cpu": ["4096,256,32768"], "cuda": ["8192,4096,128256"]}
 
 
-def add_loss_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shape", action="append", metavar="N,H,V",
-                        help="tokens, hidden size, vocabulary (repeatable); default 4096,256,32768 "
-                             "on CPU and 8192,4096,128256 on CUDA")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
-                        help="input dtype (default fp32 on CPU, bf16 on CUDA)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--impl", action="append", choices=_IMPLS,
-                        help="implementations to run (repeatable; default: all available)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per implementation")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
-    parser.add_argument("--ignore-fraction", type=float, default=0.0,
-                        help="fraction of targets set to ignore_index (e.g. padding)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="OUT.json", default=None, help="write the results here")
-
-
 class LiveStorageTracker:
     """High-water mark of the bytes held by tensors created inside the `with` block (CPU or any).
 
@@ -325,13 +307,3 @@ def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
     return platform.processor() or platform.machine()
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="megacpt bench loss", description=__doc__.splitlines()[0])
-    add_loss_args(parser)
-    return run_loss_bench(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

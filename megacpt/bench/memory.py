@@ -2,8 +2,8 @@
 
 For each world size W the bench starts W local ranks with the `deepspeed` launcher
 (`python -m megacpt.bench.memory worker SPEC.json`). Each rank builds the model and engine the
-way the trainer does (megacpt.train.engine: deepspeed_config → build_model under zero.Init,
-loading its own partition of the HF weights → param_groups → deepspeed.initialize), runs one
+way the trainer does (megacpt.train.engine.deepspeed_config, then megacpt.train.parallelize:
+build_model under zero.Init, loading its own partition of the HF weights → initialize), runs one
 optimizer step on random tokens, and then adds up, from the engine's own objects:
 
   params          each parameter's partition (p.ds_tensor: numel × element size, padding included)
@@ -44,8 +44,9 @@ from megacpt.config import config_from_dict, derive
 from megacpt.errors import UserError
 from megacpt.models.hf import args_from_hf_config, read_hf_config
 from megacpt.train import dist as mdist
-from megacpt.train.engine import build_model, deepspeed_config, param_groups, resolve_precision
+from megacpt.train.engine import deepspeed_config, param_groups, resolve_precision
 from megacpt.train.metrics import device_name
+from megacpt.train.parallelize import BuildSpec, build_model, initialize
 
 
 def _nbytes(t) -> int:
@@ -104,8 +105,6 @@ def measure_engine(engine) -> dict:
 
 
 def worker(spec: dict) -> int:
-    import deepspeed  # heavy (seconds to import): only the ranks need it, not the bench's own process
-
     info = mdist.discover()
     hf_dir = spec["hf_dir"]
     cfg = config_from_dict({
@@ -123,8 +122,8 @@ def worker(spec: dict) -> int:
     args = args_from_hf_config(read_hf_config(hf_dir))
     dtype = resolve_precision(cfg.precision)
     ds = deepspeed_config(cfg, derived, dtype)
-    model = build_model(args, ds, dtype, 3, weights=hf_dir)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=ds)
+    model = build_model(BuildSpec(args, dtype=dtype, zero_stage=3), weights=hf_dir, ds_config=ds)
+    engine = initialize(model, param_groups(model, 0.1), ds, topology=None)
     rng = np.random.default_rng(rank)
     x = torch.from_numpy(rng.integers(0, args.vocab_size, (1, spec["seq_len"] + 1)).astype(np.int64))
     loss = engine(x[:, :-1].to(engine.device), labels=x[:, 1:].to(engine.device))

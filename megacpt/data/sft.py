@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from megacpt.data.dataset import blend_assignment, source_seed
-from megacpt.labels import IGNORE
 from megacpt.errors import ConfigError, DataError
+from megacpt.labels import IGNORE
 
 ROLES = ("system", "user", "assistant")
 

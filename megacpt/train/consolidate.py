@@ -5,8 +5,8 @@
   the module state whole in mp_rank_00_model_states.pt.
 - Tensor parallel (mp_rank_01… present): the same per tensor-parallel rank (zero_to_fp32 is run
   on a view of the directory holding only that rank's files), then each split tensor is put
-  together from its slices; which slice a rank holds is recomputed by apply_tp on a meta model,
-  so the checkpoint needs no extra metadata.
+  together from its slices; which slice a rank holds is computed from the model's shape
+  (megacpt.parallel.shapes), so the checkpoint needs no extra metadata.
 - Pipeline parallel (layer_XX[-model_YY]-model_states.pt): each layer file holds that item's
   weights under the plain model's names in the training dtype (fp32 on CPU); tp slices as above.
   (ZeRO-1's fp32 masters for bf16 pipeline runs are not read: exported in the training dtype.)
@@ -21,14 +21,12 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from megacpt.models.hf import StateDictWeights, args_from_hf_config
-from megacpt.models.llama import Transformer
-from megacpt.parallel.tp import apply_tp, tp_shards
+from megacpt.parallel.shapes import tp_shards_for
 from megacpt.safe_load import check_torch_file, safe_load
 from megacpt.train.checkpoint import HF_CONFIG_FILE
 
@@ -83,18 +81,6 @@ def _tp_rank_state(ckpt_dir: Path, files: list[Path], t: int) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def tp_shard_layout(args, tp: int, tp_rank: int) -> dict:
-    """Name → Shard of every split parameter on tensor-parallel rank `tp_rank` (what apply_tp
-    does, replayed on a meta model without processes)."""
-    with torch.device("meta"):
-        m = Transformer(args)
-    apply_tp(m, SimpleNamespace(tp_size=tp, tp_rank=tp_rank, tp_group=None, tp_subgroup=lambda size: None))
-    out = tp_shards(m)
-    if args.tie_word_embeddings and "embed_tokens.weight" in out:
-        out["lm_head.weight"] = out["embed_tokens.weight"]  # a pipeline head's own copy
-    return out
-
-
 def _merge_tp(ckpt_dir: Path, states: list[dict]) -> dict:
     if len(states) == 1:
         return states[0]
@@ -103,7 +89,7 @@ def _merge_tp(ckpt_dir: Path, states: list[dict]) -> dict:
 
     args = args_from_hf_config(json.loads((ckpt_dir / HF_CONFIG_FILE).read_text()), str(ckpt_dir))
     tp = len(states)
-    layouts = [tp_shard_layout(args, tp, t) for t in range(tp)]
+    layouts = [tp_shards_for(args, tp, t) for t in range(tp)]
     full = {}
     for name, first in states[0].items():
         shard = layouts[0].get(name)

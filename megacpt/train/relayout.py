@@ -30,9 +30,9 @@ from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimize
 
 from megacpt.errors import ConfigError
 from megacpt.parallel.pp import item_bounds, megacpt_name, stage_bounds
+from megacpt.parallel.shapes import tp_shards_for
 from megacpt.parallel.tp import tp_shards
 from megacpt.safe_load import check_torch_file, safe_load
-from megacpt.train.consolidate import tp_shard_layout
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 _OPTIM = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -126,7 +126,7 @@ def _merge(per_tp: list[dict], args, tp: int) -> dict:
     if tp == 1:
         return per_tp[0]
 
-    layouts = [tp_shard_layout(args, tp, t) for t in range(tp)]
+    layouts = [tp_shards_for(args, tp, t) for t in range(tp)]
     full = {}
     for name, first in per_tp[0].items():
         shard = layouts[0].get(name)
