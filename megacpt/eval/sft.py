@@ -118,8 +118,10 @@ def greedy_generate(forward, prompts: list[list[int]], max_new_tokens: int, stop
     return out
 
 
-def evaluate(engine, evalset, tk, sft_cfg, mb: int, dp_rank: int, dp_size: int, device, dp_group=None) -> dict:
-    """{loss, ppl, tokens, [exact_match, token_f1, bleu]} of one held-out set; equal on every rank."""
+def evaluate(engine, evalset, tk, sft_cfg, mb: int, topo, device) -> dict:
+    """{loss, ppl, tokens, [exact_match, token_f1, bleu]} of one held-out set; equal on every rank.
+    `topo`: the run's Topology (its data-parallel rank, size and group)."""
+    dp_rank, dp_size, dp_group = topo.dp_rank, topo.dp_size, topo.dp_group
     was_training = engine.training
     engine.eval()
     loss_sum, count = loss_sums(engine, evalset.rows, mb, dp_rank, dp_size, device, dp_group)

@@ -24,8 +24,7 @@ def validation_record(rs: RunState, step: int) -> dict:
     topo, mb, device = rs.topo, rs.cfg.train.micro_batch_size, rs.engine.device
     for name, windows in rs.valid.items():
         if rs.sft:
-            res = sft_evaluate(rs.engine, windows, rs.tokenizer, rs.cfg.sft, mb, topo.dp_rank, topo.dp_size, device,
-                               topo.dp_group)
+            res = sft_evaluate(rs.engine, windows, rs.tokenizer, rs.cfg.sft, mb, topo, device)
             out.update({f"valid/{name}/{k}": v for k, v in res.items() if k != "tokens"})
         else:
             if rs.pipe_run is not None:
