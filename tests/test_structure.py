@@ -430,7 +430,8 @@ steps = {}
 
 
 def record(step, rc=None, err=""):
-    steps[step] = {"heavy": [m for m in HEAVY if m in sys.modules], "rc": rc, "stderr": err[-2000:]}
+    steps[step] = {"heavy": [m for m in HEAVY if m in sys.modules], "rc": rc, "stderr": err[-2000:],
+                   "project": sorted(m for m in sys.modules if m.startswith("megacpt"))}
 
 
 build_parser()
@@ -467,5 +468,6 @@ def test_cli_help_and_config_errors_import_neither_torch_nor_deepspeed(tmp_path)
     for step in ("missing config", "unknown config key"):
         assert steps[step]["rc"] == 2 and steps[step]["stderr"].startswith("error: "), (step, steps[step])
     assert "unknown config key 'optim.lr_max'" in steps["unknown config key"]["stderr"], steps
-    heavy = [f"{step}: {s['heavy']}" for step, s in steps.items() if s["heavy"]]
+    heavy = [f"{step}: {s['heavy']} (project modules loaded by then: {', '.join(s['project'])})"
+             for step, s in steps.items() if s["heavy"]]
     _fail("torch / deepspeed imported by the CLI (modules in sys.modules after each step, cumulative)", heavy)
