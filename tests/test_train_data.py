@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import run_ok, tiny_hf_model, tiny_run_config, train_losses, write_config
+from golden import check_golden
 
 pytestmark = pytest.mark.slow
 
@@ -131,3 +132,10 @@ def test_tied_export_reloads_with_the_same_perplexity(runs, tmp_path):
                  "--json", str(tmp_path / "e.json")]) == 0
     ours = json.loads((tmp_path / "e.json").read_text())["old"]
     assert ours["tokens"] == 256 and math.exp(float(loss)) == pytest.approx(ours["ppl"], rel=1e-3)
+
+
+def test_golden_numbers(runs):
+    """A two-phase run resumed inside and across the phase boundary, and a ZeRO-3 run resharded
+    from 2 ranks to 1, as recorded before the restructure."""
+    check_golden("two_phase_resumed", runs["phased_split"])
+    check_golden("zero3_2_then_1", runs["z3_two_then_one"])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from helpers import read_metrics, run_ok, tiny_hf_model, tiny_run_config, train_losses, write_config
+from golden import check_golden
 
 pytestmark = pytest.mark.slow
 
@@ -116,3 +117,9 @@ def test_resumed_in_another_layout(runs):
     assert "mp_rank_01_model_states.pt" in files and not any(f.startswith("layer_") for f in files)
     lay = json.loads((runs["relayout"] / "layout.json").read_text())
     assert lay["ranks"] == [{"pp": 0, "dp": 0, "tp": 0}, {"pp": 0, "dp": 0, "tp": 1}]
+
+
+def test_golden_numbers(runs):
+    """PP=2 (ZeRO-1, stopped and resumed) and TP=2 x PP=2, as recorded before the restructure."""
+    check_golden("pp2_zero1_resumed", runs["pp2_z1"])
+    check_golden("tp2_pp2_zero0", runs["tp2pp2_z0"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import run_ok, tiny_hf_model, tiny_run_config, train_losses, write_config
+from golden import check_golden
 
 pytestmark = pytest.mark.slow
 
@@ -67,3 +68,10 @@ def test_tp_export_matches_single_process(runs, layout, tmp_path):
     assert sorted(a) == sorted(b)
     for k in a:  # Adam-amplified round-off: 1 % of lr (see tests/dist_tp_worker.py)
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+
+
+def test_golden_numbers(runs):
+    """TP=2 (ZeRO-1, stopped and resumed) and TP=2 with sequence parallelism under ZeRO-3, as recorded
+    before the restructure."""
+    check_golden("tp2_zero1_resumed", runs["tp2_z1"])
+    check_golden("tp2_zero3_sp", runs["tp2_z3_sp"])

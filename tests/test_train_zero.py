@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import run_ok, tiny_hf_model, tiny_run_config, train_losses, write_config
+from golden import check_golden
 
 pytestmark = pytest.mark.slow
 
@@ -187,3 +188,10 @@ def test_export_loads_in_transformers_with_same_perplexity(runs, run, tmp_path):
     a, b = (json.loads((tmp_path / f).read_text())["new"] for f in ("a.json", "b.json"))
     assert a == b and a["tokens"] == 128
     assert a["loss"] == pytest.approx(final["valid/new/loss"], rel=1e-5)
+
+
+def test_golden_numbers(runs):
+    """Per-step losses, grad norms, LRs and sample fingerprints as recorded before the restructure."""
+    check_golden("zero0_x1", runs["single"])
+    check_golden("zero3_x2", runs["zero3"])
+    check_golden("zero3_x2_resumed", runs["zero3_resumed"])
