@@ -10,6 +10,7 @@ importable from tests/ (or an installed one):
 called on every rank inside a fresh gloo process group (build topologies in the scenario), with
 `out` a folder of its own shared by the ranks and `kwargs` from the Scenario (JSON-able). A
 scenario that raises on some rank is reported with that rank's traceback; the others still run.
+A rank that dies (or a launch past its timeout) ends the launch: what had not run reports that.
 """
 
 from __future__ import annotations
