@@ -1,6 +1,6 @@
-"""Rank bodies for tests/test_pp.py: pipeline layouts through DeepSpeed's real PipelineEngine,
-built and stepped by the trainer's own code (megacpt.train.pipeline), against the plain model
-in one process on the same global batch.
+"""Scenarios for tests/test_pp.py (run on every rank by tests/harness.py): pipeline layouts
+through DeepSpeed's real PipelineEngine, built and stepped by the trainer's own code
+(megacpt.train.pipeline), against the plain model in one process on the same global batch.
 
 Each scenario checks, on every rank: the stage holds exactly its own layers (names and element
 counts; 1/tp of the split ones), ZeRO partitions over the data-parallel group only, HF → layout
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_tp_worker import ADAM_ATOL, IGNORE, _close, _init, model_args, reference
+from dist_tp_worker import ADAM_ATOL, IGNORE, _close, model_args, reference
 
 LR, WD, CLIP = 1e-3, 0.1, 0.05
 
@@ -179,18 +179,13 @@ def check_pipeline(model_dir: str, topo, zero: int, label: str, work: Path, step
     dist.barrier()
 
 
-def run_pp(rank: int, world: int, init_file: str, work: str, scenarios: list) -> None:
-    """Every (label, model_dir, tp, pp, zero) scenario in sequence in this one launch."""
-    _init(rank, world, init_file)
-    try:
-        import deepspeed
+def pipeline_layout(rank: int, world: int, out: Path, label: str, model_dir: str, tp: int, pp: int,
+                    zero: int) -> None:
+    """One (label, model_dir, tp, pp, zero) scenario."""
+    import deepspeed
 
-        from megacpt.parallel import Topology
+    from megacpt.parallel import Topology
 
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-        for label, model_dir, tp, pp, zero in scenarios:
-            topo = Topology(world, rank, tp=tp, pp=pp)
-            check_pipeline(model_dir, topo, zero, label, Path(work))
-    finally:
-        dist.destroy_process_group()
-
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    topo = Topology(world, rank, tp=tp, pp=pp)
+    check_pipeline(model_dir, topo, zero, label, out)

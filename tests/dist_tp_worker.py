@@ -1,15 +1,15 @@
-"""Rank bodies for tests/test_tp.py (started with torch.multiprocessing.spawn over gloo).
+"""Scenarios for tests/test_tp.py, run on every rank by tests/harness.py (one gloo launch per
+world size, a fresh process group per scenario).
 
 Every rank builds the plain single-process reference itself from the same HF directory (tiny
 models, so this is cheaper than a separate process) and compares its tensor-parallel shards with
-the matching slices of the reference. A failed check raises in the child; mp.spawn re-raises it
-in the parent with the child's traceback.
+the matching slices of the reference. A failed check raises on its rank; the harness reports it
+with that rank's traceback.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -27,14 +27,6 @@ IGNORE = -100
 # tolerance relative to the tensor's largest element too (~800 fp32 ulps of it). Seen on AVX-512
 # MKL: one embedding-gradient element of 0.037 off by 1.8e-6 in a tensor of max ~0.05.
 GRAD_SCALE_TOL = 1e-4
-
-
-def _init(rank: int, world: int, init_file: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    # What a launcher would set (DeepSpeed's engine checks LOCAL_RANK).
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
 
 
 def _close(got, want, what: str, rtol=RTOL, atol=ATOL):
@@ -190,46 +182,36 @@ def check_tp_model(model_dir, topo, label: str, steps: int = 3, checkpointing: b
     dist.barrier()
 
 
-def run_tp2(rank: int, world: int, init_file: str, model_dirs: dict) -> None:
-    """World 2, tp 2: every model config, one with activation checkpointing."""
-    _init(rank, world, init_file)
-    try:
-        from megacpt.parallel import Topology
+def tp2(rank: int, world: int, out: Path, model_dir: str, label: str, checkpointing: bool,
+        sequence_parallel: bool = False) -> None:
+    """World 2, tp 2: one model config (test_tp runs them all, one with activation checkpointing,
+    and with sequence parallelism: 12 positions, 6 per rank)."""
+    from megacpt.parallel import Topology
 
-        topo = Topology(world, rank, tp=2, pp=1)
-        assert (topo.tp_ranks, topo.dp_ranks, topo.dp_size) == ([0, 1], [rank], 1)
-        for label, path in model_dirs.items():
-            check_tp_model(path, topo, label, checkpointing=label.endswith("kv1"))
-        # Sequence parallelism: the same checks (12 positions, 6 per rank), one with replicated
-        # KV heads and activation checkpointing, one with tied embeddings and q/k/v bias.
-        for label in ("llama untied kv1", "qwen2 tied kv2"):
-            check_tp_model(model_dirs[label], topo, f"{label} sequence parallel", checkpointing=label.endswith("kv1"),
-                           sequence_parallel=True)
-    finally:
-        dist.destroy_process_group()
+    topo = Topology(world, rank, tp=2, pp=1)
+    assert (topo.tp_ranks, topo.dp_ranks, topo.dp_size) == ([0, 1], [rank], 1)
+    check_tp_model(model_dir, topo, label, checkpointing=checkpointing, sequence_parallel=sequence_parallel)
 
 
 # ---- world 4: tp 4 numerics, then tp 2 × dp 2 under the DeepSpeed engine ----------------------
 
-def run_world4(rank: int, world: int, init_file: str, model_dirs: dict, zero_stages: list) -> None:
-    _init(rank, world, init_file)
-    try:
-        import deepspeed
+def tp4(rank: int, world: int, out: Path, model_dir: str) -> None:
+    from megacpt.parallel import Topology
 
-        from megacpt.parallel import Topology
+    topo4 = Topology(world, rank, tp=4, pp=1)
+    check_tp_model(model_dir, topo4, "tp4 llama kv2 (replica groups of 2)", steps=2)
 
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-        topo4 = Topology(world, rank, tp=4, pp=1)
-        check_tp_model(model_dirs["tp4"], topo4, "tp4 llama kv2 (replica groups of 2)", steps=2)
-        topo = Topology(world, rank, tp=2, pp=1)
-        assert topo.tp_ranks == [rank - rank % 2, rank - rank % 2 + 1]
-        assert topo.dp_ranks == [rank % 2, rank % 2 + 2], topo.dp_ranks
-        for stage in zero_stages:
-            for label in ("dp llama tied kv1", "dp qwen2 kv2"):
-                check_deepspeed(model_dirs[label], topo, stage, f"{label} zero{stage}",
-                                work=Path(init_file).parent / "ckpt")
-    finally:
-        dist.destroy_process_group()
+
+def tp2_dp2_deepspeed(rank: int, world: int, out: Path, model_dir: str, stage: int, label: str) -> None:
+    import deepspeed
+
+    from megacpt.parallel import Topology
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    topo = Topology(world, rank, tp=2, pp=1)
+    assert topo.tp_ranks == [rank - rank % 2, rank - rank % 2 + 1]
+    assert topo.dp_ranks == [rank % 2, rank % 2 + 2], topo.dp_ranks
+    check_deepspeed(model_dir, topo, stage, f"{label} zero{stage}", work=out / "ckpt")
 
 
 def _ref_step(ref, opt, batches, global_tokens, clip):

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-import dist_pp_worker
+from harness import Scenario, run_scenarios
 from helpers import tiny_hf_model
 from megacpt.errors import ConfigError
 from megacpt.models.llama import ModelArgs
@@ -86,12 +85,18 @@ def models(tmp_path_factory):
     }
 
 
+def _pipeline_scenarios(layouts):
+    """(label, model_dir, tp, pp, zero) tuples as dist_pp_worker scenarios, in this order."""
+    return [Scenario("dist_pp_worker:pipeline_layout", dict(label=label, model_dir=model_dir, tp=tp, pp=pp, zero=zero),
+                     name=label) for label, model_dir, tp, pp, zero in layouts]
+
+
 @pytest.mark.slow
 def test_pp2_matches_single_process(tmp_path, models):
     _need_gloo()
     scenarios = [("pp2 llama zero1", models["llama"], 1, 2, 1),
                  ("pp2 qwen2 tied zero0 ckpt", models["qwen2"], 1, 2, 0)]
-    mp.spawn(dist_pp_worker.run_pp, args=(2, str(tmp_path / "init"), str(tmp_path), scenarios), nprocs=2, join=True)
+    run_scenarios(2, _pipeline_scenarios(scenarios), tmp_path)
 
 
 @pytest.mark.slow
@@ -101,7 +106,7 @@ def test_world4_pp2_dp2_and_tp2_pp2(tmp_path, models):
                  ("pp2dp2 llama zero0", models["llama"], 1, 2, 0),
                  ("tp2pp2 llama zero1", models["llama"], 2, 2, 1),
                  ("tp2pp2 qwen2 tied zero0", models["qwen2"], 2, 2, 0)]
-    mp.spawn(dist_pp_worker.run_pp, args=(4, str(tmp_path / "init"), str(tmp_path), scenarios), nprocs=4, join=True)
+    run_scenarios(4, _pipeline_scenarios(scenarios), tmp_path)
 
 
 def test_resume_relayout_decision():

@@ -1,7 +1,8 @@
 """Tensor parallelism: topology arithmetic, layout validation, apply_tp on meta models, and
 multi-process (gloo) checks against the plain single-process model (tests/dist_tp_worker.py).
 
-One spawn per world size runs every configuration (process start-up dominates the cost).
+One launch per world size runs every configuration (tests/harness.py: process start-up
+dominates the cost).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import dist_tp_worker
+from harness import Scenario, run_scenarios
 from helpers import tiny_hf_model
 from megacpt.errors import ConfigError
 from megacpt.models.llama import ModelArgs, Transformer
@@ -237,8 +238,16 @@ def test_tp2_matches_single_process(tmp_path):
         "qwen2 tied kv2": tiny_hf_model(tmp_path / "d", "qwen2", tied=True, kv_heads=2, seed=4),
         "qwen2 untied kv1": tiny_hf_model(tmp_path / "e", "qwen2", tied=False, kv_heads=1, seed=5),
     }
-    mp.spawn(dist_tp_worker.run_tp2, args=(2, str(tmp_path / "init"), {k: str(v) for k, v in dirs.items()}),
-             nprocs=2, join=True)
+    scenarios = [Scenario("dist_tp_worker:tp2", dict(model_dir=str(path), label=label,
+                                                     checkpointing=label.endswith("kv1")), name=label)
+                 for label, path in dirs.items()]
+    # Sequence parallelism: the same checks (12 positions, 6 per rank), one with replicated KV
+    # heads and activation checkpointing, one with tied embeddings and q/k/v bias.
+    scenarios += [Scenario("dist_tp_worker:tp2", dict(model_dir=str(dirs[label]), label=f"{label} sequence parallel",
+                                                      checkpointing=label.endswith("kv1"), sequence_parallel=True),
+                           name=f"{label} sequence parallel")
+                  for label in ("llama untied kv1", "qwen2 tied kv2")]
+    run_scenarios(2, scenarios, tmp_path)
 
 
 @pytest.mark.slow
@@ -254,6 +263,8 @@ def test_world4_tp4_and_tp2_dp2_under_deepspeed(tmp_path):
         "dp llama tied kv1": tiny_hf_model(tmp_path / "b", "llama", tied=True, kv_heads=1, seed=12),
         "dp qwen2 kv2": tiny_hf_model(tmp_path / "c", "qwen2", tied=False, kv_heads=2, seed=13),
     }
-    mp.spawn(dist_tp_worker.run_world4,
-             args=(4, str(tmp_path / "init"), {k: str(v) for k, v in dirs.items()}, [0, 1, 2, 3]),
-             nprocs=4, join=True)
+    scenarios = [Scenario("dist_tp_worker:tp4", dict(model_dir=str(dirs["tp4"])), name="tp4")]
+    scenarios += [Scenario("dist_tp_worker:tp2_dp2_deepspeed", dict(model_dir=str(dirs[label]), stage=stage, label=label),
+                           name=f"{label} zero{stage}")
+                  for stage in (0, 1, 2, 3) for label in ("dp llama tied kv1", "dp qwen2 kv2")]
+    run_scenarios(4, scenarios, tmp_path)
