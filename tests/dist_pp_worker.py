@@ -73,6 +73,8 @@ def check_pipeline(model_dir: str, topo, zero: int, label: str, work: Path, step
     from megacpt.train import pipeline
     from megacpt.train.consolidate import checkpoint_weights
     from megacpt.train.engine import param_groups
+    from megacpt.train.parallelize import BuildSpec, build_pipeline
+    from megacpt.train.step import StepInputs
 
     args = model_args(model_dir)
     dp = topo.dp_size
@@ -85,8 +87,9 @@ def check_pipeline(model_dir: str, topo, zero: int, label: str, work: Path, step
         "bf16": {"enabled": False}, "fp16": {"enabled": False},
     }
     ds_config, own_clip = pipeline.ds_config_for(ds_config, zero, torch.float32)
-    module, state = pipeline.build(args, topo, weights=model_dir, seed=0, dtype=torch.float32, balance="parameters",
-                                   activation_checkpointing=label.endswith("ckpt"))
+    spec = BuildSpec(args, dtype=torch.float32, pp_balance="parameters", seed=0,
+                     activation_checkpointing=label.endswith("ckpt"))
+    module, state = build_pipeline(spec, topo, weights=model_dir)
     bounds = stage_bounds(args, topo.pp_size, "parameters")
     assert module.layer_bounds == bounds
 
@@ -140,7 +143,7 @@ def check_pipeline(model_dir: str, topo, zero: int, label: str, work: Path, step
                             "segments": seg[lo:lo + mb], "fingerprint": lo})
         for g in engine.optimizer.param_groups:
             g["lr"] = LR
-        out = run.train_step(batches, gas, False, True, {}, False)
+        out = run.train_step(StepInputs(batches, gas, False, use_segments=True, poison=False), {})
         ref_loss, ref_norm = _ref_step(ref, ref_opt, ids, labels, seg, CLIP)
         _close(torch.tensor(out.loss, dtype=torch.float64), ref_loss, f"{label} step {step} loss")
         _close(torch.tensor(out.grad_norm, dtype=torch.float64), ref_norm, f"{label} step {step} grad norm")

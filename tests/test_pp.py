@@ -114,7 +114,7 @@ def test_resume_relayout_decision():
     model) and which keep DeepSpeed's own loading (same layout, or a dp-only change)."""
     from types import SimpleNamespace as N
 
-    from megacpt.train.loop import _layout_changed
+    from megacpt.train.resume import layout_changed as _layout_changed
 
     def cfg(tp, pp, bal="parameters"):
         return N(parallel=N(tp=tp, pp=pp, pp_balance=bal))

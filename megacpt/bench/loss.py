@@ -34,6 +34,14 @@ import time
 import weakref
 from typing import Callable, Dict, List, Optional
 
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from megacpt.errors import UserError
+from megacpt.kernels import linear_cross_entropy
+
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _IMPLS = ("ours", "ours-torch", "eager", "torch-chunked", "liger")
 _DEFAULT_SHAPES = {"cpu": ["4096,256,32768"], "cuda": ["8192,4096,128256"]}
@@ -47,8 +55,6 @@ class LiveStorageTracker:
     """
 
     def __init__(self, preexisting=()):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
         tracker = self
         self.ignore = {t.untyped_storage().data_ptr() for t in preexisting}
         self.live: Dict[int, List[int]] = {}  # storage data_ptr -> [nbytes, live tensor count]
@@ -64,9 +70,6 @@ class LiveStorageTracker:
         self._mode = _Mode()
 
     def _track_tree(self, out) -> None:
-        import torch
-        from torch.utils._pytree import tree_leaves
-
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._track(t)
@@ -103,11 +106,6 @@ class LiveStorageTracker:
 
 def _implementations(device: str) -> Dict[str, Optional[Callable]]:
     """name -> fn(hidden, weight, targets) -> loss, or None with the reason kept separately."""
-    import torch
-    import torch.nn.functional as F
-
-    from megacpt.kernels import linear_cross_entropy
-
     impls: Dict[str, Optional[Callable]] = {
         "ours": lambda h, w, t: linear_cross_entropy(h, w, t, impl="auto"),
         "eager": lambda h, w, t: F.cross_entropy(F.linear(h, w).float(), t),
@@ -119,6 +117,7 @@ def _implementations(device: str) -> Dict[str, Optional[Callable]]:
         impls["torch-chunked"] = lambda h, w, t: F.linear_cross_entropy(h, w, t, options=opts)
     if device == "cuda":
         try:
+            # optional peer, only where it is installed
             from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
             liger = LigerFusedLinearCrossEntropyLoss()
@@ -129,8 +128,6 @@ def _implementations(device: str) -> Dict[str, Optional[Callable]]:
 
 
 def _versions() -> Dict[str, Optional[str]]:
-    import torch
-
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for mod in ("triton", "liger_kernel"):
         try:
@@ -150,15 +147,11 @@ def _step(fn: Callable, hidden, weight, targets):
 
 def _sync(device: str) -> None:
     if device == "cuda":
-        import torch
-
         torch.cuda.synchronize()
 
 
 def _memory_and_loss(fn: Callable, hidden, weight, targets, *, device: str) -> dict:
     """Peak extra memory and the loss value of one separate, untimed run."""
-    import torch
-
     hidden.grad = weight.grad = None
     if device == "cuda":
         _sync(device)
@@ -193,8 +186,6 @@ def _drop_after_error(e: Exception, row: dict, hidden, weight, device: str) -> N
     row["error"] = _error_text(e)
     hidden.grad = weight.grad = None
     if device == "cuda":
-        import torch
-
         torch.cuda.empty_cache()
 
 
@@ -225,10 +216,6 @@ def _measure_all(fns: Dict[str, Callable], rows: Dict[str, dict], hidden, weight
 
 
 def run_loss_bench(args: argparse.Namespace) -> int:
-    import torch
-
-    from megacpt.errors import UserError
-
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -302,8 +289,6 @@ def _print_row(row: dict) -> None:
 
 
 def _device_name(device: str) -> str:
-    import torch
-
     if device == "cuda":
         return torch.cuda.get_device_name()
     return platform.processor() or platform.machine()
