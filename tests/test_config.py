@@ -200,3 +200,19 @@ def test_config_module_is_light():
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_help_config_flag_prints_every_section(capsys):
+    """`megacpt train --help-config` prints describe_config() and exits 0, without a config file."""
+    import pytest
+
+    from megacpt.cli import main
+    from megacpt.config import describe_config
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help-config"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.strip() == describe_config().strip()
+    for key in ("optim.lr", "data.train[].weight", "parallel.zero_stage", "checkpoint.keep"):
+        assert key in out, key
