@@ -99,7 +99,7 @@ from megacpt.errors import UserError
 try:
     from megacpt.config import load_config
     from megacpt.train import checkpoint as ckpt
-    from megacpt.train.loop import plan_phases
+    from megacpt.train.phases import plan_phases
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[])

@@ -312,7 +312,7 @@ def idx_size_mismatch(tmp_path, ctx):
 
 @case
 def sidecar_vocab_larger_than_model(tmp_path, ctx):
-    from megacpt.data.prepare import SIDECAR_FORMAT
+    from megacpt.data.sidecar import SIDECAR_FORMAT
 
     p = shard(tmp_path)
     Path(f"{p}.json").write_text(json.dumps({"format": SIDECAR_FORMAT, "version": 1, "vocab_size": 50000}))
