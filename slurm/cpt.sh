@@ -115,12 +115,17 @@ try:
 except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-print(root)
-print(total)
-print(done)
+# Tagged lines: importing DeepSpeed may print its own notices on stdout.
+print(f"megacpt-state: {root}")
+print(f"megacpt-state: {total}")
+print(f"megacpt-state: {done}")
 PY
 }
-state=$(run_state) || die "the config does not load (see above); nothing was started"
+# run dir, total steps and the last checkpointed step, one per line (exit 2 on a config error)
+read_state() {
+    run_state | sed -n 's/^megacpt-state: //p'
+}
+state=$(read_state) || die "the config does not load (see above); nothing was started"
 mapfile -t st <<<"$state"
 run_dir="${st[0]}"
 total_steps="${st[1]}"
@@ -194,7 +199,7 @@ fi
 
 # ---- requeue after a USR1 stop of an unfinished run -----------------------------------------------
 if [[ -n "$signalled" ]]; then
-    if state=$(run_state); then
+    if state=$(read_state); then
         mapfile -t st <<<"$state"
         done_steps="${st[2]}"
     fi
