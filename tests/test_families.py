@@ -325,3 +325,33 @@ def test_norm_forms_match_transformers_in_bf16():
             assert torch.equal(outs[form], ref(x)), form
     assert not torch.equal(outs["weight"], outs["weight_fp32"])
     assert not torch.equal(outs["weight"], outs["one_plus_weight"])
+
+
+def test_longer_window_keeps_longrope_numerics(family_dirs, tmp_path):
+    """model.max_seq_len on a longrope model pins the attention factor it implied (factor =
+    max_position_embeddings / original), so a longer training window leaves the model as it was;
+    the export carries the pinned factor and transformers computes the same logits."""
+    src = family_dirs["phi3-longrope"]
+    model = ours_from(src)
+    args = apply_overrides(model.args, max_seq_len=256)
+    assert args.rope_scaling["factor"] == 64 / 16 and args.max_position_embeddings == 256
+    save_hf(model.state_dict(), args, read_hf_config(src), tmp_path / "out")
+    x = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(check_logits(tmp_path / "out", x), model(x))
+
+
+def test_compile_pointwise_new_families(family_dirs):
+    """compile_pointwise covers the new pointwise code (norm forms, GeGLU, partial RoPE)."""
+    from megacpt.models.llama import compile_pointwise
+
+    x = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    for name in ("gemma3-tied", "olmo2-untied", "phi3-partial"):
+        eager, compiled = ours_from(family_dirs[name]), ours_from(family_dirs[name])
+        assert compile_pointwise(compiled) > 0
+        for m in (eager, compiled):
+            m(x, labels=x).backward()
+        # Inductor reorders float ops: equal up to rounding, relative to each gradient's scale.
+        for (pname, a), b in zip(eager.named_parameters(), compiled.parameters()):
+            err = ((b.grad - a.grad).abs().max() / a.grad.abs().max()).item()
+            assert err < 1e-5, (name, pname, err)

@@ -149,7 +149,8 @@ def family_switches(cfg: dict, arch: str, source: str) -> dict:
         raise UserError(f"{source}: attention_bias is not supported for {arch} (its o_proj would have a bias too)")
     if cfg.get("use_bidirectional_attention"):
         raise UserError(f"{source}: use_bidirectional_attention is not supported (megacpt trains causal LMs)")
-    act = cfg.get("hidden_activation" if gemma else "hidden_act") or "silu"
+    # Gemma's config classes read hidden_activation (hidden_act is an older, ignored key).
+    act = (cfg.get("hidden_activation") or "gelu_pytorch_tanh") if gemma else (cfg.get("hidden_act") or "silu")
     if act not in ACTIVATIONS:
         raise UserError(f"{source}: unsupported hidden activation {act!r} (supported: {', '.join(ACTIVATIONS)})")
     out = dict(hidden_act=act, qk_norm={"Qwen3ForCausalLM": "head", "Gemma3ForCausalLM": "head",

@@ -5,24 +5,27 @@ gated MLP, repeated; tied or untied output head. Parameter names follow Hugging 
 `model.` prefix) so the HF conversion is a rename, not a reshuffle (Phi-3's fused qkv_proj and
 gate_up_proj are split on load and fused on export by models/hf.py).
 
-The families differ only by these ModelArgs switches (set by models/hf.py; defaults are Llama's):
+The families differ only by these ModelArgs switches, set by models/hf.py from config.json
+("·": Llama's default; the Llama column also covers Mistral, Qwen2 and SmolLM2):
 
-  switch               Llama/Mistral/   Qwen3     Gemma 2           Gemma 3            OLMo 2       Phi-3
-                       Qwen2/SmolLM2
-  norm_placement       pre              pre       sandwich          sandwich           post         pre
-  norm_form            weight           weight    one_plus_weight   one_plus_weight    weight_fp32  weight
-  qk_norm              -                head      -                 head               full         -
-  hidden_act           silu             silu      gelu_pytorch_tanh gelu_pytorch_tanh  silu         silu
-  embed_scale          -                -         √hidden           √hidden            -            -
-  attn_scale           head_dim^-½      "         qpas^-½ (1)       qpas^-½ (1)        "            "
-  attn_logit_softcap   -                -         50 (config)       - (2)              -            -
-  final_logit_softcap  -                -         30 (config)       config (None)      -            -
-  layer_windows        Mistral: all,    Qwen2's   sliding layers    sliding layers     -            all, if set
-                       Qwen2: upper
-  local_rope_theta     -                -         -                 10k (sliding)      -            -
-  partial_rotary_f.    1                1         1                 1                  1            config
-  rope_scaling         linear/llama3    "         -                 linear (global)    -            longrope
-  qkv_bias             Qwen2            -         -                 -                  -            -
+  switch               Llama            Qwen3   Gemma 2            Gemma 3             OLMo 2       Phi-3
+  norm_placement       pre              ·       sandwich           sandwich            post         ·
+  norm_form            weight           ·       one_plus_weight    one_plus_weight     weight_fp32  ·
+  qk_norm              None             head    ·                  head                full         ·
+  hidden_act           silu             ·       gelu_pytorch_tanh  gelu_pytorch_tanh   ·            ·
+  embed_scale          None             ·       √hidden            √hidden             ·            ·
+  attn_scale           None (d^-½)      ·       qpas^-½ (1)        qpas^-½ (1)         ·            ·
+  attn_logit_softcap   None             ·       config (50)        · (2)               ·            ·
+  final_logit_softcap  None             ·       config (30)        config (None)       ·            ·
+  layer_windows        Mistral: all     as      sliding layers     sliding layers      ·            all, when
+                       Qwen2: upper     Qwen2   (layer_types)      (layer_types)                    sliding_window
+  rope_theta/scaling   config           config  config             full-attn. layers'  config       config
+                       (linear, llama3)                            (1M; linear)                     (longrope)
+  local_rope_theta,    None             ·       ·                  sliding layers'     ·            ·
+  local_rope_scaling                                               (10k, default)
+  partial_rotary_f.    1.0              ·       ·                  ·                   ·            config
+  qkv_bias             Qwen2; Llama/    ·       ·                  ·                   ·            ·
+                       Mistral: config
   (1) query_pre_attn_scalar. (2) transformers' Gemma 3 attention ignores attn_logit_softcapping.
 
   norm_placement  pre: x + f(norm(x)); post (OLMo 2): x + norm(f(x)); sandwich (Gemma):
