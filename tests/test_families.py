@@ -282,7 +282,7 @@ def test_refusals():
     cases = [
         ({"architectures": ["Qwen3ForCausalLM"], "attention_bias": True}, "attention_bias"),
         ({"architectures": ["Gemma3ForCausalLM"], "use_bidirectional_attention": True}, "bidirectional"),
-        ({"architectures": ["Olmo2ForCausalLM"], "hidden_act": "relu"}, "hidden activation 'relu'"),
+        ({"architectures": ["Olmo2ForCausalLM"], "hidden_act": "relu"}, "unsupported hidden_act 'relu'"),
         ({"architectures": ["Phi3ForCausalLM"], "head_dim": 8,
           "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0] * 4}},
          "short_factor must be a list of 4 numbers"),

@@ -150,9 +150,10 @@ def family_switches(cfg: dict, arch: str, source: str) -> dict:
     if cfg.get("use_bidirectional_attention"):
         raise UserError(f"{source}: use_bidirectional_attention is not supported (megacpt trains causal LMs)")
     # Gemma's config classes read hidden_activation (hidden_act is an older, ignored key).
-    act = (cfg.get("hidden_activation") or "gelu_pytorch_tanh") if gemma else (cfg.get("hidden_act") or "silu")
+    key = "hidden_activation" if gemma else "hidden_act"
+    act = cfg.get(key) or ("gelu_pytorch_tanh" if gemma else "silu")
     if act not in ACTIVATIONS:
-        raise UserError(f"{source}: unsupported hidden activation {act!r} (supported: {', '.join(ACTIVATIONS)})")
+        raise UserError(f"{source}: unsupported {key} {act!r} (supported: {', '.join(ACTIVATIONS)})")
     out = dict(hidden_act=act, qk_norm={"Qwen3ForCausalLM": "head", "Gemma3ForCausalLM": "head",
                                         "Olmo2ForCausalLM": "full"}.get(arch))
     if arch == "Olmo2ForCausalLM":
