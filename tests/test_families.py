@@ -335,6 +335,7 @@ def test_longer_window_keeps_longrope_numerics(family_dirs, tmp_path):
     model = ours_from(src)
     args = apply_overrides(model.args, max_seq_len=256)
     assert args.rope_scaling["factor"] == 64 / 16 and args.max_position_embeddings == 256
+    assert args_from_hf_config(hf_config_for(args, read_hf_config(src))) == args  # what a resume reads back
     save_hf(model.state_dict(), args, read_hf_config(src), tmp_path / "out")
     x = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -342,11 +343,11 @@ def test_longer_window_keeps_longrope_numerics(family_dirs, tmp_path):
 
 
 def test_compile_pointwise_new_families(family_dirs):
-    """compile_pointwise covers the new pointwise code (norm forms, GeGLU, partial RoPE)."""
+    """compile_pointwise covers the new pointwise code (Gemma's norm form, GeGLU, partial RoPE)."""
     from megacpt.models.llama import compile_pointwise
 
     x = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
-    for name in ("gemma3-tied", "olmo2-untied", "phi3-partial"):
+    for name in ("gemma3-tied", "phi3-partial"):  # (1 + w) norm, GeGLU, q/k norms; partial RoPE
         eager, compiled = ours_from(family_dirs[name]), ours_from(family_dirs[name])
         assert compile_pointwise(compiled) > 0
         for m in (eager, compiled):
@@ -355,3 +356,18 @@ def test_compile_pointwise_new_families(family_dirs):
         for (pname, a), b in zip(eager.named_parameters(), compiled.parameters()):
             err = ((b.grad - a.grad).abs().max() / a.grad.abs().max()).item()
             assert err < 1e-5, (name, pname, err)
+
+
+def test_gemma3_270m_shape():
+    """Gemma 3 270M's published config (no weights): 268M parameters, 5 of every 6 layers sliding."""
+    import transformers
+
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=262_144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, sliding_window=512, max_position_embeddings=32_768,
+        query_pre_attn_scalar=256).to_dict()
+    cfg["architectures"] = ["Gemma3ForCausalLM"]
+    args = args_from_hf_config(cfg)
+    assert args.layer_windows == [None if (i + 1) % 6 == 0 else 512 for i in range(18)]
+    assert (args.rope_theta, args.local_rope_theta, args.tie_word_embeddings) == (1e6, 1e4, True)
+    assert round(args.num_params() / 1e6) == 268
