@@ -14,18 +14,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_hf_model(path, arch="llama", tied=False, vocab=128, hidden=32, layers=2, heads=4, kv_heads=2,
-                  inter=64, max_pos=128, seed=0, **extra) -> Path:
-    """A randomly initialised transformers model saved as an HF dir (the independent reference)."""
+                  inter=64, max_pos=128, seed=0, perturb=False, **extra) -> Path:
+    """A randomly initialised transformers model saved as an HF dir (the independent reference).
+
+    arch: llama, mistral, qwen2, qwen3, gemma2, gemma3 (text-only Gemma3TextConfig), olmo2, phi3.
+    perturb: add noise to every parameter before saving, norms included (HF initialises Llama's
+    norms to 1 and Gemma's to 0, which would hide a wrong norm form or a missing norm).
+    """
     import torch
     import transformers
 
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[arch]
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+           "gemma2": transformers.Gemma2Config, "gemma3": transformers.Gemma3TextConfig,
+           "olmo2": transformers.Olmo2Config, "phi3": transformers.Phi3Config}[arch]
     cfg = cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
               num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
               tie_word_embeddings=tied, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).float()
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 0.02))
     path = Path(path)
     model.save_pretrained(path)
     return path

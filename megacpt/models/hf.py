@@ -18,10 +18,34 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megacpt.errors import UserError
-from megacpt.models.llama import SUPPORTED_ROPE_TYPES, ModelArgs
+from megacpt.models.llama import ACTIVATIONS, SUPPORTED_ROPE_TYPES, ModelArgs, rope_kind
 from megacpt.safe_load import refusal_reason
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM",
+)
+GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# transformers' config-class defaults for keys a config.json may leave out, where a family's
+# differ from the generic ones read below.
+FAMILY_DEFAULTS = {
+    "Qwen3ForCausalLM": {"head_dim": 128},
+    "Gemma2ForCausalLM": {"head_dim": 256, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
+                          "final_logit_softcapping": 30.0, "sliding_window": 4096, "tie_word_embeddings": True,
+                          "hidden_activation": "gelu_pytorch_tanh"},
+    "Gemma3ForCausalLM": {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                          "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
+                          "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0},
+    "Olmo2ForCausalLM": {"rms_norm_eps": 1e-5},
+    "Phi3ForCausalLM": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+                        "original_max_position_embeddings": 4096},
+}
+# Phi-3 stores these projections fused: HF tensor → (megacpt parts, in row order).
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+FUSED_ARCHITECTURES = ("Phi3ForCausalLM",)
 # Files copied verbatim from the source directory into an export.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -53,41 +77,124 @@ def read_hf_config(model_dir) -> dict:
     return cfg
 
 
-def rope_params(cfg: dict) -> tuple[float, dict | None]:
-    """(theta, scaling) from either transformers 5 `rope_parameters` or the older split keys."""
-    rp = cfg.get("rope_parameters")
-    if isinstance(rp, dict) and rp:
-        theta = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-        scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-    else:
-        theta = float(cfg.get("rope_theta", 10000.0))
-        scaling = dict(cfg.get("rope_scaling") or {})
-        if "type" in scaling and "rope_type" not in scaling:
-            scaling["rope_type"] = scaling.pop("type")
-    if scaling.get("rope_type", "default") == "default":
-        scaling = None
-    return theta, scaling
-
-
-def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
+def architecture(cfg: dict, source: str = "config.json") -> str:
+    """The config's architecture, or the one-line error naming the supported ones."""
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UserError(
             f"{source}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    return arch
+
+
+def split_rope(rp: dict) -> tuple[float, dict | None]:
+    """HF rope parameters {"rope_theta", "rope_type", ...} → (theta, scaling or None for plain RoPE)."""
+    theta = float(rp["rope_theta"])
+    scaling = {k: v for k, v in rp.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    if scaling.get("rope_type", "default") == "default":
+        scaling = None
+    return theta, scaling
+
+
+def rope_params(cfg: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from either transformers 5 `rope_parameters` or the older split keys."""
+    rp = cfg.get("rope_parameters")
+    if isinstance(rp, dict) and rp:
+        return split_rope({"rope_theta": cfg.get("rope_theta", 10000.0), **rp})
+    return split_rope({**(cfg.get("rope_scaling") or {}), "rope_theta": cfg.get("rope_theta", 10000.0)})
+
+
+def gemma3_rope(cfg: dict) -> tuple[tuple, tuple]:
+    """((theta, scaling) of the full-attention layers, (theta, scaling) of the sliding ones), as
+    Gemma3TextConfig reads them: `rope_parameters` per layer type, or the older rope_theta /
+    rope_local_base_freq / rope_scaling (which applies to the full-attention layers)."""
+    rp = cfg.get("rope_parameters") or {}
+    full = dict(rp.get("full_attention") or {})
+    full.update(cfg.get("rope_scaling") or {})
+    full.setdefault("rope_theta", cfg["rope_theta"])
+    local = dict(rp.get("sliding_attention") or {})
+    local.setdefault("rope_theta", cfg["rope_local_base_freq"])
+    return split_rope(full), split_rope(local)
+
+
+def family_rope(cfg: dict, arch: str) -> dict:
+    """The RoPE fields of ModelArgs: global and local (Gemma 3) theta and scaling, partial rotary (Phi-3)."""
+    local_theta = local_scaling = None
+    if arch == "Gemma3ForCausalLM":
+        (theta, scaling), (local_theta, local_scaling) = gemma3_rope(cfg)
+    else:
+        theta, scaling = rope_params(cfg)
+    partial = 1.0
+    if arch == "Phi3ForCausalLM":
+        rp = cfg.get("rope_parameters") or {}
+        partial = float(rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+        if scaling and scaling.get("rope_type") in ("su", "yarn"):  # Phi3Config's old names for longrope
+            scaling["rope_type"] = "longrope"
+    if scaling and scaling.get("rope_type") == "longrope":
+        # As transformers: a top-level original_max_position_embeddings (Phi3Config always has one) wins.
+        top = cfg.get("original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = int(
+            top if top is not None else scaling.get("original_max_position_embeddings", cfg["max_position_embeddings"]))
+    return dict(rope_theta=theta, rope_scaling=scaling, local_rope_theta=local_theta,
+                local_rope_scaling=local_scaling, partial_rotary_factor=partial)
+
+
+def family_switches(cfg: dict, arch: str, source: str) -> dict:
+    """The family switches of ModelArgs (table in models/llama.py)."""
+    gemma = arch in GEMMA
+    if arch not in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM") and cfg.get("attention_bias"):
+        raise UserError(f"{source}: attention_bias is not supported for {arch} (its o_proj would have a bias too)")
+    if cfg.get("use_bidirectional_attention"):
+        raise UserError(f"{source}: use_bidirectional_attention is not supported (megacpt trains causal LMs)")
+    # Gemma's config classes read hidden_activation (hidden_act is an older, ignored key).
+    key = "hidden_activation" if gemma else "hidden_act"
+    act = cfg.get(key) or ("gelu_pytorch_tanh" if gemma else "silu")
+    if act not in ACTIVATIONS:
+        raise UserError(f"{source}: unsupported {key} {act!r} (supported: {', '.join(ACTIVATIONS)})")
+    out = dict(hidden_act=act, qk_norm={"Qwen3ForCausalLM": "head", "Gemma3ForCausalLM": "head",
+                                        "Olmo2ForCausalLM": "full"}.get(arch))
+    if arch == "Olmo2ForCausalLM":
+        out.update(norm_placement="post", norm_form="weight_fp32")
+    if gemma:
+        cap = cfg.get("final_logit_softcapping")
+        out.update(norm_placement="sandwich", norm_form="one_plus_weight",
+                   embed_scale=float(cfg["hidden_size"]) ** 0.5,
+                   attn_scale=float(cfg["query_pre_attn_scalar"]) ** -0.5,
+                   final_logit_softcap=float(cap) if cap is not None else None)
+    if arch == "Gemma2ForCausalLM" and cfg.get("attn_logit_softcapping") is not None:
+        # Gemma 3's attention ignores attn_logit_softcapping in transformers, so only Gemma 2 caps.
+        out["attn_logit_softcap"] = float(cfg["attn_logit_softcapping"])
+    return out
+
+
+def check_rope_scaling(scaling: dict | None, rotary_dim: int, where: str) -> None:
+    """A UserError naming what is wrong with a RoPE scaling dict (None is plain RoPE)."""
+    if not scaling:
+        return
+    kind = scaling.get("rope_type")
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise UserError(f"{where}: unsupported rope_type {kind!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    need = {"default": (), "linear": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+            "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}[kind]
+    missing = [k for k in need if scaling.get(k) is None]
+    if missing:
+        raise UserError(f"{where}: rope_type {kind!r} needs {', '.join(missing)}")
+    for key in ("short_factor", "long_factor") if kind == "longrope" else ():
+        if not isinstance(scaling[key], list) or len(scaling[key]) != rotary_dim // 2:
+            raise UserError(f"{where}: {key} must be a list of {rotary_dim // 2} numbers (rotary dims / 2)")
+
+
+def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
+    arch = architecture(cfg, source)
+    cfg = {**FAMILY_DEFAULTS.get(arch, {}), **cfg}
     try:
         h, nh = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         nl = int(cfg["num_hidden_layers"])
-        theta, scaling = rope_params(cfg)
-        if scaling and scaling.get("rope_type") not in SUPPORTED_ROPE_TYPES:
-            raise UserError(
-                f"{source}: unsupported rope_type {scaling.get('rope_type')!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
-            )
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise UserError(f"{source}: unsupported hidden_act {cfg.get('hidden_act')!r} (only silu)")
-        windows = layer_windows(cfg, arch, nl)
-        return ModelArgs(
+        args = ModelArgs(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=h,
             intermediate_size=int(cfg["intermediate_size"]),
@@ -96,23 +203,29 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
             num_kv_heads=int(cfg.get("num_key_value_heads") or nh),
             head_dim=int(cfg.get("head_dim") or h // nh),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v biases; Llama/Mistral only with attention_bias.
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-            layer_windows=windows,
+            qkv_bias=arch == "Qwen2ForCausalLM" or (arch in ("LlamaForCausalLM", "MistralForCausalLM")
+                                                    and bool(cfg.get("attention_bias", False))),
+            layer_windows=layer_windows(cfg, arch, nl, source),
+            **family_rope(cfg, arch),
+            **family_switches(cfg, arch, source),
         )
     except KeyError as e:
         raise UserError(f"{source}: missing key {e.args[0]!r}") from None
+    except ValueError as e:
+        raise UserError(f"{source}: {e}") from None
+    check_rope_scaling(args.rope_scaling, args.rotary_dim, source)
+    check_rope_scaling(args.local_rope_scaling, args.rotary_dim, source)
+    return args
 
 
-def layer_windows(cfg: dict, arch: str, num_layers: int) -> list:
+def layer_windows(cfg: dict, arch: str, num_layers: int, source: str = "config.json") -> list:
     window = cfg.get("sliding_window")
-    if arch == "MistralForCausalLM":
+    if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
         return [int(window) if window else None] * num_layers
-    if arch == "Qwen2ForCausalLM":
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         types = cfg.get("layer_types")
         if not cfg.get("use_sliding_window") or not window:
             return [None] * num_layers
@@ -120,14 +233,30 @@ def layer_windows(cfg: dict, arch: str, num_layers: int) -> list:
             mwl = int(cfg.get("max_window_layers", num_layers))
             types = ["sliding_attention" if i >= mwl else "full_attention" for i in range(num_layers)]
         return [int(window) if t == "sliding_attention" else None for t in types]
+    if arch in GEMMA:
+        types = cfg.get("layer_types")
+        if not types:  # the config classes' default patterns: every 2nd (Gemma 2) / 6th (Gemma 3) layer global
+            every = 2 if arch == "Gemma2ForCausalLM" else int(cfg.get("sliding_window_pattern",
+                                                                     cfg.get("_sliding_window_pattern", 6)))
+            types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(num_layers)]
+        if "sliding_attention" in types and not window:
+            raise UserError(f"{source}: sliding_attention layers need a sliding_window")
+        return [int(window) if t == "sliding_attention" else None for t in types]
     return [None] * num_layers
 
 
 def apply_overrides(args: ModelArgs, max_seq_len=None, rope_theta=None, rope_scaling=None) -> ModelArgs:
-    """Long-context CPT overrides; returns new args (the HF config stays as read)."""
+    """Long-context CPT overrides; returns new args (the HF config stays as read). RoPE overrides
+    change the full-attention layers only: Gemma 3's sliding layers keep their own RoPE."""
     changes = {}
     if max_seq_len is not None:
         changes["max_position_embeddings"] = int(max_seq_len)
+        if rope_kind(args.rope_scaling) == "longrope" and args.rope_scaling.get("factor") is None:
+            # longrope's attention factor follows max_position_embeddings unless `factor` is
+            # given: pin it, so that a longer training window does not change the model.
+            changes["rope_scaling"] = {**args.rope_scaling,
+                                       "factor": args.max_position_embeddings
+                                       / args.rope_scaling["original_max_position_embeddings"]}
     if rope_theta is not None:
         changes["rope_theta"] = float(rope_theta)
     if rope_scaling is not None:
@@ -139,7 +268,9 @@ def apply_overrides(args: ModelArgs, max_seq_len=None, rope_theta=None, rope_sca
                 f"model.rope_scaling: unsupported rope_type {scaling.get('rope_type')!r} "
                 f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
             )
-        changes["rope_scaling"] = None if scaling.get("rope_type") == "default" else scaling
+        scaling = None if scaling.get("rope_type") == "default" else scaling
+        check_rope_scaling(scaling, args.rotary_dim, "model.rope_scaling")
+        changes["rope_scaling"] = scaling
     return replace(args, **changes) if changes else args
 
 
@@ -161,7 +292,19 @@ def hf_config_for(args: ModelArgs, base_cfg: dict) -> dict:
     )
     rp = {"rope_theta": args.rope_theta, "rope_type": "default"}
     rp.update(args.rope_scaling or {})
-    cfg["rope_parameters"] = rp
+    if (cfg.get("architectures") or [None])[0] == "Gemma3ForCausalLM":
+        # transformers' per-layer-type structure; the older split keys say the same.
+        local = {"rope_theta": args.local_rope_theta, "rope_type": "default", **(args.local_rope_scaling or {})}
+        cfg["rope_parameters"] = {"full_attention": rp, "sliding_attention": local}
+        cfg["rope_local_base_freq"] = args.local_rope_theta
+    else:
+        cfg["rope_parameters"] = rp
+    if args.partial_rotary_factor != 1.0 or "partial_rotary_factor" in cfg:
+        # Phi3Config takes the top-level value where rope_scaling replaces rope_parameters.
+        rp["partial_rotary_factor"] = cfg["partial_rotary_factor"] = args.partial_rotary_factor
+    if rope_kind(args.rope_scaling) == "longrope":
+        # ... and its top-level original_max_position_embeddings wins over the one in rope_parameters.
+        cfg["original_max_position_embeddings"] = args.rope_scaling["original_max_position_embeddings"]
     # Older transformers read the split keys; keep them consistent with rope_parameters.
     cfg["rope_theta"] = args.rope_theta
     cfg["rope_scaling"] = dict(args.rope_scaling) if args.rope_scaling else None
@@ -253,6 +396,7 @@ class HFWeights(WeightSource):
                 f"{model_dir} has no model.safetensors, sharded safetensors or pytorch_model.bin; "
                 f"is it a Hugging Face model directory?"
             )
+        self._parts = self._fused_parts()
 
     def _load_bin(self, path: Path) -> dict:
         if path not in self._bin:
@@ -268,20 +412,60 @@ class HFWeights(WeightSource):
             self._handles[path] = safe_open(str(path), framework="pt")
         return self._handles[path]
 
+    def _fused_parts(self) -> dict:
+        """megacpt name → (stored fused name, first row, end row) for each part of a fused tensor
+        (Phi-3's qkv_proj and gate_up_proj); the row counts come from config.json."""
+        fused = [n for n in self._where if fused_split(n)]
+        if not fused:
+            return {}
+        args = args_from_hf_config(read_hf_config(self.dir), str(self.dir / "config.json"))
+        parts = {}
+        for name in fused:
+            prefix, key = fused_split(name)
+            rows = fused_rows(args)[key]
+            if self._stored_shape(name)[0] != sum(rows):
+                raise UserError(f"{self.dir}: {name} has {self._stored_shape(name)[0]} rows, config implies {sum(rows)}")
+            start = 0
+            for part, n in zip(FUSED[key], rows):
+                parts[f"{prefix}{part}.weight"] = (name, start, start + n)
+                start += n
+        return parts
+
     def keys(self):
-        return self._where.keys()
+        # Stored order, each fused tensor replaced by its parts (q, k, v and gate, up stay adjacent).
+        out = []
+        for name in self._where:
+            split = fused_split(name) if self._parts else None
+            if split is None:
+                out.append(name)
+            else:
+                out.extend(f"{split[0]}{part}.weight" for part in FUSED[split[1]])
+        return out
 
     def __contains__(self, name):
-        return name in self._where
+        return name in self._parts or (name in self._where and not (self._parts and fused_split(name)))
 
     def shape(self, name) -> tuple:
+        if name in self._parts:
+            fused, start, stop = self._parts[name]
+            return (stop - start, *self._stored_shape(fused)[1:])
+        return self._stored_shape(name)
+
+    def get(self, name, rows: slice | tuple | None = None) -> torch.Tensor:
+        """The tensor (or an index into it: rows [start, stop) of its first dim, or a tuple of
+        slices), as stored; a part of a fused tensor reads only its own rows."""
+        if name in self._parts:
+            fused, start, stop = self._parts[name]
+            return self._stored_get(fused, shift_rows(rows, start, stop))
+        return self._stored_get(name, rows)
+
+    def _stored_shape(self, name) -> tuple:
         path = self._where[name]
         if path.suffix == ".safetensors":
             return tuple(self._handle(path).get_slice(hf_name(name)).get_shape())
         return tuple(self._load_bin(path)[hf_name(name)].shape)
 
-    def get(self, name, rows: slice | None = None) -> torch.Tensor:
-        """The tensor (or rows [start, stop) of its first dim), as stored."""
+    def _stored_get(self, name, rows) -> torch.Tensor:
         path = self._where[name]
         if path.suffix == ".safetensors":
             if rows is None:
@@ -289,6 +473,51 @@ class HFWeights(WeightSource):
             return self._handle(path).get_slice(hf_name(name))[rows]
         t = self._load_bin(path)[hf_name(name)]
         return t if rows is None else t[rows]
+
+
+def fused_split(name: str) -> tuple[str, str] | None:
+    """'layers.3.self_attn.qkv_proj.weight' → ('layers.3.', 'self_attn.qkv_proj'); None if not fused."""
+    for key in FUSED:
+        suffix = f"{key}.weight"
+        if name.endswith("." + suffix):
+            return name[: -len(suffix)], key
+    return None
+
+
+def fused_rows(args: ModelArgs) -> dict:
+    """Rows of each part of a fused tensor, in order."""
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    return {"self_attn.qkv_proj": (q, kv, kv), "mlp.gate_up_proj": (args.intermediate_size,) * 2}
+
+
+def shift_rows(index, start: int, stop: int):
+    """An index into a part (rows [start, stop) of a fused tensor) → the same index into the fused tensor."""
+    first, rest = (index[0], index[1:]) if isinstance(index, tuple) and index else (index, ())
+    first = first if first is not None else slice(None)
+    r0, r1, step = first.indices(stop - start)
+    if step != 1:
+        raise ValueError("a fused tensor's part is read by contiguous rows only")
+    rows = slice(start + r0, start + max(r0, r1))
+    return (rows, *rest) if rest else rows
+
+
+def fuse_parts(items):
+    """(name, tensor) pairs with the parts of each fused tensor (Phi-3) concatenated back into it,
+    emitted when its last part arrives; other tensors pass through."""
+    part_of = {f"{p}.weight": (key, i) for key, parts in FUSED.items() for i, p in enumerate(parts)}
+    pending: dict = {}
+    for name, t in items:
+        hit = next(((name[: -len(sfx)], *v) for sfx, v in part_of.items() if name.endswith("." + sfx)), None)
+        if hit is None:
+            yield name, t
+            continue
+        prefix, key, i = hit
+        parts = pending.setdefault(prefix + key, [None] * len(FUSED[key]))
+        parts[i] = t
+        if all(p is not None for p in parts):
+            yield f"{prefix}{key}.weight", torch.cat(pending.pop(prefix + key), dim=0)
+    if pending:
+        raise RuntimeError(f"incomplete fused tensors (parts missing): {', '.join(sorted(pending))}")
 
 
 def expected_names(model: torch.nn.Module) -> list[str]:
@@ -349,6 +578,8 @@ def save_hf(state: dict, args: ModelArgs, base_cfg: dict, out_dir, source_dir=No
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         shards, cur, cur_bytes = [], {}, 0
         items = state.items() if hasattr(state, "items") else state
+        if (cfg.get("architectures") or [None])[0] in FUSED_ARCHITECTURES:
+            items = fuse_parts(items)
         for name, t in items:
             if args.tie_word_embeddings and name == "lm_head.weight":
                 continue

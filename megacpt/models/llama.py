@@ -1,12 +1,44 @@
-"""One plain, single-device decoder covering Llama 2/3, Mistral, Qwen2 and SmolLM2.
+"""One plain, single-device decoder for Llama 2/3, Mistral, Qwen2/3, SmolLM2, Gemma 2/3, OLMo 2, Phi-3.
 
-RMSNorm → attention (RoPE, grouped-query, optional q/k/v bias, optional sliding window) →
-RMSNorm → SwiGLU MLP, repeated; tied or untied output head. Parameter names follow Hugging Face
-(minus the `model.` prefix) so the HF conversion is a rename, not a reshuffle.
+Norm → attention (RoPE, grouped-query, optional q/k/v bias, optional sliding window) → norm →
+gated MLP, repeated; tied or untied output head. Parameter names follow Hugging Face (minus the
+`model.` prefix) so the HF conversion is a rename, not a reshuffle (Phi-3's fused qkv_proj and
+gate_up_proj are split on load and fused on export by models/hf.py).
+
+The families differ only by these ModelArgs switches, set by models/hf.py from config.json
+("·": Llama's default; the Llama column also covers Mistral, Qwen2 and SmolLM2):
+
+  switch               Llama            Qwen3   Gemma 2            Gemma 3             OLMo 2       Phi-3
+  norm_placement       pre              ·       sandwich           sandwich            post         ·
+  norm_form            weight           ·       one_plus_weight    one_plus_weight     weight_fp32  ·
+  qk_norm              None             head    ·                  head                full         ·
+  hidden_act           silu             ·       gelu_pytorch_tanh  gelu_pytorch_tanh   ·            ·
+  embed_scale          None             ·       √hidden            √hidden             ·            ·
+  attn_scale           None (d^-½)      ·       qpas^-½ (1)        qpas^-½ (1)         ·            ·
+  attn_logit_softcap   None             ·       config (50)        · (2)               ·            ·
+  final_logit_softcap  None             ·       config (30)        config (None)       ·            ·
+  layer_windows        Mistral: all     as      sliding layers     sliding layers      ·            all, when
+                       Qwen2: upper     Qwen2   (layer_types)      (layer_types)                    sliding_window
+  rope_theta/scaling   config           config  config             full-attn. layers'  config       config
+                       (linear, llama3)                            (1M; linear)                     (longrope)
+  local_rope_theta,    None             ·       ·                  sliding layers'     ·            ·
+  local_rope_scaling                                               (10k, default)
+  partial_rotary_f.    1.0              ·       ·                  ·                   ·            config
+  qkv_bias             Qwen2; Llama/    ·       ·                  ·                   ·            ·
+                       Mistral: config
+  (1) query_pre_attn_scalar. (2) transformers' Gemma 3 attention ignores attn_logit_softcapping.
+
+  norm_placement  pre: x + f(norm(x)); post (OLMo 2): x + norm(f(x)); sandwich (Gemma):
+                  x + norm2(f(norm1(x))), i.e. norms before and after attention and the MLP.
+  norm_form       weight: w · x̂.to(dtype) (Llama); weight_fp32: (w · x̂).to(dtype) (OLMo 2);
+                  one_plus_weight: ((1 + w) · x̂).to(dtype) in fp32 (Gemma; w starts at 0).
+  qk_norm         head: RMSNorm over head_dim of each q/k head; full: over the whole q/k
+                  projection (nh·d and nkv·d), before the heads are split.
 
 Head counts are never stored on the modules: shapes are inferred with `view(b, s, -1, head_dim)`,
 so tensor parallelism can shard the projections after construction without touching this file.
-Shapes in comments: b batch, s sequence, h hidden, nh/nkv query/key-value heads, d head dim.
+Shapes in comments: b batch, s sequence, h hidden, nh/nkv query/key-value heads, d head dim,
+r rotary dims (d unless partial rotary).
 """
 
 from __future__ import annotations
@@ -22,6 +54,19 @@ from torch.utils.checkpoint import checkpoint
 from megacpt.kernels import linear_cross_entropy
 from megacpt.labels import IGNORE
 
+# Per norm placement: the layer's norm modules (HF names) before attention, after attention,
+# before the MLP, after the MLP; None where there is none.
+NORM_PLACEMENTS = {
+    "pre": ("input_layernorm", None, "post_attention_layernorm", None),
+    "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),
+}
+NORM_FORMS = ("weight", "weight_fp32", "one_plus_weight")
+QK_NORMS = (None, "head", "full")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+
 
 @dataclass
 class ModelArgs:
@@ -33,31 +78,67 @@ class ModelArgs:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float = 1e-6
+    # RoPE of the full-attention layers (all layers unless local_rope_theta is set).
     rope_theta: float = 10000.0
-    # HF rope_parameters beyond theta: {"rope_type": "linear"|"llama3", "factor": ..., ...} or None.
+    # HF rope_parameters beyond theta: {"rope_type": "linear"|"llama3"|"longrope", "factor": ..., ...} or None.
     rope_scaling: dict | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     # Per layer: None for full causal attention, else the window (keys with q - k < window).
     layer_windows: list = field(default_factory=list)
+    # Family switches (see the table above); the defaults are Llama's.
+    norm_placement: str = "pre"
+    norm_form: str = "weight"
+    qk_norm: str | None = None
+    hidden_act: str = "silu"
+    embed_scale: float | None = None  # embeddings × this, rounded to the embedding dtype as HF does
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_logit_softcap: float | None = None  # scores → c · tanh(scores / c) before the mask
+    final_logit_softcap: float | None = None  # logits → c · tanh(logits / c)
+    # RoPE of the sliding-window layers when it differs from the global one (Gemma 3); None: same.
+    local_rope_theta: float | None = None
+    local_rope_scaling: dict | None = None
+    partial_rotary_factor: float = 1.0  # rotate only the first int(head_dim × this) dims (Phi-3)
 
     def __post_init__(self):
         if not self.layer_windows:
             self.layer_windows = [None] * self.num_layers
         if len(self.layer_windows) != self.num_layers:
             raise ValueError("layer_windows must have one entry per layer")
+        for name, value, allowed in (("norm_placement", self.norm_placement, tuple(NORM_PLACEMENTS)),
+                                     ("norm_form", self.norm_form, NORM_FORMS), ("qk_norm", self.qk_norm, QK_NORMS),
+                                     ("hidden_act", self.hidden_act, ACTIVATIONS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} gives {self.rotary_dim} rotary "
+                             f"dims of head_dim {self.head_dim}; need an even number in (0, head_dim]")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def rope_for(self, local: bool) -> tuple[float, dict | None]:
+        """(theta, scaling) of a sliding-window layer (local) or of the others."""
+        if local and self.local_rope_theta is not None:
+            return self.local_rope_theta, self.local_rope_scaling
+        return self.rope_theta, self.rope_scaling
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def num_params(self, embedding: bool = True) -> int:
-        """Parameter count; `embedding=False` excludes the input embedding (the head counts, tied or not)."""
+        """Parameter count; `embedding=False` excludes the input embedding (the head counts, tied or not).
+        Counts every norm: the layer's (2 or 4 by norm_placement, or OLMo 2's 2) and the q/k norms."""
         h, i, v, d = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
-        attn = h * d * (self.num_heads + 2 * self.num_kv_heads) + self.num_heads * d * h
+        q, kv = self.num_heads * d, self.num_kv_heads * d
+        attn = h * (q + 2 * kv) + q * h
         if self.qkv_bias:
-            attn += d * (self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * h * i + 2 * h
+            attn += q + 2 * kv
+        attn += {None: 0, "head": 2 * d, "full": q + kv}[self.qk_norm]
+        norms = sum(n is not None for n in NORM_PLACEMENTS[self.norm_placement]) * h
+        per_layer = attn + 3 * h * i + norms
         body = self.num_layers * per_layer + h  # final norm
         head = v * h
         emb = v * h
@@ -66,9 +147,14 @@ class ModelArgs:
         return body + head
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 × non-embedding params + attention (12 · L · h · s)."""
-        return 6.0 * self.num_params(embedding=False) + 12.0 * self.num_layers * self.hidden_size * seq_len
+        """Training FLOPs per token: 6 × non-embedding params + attention (12 · L · nh · d · s).
+        The attention term counts the width attention computes (nh · d), which differs from the
+        hidden size for Gemma and Qwen3."""
+        width = self.num_heads * self.head_dim
+        return 6.0 * self.num_params(embedding=False) + 12.0 * self.num_layers * width * seq_len
 
+
+# ---- pointwise functions (tensors in, tensors out: compile_pointwise compiles them) -------------
 
 def rms_norm(x, weight, eps: float):
     # Normalise in fp32 and cast back before the weight, as HF does, so bf16 matches it.
@@ -76,6 +162,25 @@ def rms_norm(x, weight, eps: float):
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(dtype)
+
+
+def rms_norm_weight_fp32(x, weight, eps: float):
+    # OLMo 2: the weight multiplies the fp32 value, then the cast.
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * x32).to(dtype)
+
+
+def rms_norm_one_plus(x, weight, eps: float):
+    # Gemma: (1 + w) in fp32, then the cast (HF's Gemma RMSNorm; w is stored centred on 0).
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * (1.0 + weight.float())).to(dtype)
+
+
+NORM_FNS = {"weight": rms_norm, "weight_fp32": rms_norm_weight_fp32, "one_plus_weight": rms_norm_one_plus}
 
 
 def rope_qk(q, k, cos, sin):
@@ -87,33 +192,69 @@ def swiglu(gate, up):
     return F.silu(gate) * up
 
 
-def sdpa_attention(q, k, v, mask):
-    """Causal attention of (b, h, s, d) q and (b, kv, s, d) k/v; mask: None or bool, True = attend."""
+def geglu(gate, up):
+    # Gemma: GELU with the tanh approximation (HF's gelu_pytorch_tanh).
+    return F.gelu(gate, approximate="tanh") * up
+
+
+ACT_FNS = {"silu": swiglu, "gelu_pytorch_tanh": geglu}
+
+
+def soft_cap(x, cap: float):
+    # In HF's order (divide, tanh, multiply), so the rounding matches.
+    return torch.tanh(x / cap) * cap
+
+
+def scale_embeddings(x, scale: float | None):
+    """Gemma: embeddings × √hidden, the factor rounded to the embedding dtype first (HF's
+    ScaledWordEmbedding keeps it as an fp32 tensor cast to the weight's dtype). None: unchanged."""
+    if scale is None:
+        return x
+    return x * torch.tensor(scale, dtype=torch.float32, device=x.device).to(x.dtype)
+
+
+def sdpa_attention(q, k, v, mask, scale: float | None = None, softcap: float | None = None):
+    """Causal attention of (b, h, s, d) q and (b, kv, s, d) k/v; mask: None or bool, True = attend.
+    scale None: d ** -0.5. A soft-cap needs the scores themselves, which SDPA never exposes, so
+    capped attention (Gemma 2) takes the explicit path."""
+    if softcap is not None:
+        return softcapped_attention(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5, softcap)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.norm_fn = rms_norm  # compile_pointwise swaps in a compiled copy
+def softcapped_attention(q, k, v, mask, scale: float, softcap: float):
+    """HF's eager Gemma 2 attention: scores × scale, capped, masked, softmax in fp32."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (b, nh, s, d)
+    scores = soft_cap(torch.matmul(q, k.transpose(2, 3)) * scale, softcap)  # (b, nh, s, s)
+    if mask is None:
+        s = q.shape[2]
+        mask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
 
-    def forward(self, x):
-        return self.norm_fn(x, self.weight, self.eps)
 
-    def reset_parameters(self):
-        nn.init.ones_(self.weight)
+# ---- rotary embeddings ----------------------------------------------------------------------------
+
+def rope_kind(scaling: dict | None) -> str:
+    scaling = scaling or {}
+    return scaling.get("rope_type", scaling.get("type", "default"))
 
 
-def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
-    """Inverse frequencies (d/2,), with HF's 'linear' and 'llama3' scalings."""
-    d = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
-    scaling = args.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+def rope_inv_freq(args: ModelArgs, device=None, local: bool = False, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies (r/2,), with HF's 'linear', 'llama3' and 'longrope' (short factors, or
+    the long ones with long=True) scalings."""
+    theta, scaling = args.rope_for(local)
+    d = args.rotary_dim
+    exponents = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d
+    kind = rope_kind(scaling)
+    if kind == "longrope":
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+        return 1.0 / (factors * theta**exponents)
+    inv_freq = 1.0 / (theta**exponents)
     if kind == "default":
         return inv_freq
     if kind == "linear":
@@ -129,18 +270,42 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
         return torch.where(medium, smoothed, scaled)
-    raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, llama3)")
+    raise ValueError(f"unsupported rope_type {kind!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
 
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+def rope_attention_factor(args: ModelArgs, local: bool = False) -> float:
+    """The factor cos/sin are multiplied by: 1 except for longrope, where it is attention_factor,
+    else √(1 + ln(factor) / ln(original max)) with factor = max_position_embeddings / original
+    max unless given (transformers' _compute_longrope_parameters)."""
+    _, scaling = args.rope_for(local)
+    if rope_kind(scaling) != "longrope":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor")
+    if factor is None:
+        factor = args.max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
-def rope_cos_sin(args: ModelArgs, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos/sin of shape (b, s, d), computed in fp32 then cast."""
-    inv_freq = rope_inv_freq(args, position_ids.device)
-    freqs = position_ids[..., None].float() * inv_freq  # (b, s, d/2)
+def rope_cos_sin(args: ModelArgs, position_ids: torch.Tensor, dtype: torch.dtype, local: bool = False):
+    """cos/sin of shape (b, s, r), computed in fp32 then cast; `local`: a sliding-window layer's RoPE."""
+    _, scaling = args.rope_for(local)
+    inv_freq = rope_inv_freq(args, position_ids.device, local)
+    if rope_kind(scaling) == "longrope":
+        # transformers' dynamic switch: the long factors once the batch's longest position count
+        # exceeds the original context (a tensor comparison, so no host sync and no graph break).
+        long = rope_inv_freq(args, position_ids.device, local, long=True)
+        seq_len = position_ids.max() + 1
+        inv_freq = torch.where(seq_len > scaling["original_max_position_embeddings"], long, inv_freq)
+    freqs = position_ids[..., None].float() * inv_freq  # (b, s, r/2)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    factor = rope_attention_factor(args, local)
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.to(dtype), sin.to(dtype)
 
 
 def _rotate_half(x):
@@ -149,9 +314,13 @@ def _rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    # x: (b, nh, s, d); cos/sin: (b, s, d)
+    # x: (b, nh, s, d); cos/sin: (b, s, r). With r < d (partial rotary) the rest passes unrotated.
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :r], x[..., r:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
 
 
 def attention_mask(seq_len: int, window: int | None, segment_ids: torch.Tensor | None, device):
@@ -173,24 +342,52 @@ def attention_mask(seq_len: int, window: int | None, segment_ids: torch.Tensor |
     return mask
 
 
+# ---- modules --------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, form: str = "weight"):
+        super().__init__()
+        self.eps = eps
+        self.form = form
+        self.weight = nn.Parameter(torch.ones(dim) if form != "one_plus_weight" else torch.zeros(dim))
+        self.norm_fn = NORM_FNS[form]  # compile_pointwise swaps in a compiled copy
+
+    def forward(self, x):
+        return self.norm_fn(x, self.weight, self.eps)
+
+    def reset_parameters(self):
+        # The identity norm: w = 1, or w = 0 in the (1 + w) form.
+        (nn.init.zeros_ if self.form == "one_plus_weight" else nn.init.ones_)(self.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         h, d = args.hidden_size, args.head_dim
         self.head_dim = d
+        self.scale, self.softcap, self.qk_norm = args.attn_scale, args.attn_logit_softcap, args.qk_norm
         self.q_proj = nn.Linear(h, args.num_heads * d, bias=args.qkv_bias)
         self.k_proj = nn.Linear(h, args.num_kv_heads * d, bias=args.qkv_bias)
         self.v_proj = nn.Linear(h, args.num_kv_heads * d, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_heads * d, h, bias=False)
+        if args.qk_norm is not None:
+            per_head = args.qk_norm == "head"
+            self.q_norm = RMSNorm(d if per_head else args.num_heads * d, args.rms_norm_eps, args.norm_form)
+            self.k_norm = RMSNorm(d if per_head else args.num_kv_heads * d, args.rms_norm_eps, args.norm_form)
         self.rope_fn = rope_qk  # compile_pointwise swaps in a compiled copy
 
     def forward(self, x, cos, sin, mask):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, nh, s, d)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, nkv, s, d)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (b, s, nh·d), (b, s, nkv·d) ×2
+        if self.qk_norm == "full":  # OLMo 2: over the whole projection
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, nh, s, d)
+        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, nkv, s, d)
+        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":  # Qwen3, Gemma 3: each head over d
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope_fn(q, k, cos, sin)
-        out = sdpa_attention(q, k, v, mask)
+        out = sdpa_attention(q, k, v, mask, self.scale, self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -200,7 +397,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-        self.act_fn = swiglu  # compile_pointwise swaps in a compiled copy
+        self.act_fn = ACT_FNS[args.hidden_act]  # compile_pointwise swaps in a compiled copy
 
     def forward(self, x):
         return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))
@@ -210,32 +407,45 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.window = args.layer_windows[layer_idx]
+        # Sliding-window layers take the local RoPE where the model has one (Gemma 3).
+        self.local_rope = self.window is not None and args.local_rope_theta is not None
         self.self_attn = Attention(args)
         self.mlp = MLP(args)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        # Norms are looked up by name at each call, so tensor parallelism may swap them.
+        self.norm_names = NORM_PLACEMENTS[args.norm_placement]
+        for name in self.norm_names:
+            if name is not None:
+                setattr(self, name, RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_form))
+
+    def _norm(self, i: int, x):
+        name = self.norm_names[i]
+        return x if name is None else getattr(self, name)(x)
 
     def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self._norm(1, self.self_attn(self._norm(0, x), cos, sin, mask))
+        return x + self._norm(3, self.mlp(self._norm(2, x)))
 
 
 class LMHead(nn.Module):
     """Output projection; with targets it returns the summed token loss without full logits.
 
     It is a module (not a bare matmul in Transformer.forward) so ZeRO-3's hooks gather its weight,
-    and so tensor parallelism can swap in a vocab-parallel head.
+    and so tensor parallelism can swap in a vocab-parallel head. `softcap` (Gemma 2) caps the
+    logits, in the fused loss as in the returned logits.
     """
 
-    def __init__(self, hidden_size: int, vocab_size: int):
+    def __init__(self, hidden_size: int, vocab_size: int, softcap: float | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self.softcap = softcap
 
     def forward(self, h, targets=None):
         if targets is None:
-            return F.linear(h, self.weight)
+            logits = F.linear(h, self.weight)
+            return logits if self.softcap is None else soft_cap(logits, self.softcap)
         return linear_cross_entropy(
-            h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1), ignore_index=IGNORE, reduction="sum",
+            softcap=self.softcap,
         )
 
 
@@ -246,8 +456,8 @@ class Transformer(nn.Module):
         self.activation_checkpointing = False
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = LMHead(args.hidden_size, args.vocab_size)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_form)
+        self.lm_head = LMHead(args.hidden_size, args.vocab_size, args.final_logit_softcap)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.init_weights()
@@ -280,12 +490,14 @@ class Transformer(nn.Module):
                 if segment_ids is not None
                 else torch.arange(s, device=input_ids.device).expand(b, s)
             )
-        x = self.embed_tokens(input_ids)  # (b, s, h)
-        cos, sin = rope_cos_sin(self.args, position_ids, x.dtype)
-        masks = {}
+        x = scale_embeddings(self.embed_tokens(input_ids), self.args.embed_scale)  # (b, s, h)
+        masks, ropes = {}, {}
         for layer in self.layers:
             if layer.window not in masks:
                 masks[layer.window] = attention_mask(s, layer.window, segment_ids, x.device)
+            if layer.local_rope not in ropes:
+                ropes[layer.local_rope] = rope_cos_sin(self.args, position_ids, x.dtype, layer.local_rope)
+            cos, sin = ropes[layer.local_rope]
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, masks[layer.window], use_reentrant=False)
             else:
@@ -298,7 +510,7 @@ POINTWISE_FNS = ("norm_fn", "rope_fn", "act_fn")
 
 
 def compile_pointwise(model: nn.Module) -> int:
-    """torch.compile the parameter-free pointwise code of every block (RMSNorm, RoPE, SwiGLU).
+    """torch.compile the parameter-free pointwise code of every block (RMSNorm, RoPE, SwiGLU/GeGLU).
 
     For ZeRO-3, which gathers each linear's weight in hooks on its module, so a whole compiled
     block would break its graph around every linear: these functions take tensors only (the
