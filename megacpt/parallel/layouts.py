@@ -37,6 +37,24 @@ def tp_problems(args: ModelArgs, tp: int) -> list[str]:
     return out
 
 
+# Model switches the tensor- and pipeline-parallel code does not handle yet (issue 19), with
+# their Llama defaults: such models train with tp = pp = 1 (ZeRO still shards them).
+_NOT_YET_SPLIT = {"norm_placement": "pre", "norm_form": "weight", "qk_norm": None, "embed_scale": None,
+                  "final_logit_softcap": None, "local_rope_theta": None, "local_rope_scaling": None}
+
+
+def unsplit_switches(args: ModelArgs) -> list[str]:
+    return [k for k, default in _NOT_YET_SPLIT.items() if getattr(args, k) != default]
+
+
+def family_problems(args: ModelArgs, tp: int, pp: int) -> list[str]:
+    switches = unsplit_switches(args)
+    if switches and (tp > 1 or pp > 1):
+        return [f"tensor and pipeline parallelism do not support this model family's {', '.join(switches)} yet; "
+                f"use tp=1 pp=1 (ZeRO-3 still shards the model over the ranks)"]
+    return []
+
+
 def pp_problems(args: ModelArgs, pp: int, zero_stage: int) -> list[str]:
     out = []
     if pp > args.num_layers:
@@ -49,7 +67,8 @@ def pp_problems(args: ModelArgs, pp: int, zero_stage: int) -> list[str]:
 def valid_layouts(args: ModelArgs, world_size: int, zero_stage: int) -> list[tuple[int, int]]:
     """Every (tp, pp) with tp × pp dividing world_size that the model and ZeRO stage allow."""
     return [(tp, pp) for tp in _divisors(world_size) for pp in _divisors(world_size // tp)
-            if not tp_problems(args, tp) and not pp_problems(args, pp, zero_stage)]
+            if not tp_problems(args, tp) and not pp_problems(args, pp, zero_stage)
+            and not family_problems(args, tp, pp)]
 
 
 def _format_pairs(pairs, world_size) -> str:
@@ -68,7 +87,7 @@ def validate_layout(args: ModelArgs, world_size: int, tp: int, pp: int, zero_sta
     problems = []
     if world_size % (tp * pp):
         problems.append(f"tp × pp = {tp}×{pp} = {tp * pp} does not divide the world size {world_size}")
-    problems += tp_problems(args, tp) + pp_problems(args, pp, zero_stage)
+    problems += tp_problems(args, tp) + pp_problems(args, pp, zero_stage) + family_problems(args, tp, pp)
     if not problems:
         return
     ok = valid_layouts(args, world_size, zero_stage)
