@@ -39,6 +39,10 @@ class ModelConfig:
                                               "exported configs; null: the model's")
     rope_theta: Optional[float] = _field(None, "long-context override of the RoPE base; null: the model's")
     rope_scaling: Optional[dict] = _field(None, "long-context override of the HF rope_scaling mapping; null: the model's")
+    # rope_theta/rope_scaling change the full-attention layers only (Gemma 3's sliding layers keep
+    # their own base, which a long context does not reach through the window).
+    local_rope_theta: Optional[float] = _field(None, "override of the RoPE base of the sliding-window layers "
+                                                     "(Gemma 3: 10k); null: the model's")
     activation_checkpointing: bool = _field(False, "recompute each decoder block's activations in the backward "
                                                    "instead of keeping them")
     # After TP and activation checkpointing, before the engine (train/parallelize.py). Under ZeRO-3

@@ -227,6 +227,25 @@ def test_gemma3_export_keeps_per_layer_type_rope(family_dirs, tmp_path):
     check_logits(tmp_path / "out", torch.randint(0, 128, (1, 20)))
 
 
+def test_local_rope_theta_override(family_dirs, tmp_path):
+    """model.local_rope_theta sets the sliding layers' base only; the export carries it; a model
+    without sliding-layer RoPE refuses it with a message."""
+    import transformers
+
+    from megacpt.errors import UserError
+
+    src = family_dirs["gemma3-tied"]
+    model = ours_from(src)
+    args = apply_overrides(model.args, local_rope_theta=20_000)
+    assert (args.local_rope_theta, args.rope_theta) == (20_000.0, model.args.rope_theta)
+    save_hf(model.state_dict(), args, read_hf_config(src), tmp_path / "out")
+    cfg = transformers.AutoConfig.from_pretrained(tmp_path / "out")
+    assert cfg.rope_parameters["sliding_attention"]["rope_theta"] == 20_000.0
+    assert cfg.rope_parameters["full_attention"]["rope_theta"] == model.args.rope_theta
+    with pytest.raises(UserError, match="no separate RoPE for sliding-window layers"):
+        apply_overrides(ours_from(family_dirs["qwen3-tied"]).args, local_rope_theta=20_000)
+
+
 def test_fused_phi3_weights_read_by_slices(family_dirs):
     """Phi-3's qkv_proj / gate_up_proj are served as q/k/v and gate/up, rows read lazily, as
     tensor-parallel (row or column slices) and ZeRO-3 (flat ranges) loading read them."""

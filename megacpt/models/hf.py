@@ -245,10 +245,17 @@ def layer_windows(cfg: dict, arch: str, num_layers: int, source: str = "config.j
     return [None] * num_layers
 
 
-def apply_overrides(args: ModelArgs, max_seq_len=None, rope_theta=None, rope_scaling=None) -> ModelArgs:
-    """Long-context CPT overrides; returns new args (the HF config stays as read). RoPE overrides
-    change the full-attention layers only: Gemma 3's sliding layers keep their own RoPE."""
+def apply_overrides(args: ModelArgs, max_seq_len=None, rope_theta=None, rope_scaling=None,
+                    local_rope_theta=None) -> ModelArgs:
+    """Long-context CPT overrides; returns new args (the HF config stays as read). rope_theta and
+    rope_scaling change the full-attention layers only: Gemma 3's sliding layers keep their own
+    RoPE unless local_rope_theta (model.local_rope_theta) sets its base."""
     changes = {}
+    if local_rope_theta is not None:
+        if args.local_rope_theta is None:
+            raise UserError("model.local_rope_theta: this model has no separate RoPE for sliding-window layers "
+                            "(only Gemma 3 has); use model.rope_theta")
+        changes["local_rope_theta"] = float(local_rope_theta)
     if max_seq_len is not None:
         changes["max_position_embeddings"] = int(max_seq_len)
         if rope_kind(args.rope_scaling) == "longrope" and args.rope_scaling.get("factor") is None:

@@ -91,7 +91,8 @@ def train(cfg: Config) -> int:
 def describe_run(cfg: Config, derived, start: Start, world: int) -> RunState:
     """The model's shape, the layout and the data, checked before any rank starts."""
     args = args_from_hf_config(start.base_cfg, source=str(cfg.model.init_from or start.resume_dir))
-    args = apply_overrides(args, cfg.model.max_seq_len, cfg.model.rope_theta, cfg.model.rope_scaling)
+    args = apply_overrides(args, cfg.model.max_seq_len, cfg.model.rope_theta, cfg.model.rope_scaling,
+                           cfg.model.local_rope_theta)
     if cfg.data.seq_len > args.max_position_embeddings:
         raise ConfigError(
             f"data.seq_len {cfg.data.seq_len} exceeds the model's max_position_embeddings "
