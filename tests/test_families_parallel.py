@@ -1,6 +1,6 @@
 """Qwen3, Gemma 2, Gemma 3, OLMo 2 and Phi-3 under tensor (and sequence) and pipeline parallelism.
 
-One launch per layout (tests/harness.py), each running every family through the trainer's own
+One launch per layout (TP=2, PP=2, ZeRO-3 over 2 ranks; tests/harness.py), each running every family through the trainer's own
 construction (megacpt.train.parallelize) and step (megacpt.train.step / pipeline.PipelineRun):
 5 steps of token-mean loss and clipped global grad norm equal the plain model in one process
 (rtol 1e-5, atol 1e-6, fp32). OLMo 2's full-width q/k norm is refused for tp > 1 at config time
@@ -92,6 +92,40 @@ def test_layouts_of_the_families():
         assert fragment in msg, msg
 
 
+def test_init_and_split_of_gemma_like_model():
+    """The layout-independent init starts (1 + w) norms at 0 (the identity), as RMSNorm does;
+    under TP the per-head q/k norms stay whole, uncounted on rank 1 of a norm, and sum their
+    gradients (HeadParallelRMSNorm); the final soft-cap moves to the vocab-parallel head."""
+    from types import SimpleNamespace
+
+    from megacpt.models.llama import Transformer
+    from megacpt.parallel import apply_tp, init_tp_weights, tp_shards
+    from megacpt.parallel.tp import HeadParallelRMSNorm, SequenceParallelRMSNorm
+
+    args = _tiny(norm_placement="sandwich", norm_form="one_plus_weight", qk_norm="head", final_logit_softcap=3.0,
+                 tie_word_embeddings=True)
+    with torch.device("meta"):
+        plain = Transformer(args)
+    init_tp_weights(plain, seed=1)
+    full = dict(plain.named_parameters())
+    norms = [n for n in full if n.endswith("norm.weight")]
+    assert len(norms) == 2 * (4 + 2) + 1 and all(torch.equal(full[n], torch.zeros_like(full[n])) for n in norms)
+    for r in range(2):
+        with torch.device("meta"):
+            m = Transformer(args)
+        apply_tp(m, SimpleNamespace(tp_size=2, tp_rank=r, tp_group=None, tp_subgroup=lambda size: None),
+                 sequence_parallel=True)
+        layer = m.layers[1]
+        assert isinstance(layer.self_attn.q_norm, HeadParallelRMSNorm) and layer.self_attn.k_norm.weight.shape == (8,)
+        assert all(isinstance(getattr(layer, n), SequenceParallelRMSNorm) for n in layer.norm_names)
+        assert m.lm_head.softcap == 3.0
+        init_tp_weights(m, seed=1)
+        shards = tp_shards(m)
+        for n, p in m.named_parameters():
+            assert torch.equal(p, full[n][shards[n].index()] if n in shards else full[n]), n
+            assert (n in shards) == hasattr(p, "tensor_model_parallel"), n
+
+
 # ---- multi-process scenarios ----------------------------------------------------------------------
 
 def _batches(args, step: int, n: int):
@@ -179,6 +213,28 @@ def tp2_family(rank: int, world: int, out: Path, label: str, model_dir: str, zer
     dist.barrier()
 
 
+def zero3_family(rank: int, world: int, out: Path, label: str, model_dir: str) -> None:
+    """ZeRO-3 over 2 data-parallel ranks through build_model (partitioned while built, each rank
+    loading its flat partition) / initialize / train_step."""
+    import deepspeed
+
+    from dist_tp_worker import model_args
+    from megacpt.parallel import Topology
+    from megacpt.train import step as train_step
+    from megacpt.train.engine import param_groups
+    from megacpt.train.parallelize import BuildSpec, build_model, initialize
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    topo = Topology(world, rank)
+    mb, gas, zero = 1, 1, 3
+    ds_config = _ds_config(mb, gas, topo.dp_size, zero)
+    model = build_model(BuildSpec(model_args(model_dir), dtype=torch.float32, zero_stage=zero), topo,
+                        weights=model_dir, ds_config=ds_config)
+    engine = initialize(model, param_groups(model, WD), ds_config, topo)
+    _compare_steps(model_dir, label, lambda inputs: train_step.train_step(engine, topo, zero, inputs, {}), topo, mb, gas)
+    dist.barrier()
+
+
 def pp2_family(rank: int, world: int, out: Path, label: str, model_dir: str) -> None:
     """PP=2 (ZeRO-1) through build_pipeline / PipelineRun."""
     import deepspeed
@@ -217,4 +273,12 @@ def test_pp2_families_match_single_process(tmp_path, family_dirs):
     _need_deepspeed()
     scenarios = [Scenario("test_families_parallel:pp2_family", dict(label=f"pp2 {name}", model_dir=path),
                           name=f"pp2 {name}") for name, path in family_dirs.items()]
+    run_scenarios(2, scenarios, tmp_path)
+
+
+@pytest.mark.slow
+def test_zero3_families_match_single_process(tmp_path, family_dirs):
+    _need_deepspeed()
+    scenarios = [Scenario("test_families_parallel:zero3_family", dict(label=f"zero3 {name}", model_dir=path),
+                          name=f"zero3 {name}") for name, path in family_dirs.items()]
     run_scenarios(2, scenarios, tmp_path)
