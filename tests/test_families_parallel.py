@@ -1,10 +1,12 @@
 """Qwen3, Gemma 2, Gemma 3, OLMo 2 and Phi-3 under tensor (and sequence) and pipeline parallelism.
 
-One launch per layout (TP=2, PP=2, ZeRO-3 over 2 ranks; tests/harness.py), each running every family through the trainer's own
-construction (megacpt.train.parallelize) and step (megacpt.train.step / pipeline.PipelineRun):
-5 steps of token-mean loss and clipped global grad norm equal the plain model in one process
-(rtol 1e-5, atol 1e-6, fp32). OLMo 2's full-width q/k norm is refused for tp > 1 at config time
-(its RMS statistic spans all heads); its TP scenario checks that the trainer's build refuses it.
+One launch per layout (TP=2, PP=2, ZeRO-3 over 2 ranks; tests/harness.py), each running every
+family through the trainer's own construction (megacpt.train.parallelize) and step
+(megacpt.train.step / pipeline.PipelineRun): 5 steps of token-mean loss and clipped global grad
+norm equal the plain model in one process (rtol 1e-5, atol 1e-6, fp32), and under TP and PP the
+DeepSpeed checkpoint consolidates (export's path) to exactly the HF weights. OLMo 2's full-width
+q/k norm is refused for tp > 1 at config time (its RMS statistic spans all heads); its TP
+scenario checks that the trainer's build refuses it.
 
 The scenarios live in this file (the harness imports it on every rank).
 """
@@ -61,7 +63,8 @@ def _need_deepspeed():
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("families_parallel")
-    return {name: str(tiny_hf_model(root / name.replace(" ", "_"), perturb=True, **kw)) for name, kw in FAMILIES.items()}
+    return {name: str(tiny_hf_model(root / name.replace(" ", "_"), perturb=True, **kw))
+            for name, kw in FAMILIES.items()}
 
 
 # ---- config-time refusal (no processes) ---------------------------------------------------------
@@ -191,7 +194,7 @@ def tp2_family(rank: int, world: int, out: Path, label: str, model_dir: str, zer
     """TP=2 through build_model / initialize / train_step, or the build's refusal (OLMo 2)."""
     import deepspeed
 
-    from dist_tp_worker import model_args
+    from dist_tp_worker import check_checkpoint_round_trip, model_args
     from megacpt.parallel import Topology
     from megacpt.train import step as train_step
     from megacpt.train.engine import param_groups
@@ -209,7 +212,10 @@ def tp2_family(rank: int, world: int, out: Path, label: str, model_dir: str, zer
         return
     model = build_model(spec, topo, weights=model_dir, ds_config=ds_config)
     engine = initialize(model, param_groups(model, WD), ds_config, topo)
-    _compare_steps(model_dir, label, lambda inputs: train_step.train_step(engine, topo, zero, inputs, {}), topo, mb, gas)
+    # HF → TP → DeepSpeed checkpoint → consolidated weights (export's path) is exact.
+    check_checkpoint_round_trip(engine, model_dir, out / "ckpt")
+    _compare_steps(model_dir, label, lambda inputs: train_step.train_step(engine, topo, zero, inputs, {}), topo,
+                   mb, gas)
     dist.barrier()
 
 
@@ -231,7 +237,8 @@ def zero3_family(rank: int, world: int, out: Path, label: str, model_dir: str) -
     model = build_model(BuildSpec(model_args(model_dir), dtype=torch.float32, zero_stage=zero), topo,
                         weights=model_dir, ds_config=ds_config)
     engine = initialize(model, param_groups(model, WD), ds_config, topo)
-    _compare_steps(model_dir, label, lambda inputs: train_step.train_step(engine, topo, zero, inputs, {}), topo, mb, gas)
+    _compare_steps(model_dir, label, lambda inputs: train_step.train_step(engine, topo, zero, inputs, {}), topo,
+                   mb, gas)
     dist.barrier()
 
 
@@ -239,7 +246,7 @@ def pp2_family(rank: int, world: int, out: Path, label: str, model_dir: str) -> 
     """PP=2 (ZeRO-1) through build_pipeline / PipelineRun."""
     import deepspeed
 
-    from dist_tp_worker import model_args
+    from dist_tp_worker import check_checkpoint_round_trip, model_args
     from megacpt.parallel import Topology
     from megacpt.train import pipeline
     from megacpt.train.engine import param_groups
@@ -254,6 +261,7 @@ def pp2_family(rank: int, world: int, out: Path, label: str, model_dir: str) -> 
                                    weights=model_dir)
     engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(module, WD), config=ds_config)
     run = pipeline.PipelineRun(engine, state, topo, own_clip)
+    check_checkpoint_round_trip(engine, model_dir, out / "ckpt")  # per-layer files → HF names, exact
     _compare_steps(model_dir, label, lambda inputs: run.train_step(inputs, {}), topo, mb, gas)
     dist.barrier()
 

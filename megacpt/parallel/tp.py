@@ -58,7 +58,8 @@ from megacpt.parallel.layouts import family_problems, tp_problems
 __all__ = [
     "Shard", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "VocabParallelLMHead",
     "apply_tp", "tp_shards", "tp_grad_norm", "load_tp_weights", "init_tp_weights", "gather_tp_state",
-    "iter_tp_state", "HeadParallelRMSNorm", "SequenceParallelRMSNorm", "copy_to_tp_region", "reduce_from_tp_region", "gather_from_tp_region",
+    "iter_tp_state", "HeadParallelRMSNorm", "SequenceParallelRMSNorm", "copy_to_tp_region",
+    "reduce_from_tp_region", "gather_from_tp_region",
 ]
 
 
@@ -526,9 +527,10 @@ def load_tp_weights(model: nn.Module, weights, device=None, dtype=None) -> None:
 def init_tp_weights(model: nn.Module, seed: int, std: float = 0.02, device=None, dtype=None) -> None:
     """Random initialisation that does not depend on the layout: each parameter's full tensor is
     drawn from its own generator (seeded by `seed` and its name), then this rank keeps its slice.
-    Norm weights are ones (zeros in the 1 + w form), biases zeros, matrices normal(0, std). So replicated parameters (norms,
-    shared KV heads) are identical on every rank, and any tp gives the same model as tp = 1.
-    Each rank draws one full tensor at a time (fine for random-init runs, which are small).
+    Norm weights are ones (zeros in the 1 + w form), biases zeros, matrices normal(0, std). So
+    replicated parameters (norms, shared KV heads) are identical on every rank, and any tp gives
+    the same model as tp = 1. Each rank draws one full tensor at a time (fine for random-init
+    runs, which are small).
     Meta parameters are replaced as in load_tp_weights."""
     shards = tp_shards(model)
     owners = _owners(model)
