@@ -390,23 +390,3 @@ def test_gemma3_270m_shape():
     assert args.layer_windows == [None if (i + 1) % 6 == 0 else 512 for i in range(18)]
     assert (args.rope_theta, args.local_rope_theta, args.tie_word_embeddings) == (1e6, 1e4, True)
     assert round(args.num_params() / 1e6) == 268
-
-
-@pytest.mark.parametrize("arch", ["gemma3", "olmo2", "qwen3"])
-def test_tp_and_pp_refused_at_config_time_until_supported(arch):
-    """Families whose switches the TP/PP code does not split yet are refused with a message that
-    says which switches and what works instead (checked where the trainer checks layouts)."""
-    from megacpt.errors import ConfigError
-    from megacpt.parallel import validate_layout
-
-    args = {"gemma3": ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                                num_kv_heads=2, head_dim=8, norm_placement="sandwich", norm_form="one_plus_weight",
-                                qk_norm="head"),
-            "olmo2": ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                               num_kv_heads=2, head_dim=8, norm_placement="post", qk_norm="full"),
-            "qwen3": ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                               num_kv_heads=2, head_dim=8, qk_norm="head")}[arch]
-    validate_layout(args, 2, 1, 1, 3)  # ZeRO-3 over two ranks works
-    for tp, pp in ((2, 1), (1, 2)):
-        with pytest.raises(ConfigError, match="do not support this model family's .*qk_norm.* use tp=1 pp=1"):
-            validate_layout(args, 2, tp, pp, 1)

@@ -1,5 +1,6 @@
 """megacpt.parallel.shapes against the real thing: a meta-device Transformer, split by apply_tp."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -80,3 +81,45 @@ def test_unsplittable_models_are_refused_like_apply_tp(args):
     assert str(ours.value) == str(theirs.value)
     with pytest.raises(ValueError):
         tp_shards_for(_args(), 2, 2)
+
+
+# The families' switches that add parameters (issue 19): q/k norms per head or full width, norms
+# after attention / the MLP (OLMo 2) or on both sides (Gemma), 1 + w norms.
+FAMILY_SWITCHES = {
+    "qwen3": dict(qk_norm="head"),
+    "gemma": dict(qk_norm="head", norm_placement="sandwich", norm_form="one_plus_weight", embed_scale=5.0,
+                  final_logit_softcap=3.0),
+    "olmo2": dict(qk_norm="full", norm_placement="post", norm_form="weight_fp32"),
+}
+
+
+def _family(name, **kw):
+    from dataclasses import replace
+
+    return replace(_args(**kw), **FAMILY_SWITCHES[name])
+
+
+@pytest.mark.parametrize("name", list(FAMILY_SWITCHES))
+def test_param_shapes_of_the_families_equal_the_model(name):
+    for tied in (False, True):
+        args = _family(name, tied=tied)
+        with torch.device("meta"):
+            m = Transformer(args)
+        assert list(param_shapes(args).items()) == [(n, tuple(p.shape)) for n, p in m.named_parameters()]
+        assert sum(math.prod(s) for s in param_shapes(args).values()) == args.num_params()
+
+
+@pytest.mark.parametrize("name,tp,kv", [("qwen3", 2, 2), ("qwen3", 4, 2), ("gemma", 2, 1), ("gemma", 4, 8)])
+def test_tp_shards_for_the_families_equal_apply_tp(name, tp, kv):
+    test_tp_shards_for_equals_apply_tp(tp, _family(name, kv=kv))
+
+
+def test_full_width_qk_norm_is_refused_like_apply_tp():
+    args = _family("olmo2")
+    assert list(local_shapes(args, 1, 0)) == list(param_shapes(args))
+    with pytest.raises(ConfigError) as ours:
+        tp_shards_for(args, 2, 0)
+    with pytest.raises(ConfigError) as theirs:
+        _split_meta_model(args, 2, 0)
+    assert str(ours.value) == str(theirs.value)
+    assert "full-width q/k norm" in str(ours.value) and "spans all heads" in str(ours.value)

@@ -7,7 +7,8 @@ Rules (each rejection names the rule and lists the (tp, pp) pairs that would wor
 - KV heads are split when num_kv_heads is a multiple of tp, and replicated (each rank keeps the
   KV head its query heads use) when tp is a multiple of num_kv_heads; anything else is rejected;
 - pipeline stages hold at least one layer each: pp ≤ num_layers;
-- DeepSpeed's pipeline engine supports only ZeRO-0/1: pp > 1 needs zero_stage ≤ 1.
+- DeepSpeed's pipeline engine supports only ZeRO-0/1: pp > 1 needs zero_stage ≤ 1;
+- OLMo 2's full-width q/k norm cannot be split by tensor parallelism (family_problems).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from megacpt.errors import ConfigError
 from megacpt.models.llama import ModelArgs
 
-__all__ = ["validate_layout", "valid_layouts", "tp_problems"]
+__all__ = ["validate_layout", "valid_layouts", "tp_problems", "family_problems"]
 
 
 def _divisors(n: int) -> list[int]:
@@ -37,21 +38,14 @@ def tp_problems(args: ModelArgs, tp: int) -> list[str]:
     return out
 
 
-# Model switches the tensor- and pipeline-parallel code does not handle yet (issue 19), with
-# their Llama defaults: such models train with tp = pp = 1 (ZeRO still shards them).
-_NOT_YET_SPLIT = {"norm_placement": "pre", "norm_form": "weight", "qk_norm": None, "embed_scale": None,
-                  "final_logit_softcap": None, "local_rope_theta": None, "local_rope_scaling": None}
-
-
-def unsplit_switches(args: ModelArgs) -> list[str]:
-    return [k for k, default in _NOT_YET_SPLIT.items() if getattr(args, k) != default]
-
-
 def family_problems(args: ModelArgs, tp: int, pp: int) -> list[str]:
-    switches = unsplit_switches(args)
-    if switches and (tp > 1 or pp > 1):
-        return [f"tensor and pipeline parallelism do not support this model family's {', '.join(switches)} yet; "
-                f"use tp=1 pp=1 (ZeRO-3 still shards the model over the ranks)"]
+    """Model-family switches a layout cannot split (issue 19). Everything else the families set
+    (norm placements and forms, per-head q/k norms, embedding scale, soft-caps, per-layer RoPE,
+    partial rotary, longrope) works under tensor, sequence and pipeline parallelism."""
+    if args.qk_norm == "full" and tp > 1:
+        return [f"tensor parallelism cannot split this model's full-width q/k norm (qk_norm='full', OLMo 2): "
+                f"its RMS statistic spans all heads, which tp={tp} spreads over ranks; use tp=1 (pipeline "
+                f"parallelism and ZeRO-3 still split the model over the ranks)"]
     return []
 
 

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megacpt.errors import ConfigError
 from megacpt.models.hf import WeightSource, as_weights
-from megacpt.models.llama import ModelArgs, attention_mask, positions_from_segments, rope_cos_sin
+from megacpt.models.llama import ModelArgs, attention_mask, positions_from_segments, rope_cos_sin, scale_embeddings
 from megacpt.parallel.tp import init_tp_weights, load_tp_weights
 
 __all__ = ["BALANCE_METHODS", "stage_bounds", "item_bounds", "layer_weights", "PipeState", "EmbedStage",
@@ -117,10 +117,11 @@ class PipeState:
 class EmbedStage(nn.Module):
     """(input_ids, segment_ids) → (hidden, position_ids, segment_ids)."""
 
-    def __init__(self, embed_tokens: nn.Module, pipe_state: PipeState):
+    def __init__(self, embed_tokens: nn.Module, pipe_state: PipeState, embed_scale: float | None = None):
         super().__init__()
         self.embed_tokens = embed_tokens
         self.pipe_state = pipe_state
+        self.embed_scale = embed_scale  # Gemma's √hidden, as Transformer.forward applies it
 
     def forward(self, inputs):
         ids, seg = inputs
@@ -129,7 +130,7 @@ class EmbedStage(nn.Module):
             pos = positions_from_segments(seg)
         else:
             pos = torch.arange(s, device=ids.device).expand(b, s)
-        return self.embed_tokens(ids), pos.contiguous(), seg
+        return scale_embeddings(self.embed_tokens(ids), self.embed_scale), pos.contiguous(), seg
 
 
 class DecoderStage(nn.Module):
@@ -144,7 +145,7 @@ class DecoderStage(nn.Module):
     def forward(self, inputs):
         x, pos, seg = inputs
         layer = self.layers[str(self.index)]
-        cos, sin = rope_cos_sin(self.args, pos, x.dtype)
+        cos, sin = rope_cos_sin(self.args, pos, x.dtype, layer.local_rope)  # Gemma 3: sliding layers' own base
         mask = attention_mask(x.shape[1], layer.window, seg if self.pipe_state.use_segments else None, x.device)
         if self.pipe_state.activation_checkpointing and self.training:
             x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
@@ -239,7 +240,7 @@ def cut_stages(model: nn.Module, args: ModelArgs, topology, layer_bounds: list[i
         model.lm_head.weight = new
     state = PipeState(activation_checkpointing)
     head = HeadStage(model.norm, model.lm_head)
-    items = [EmbedStage(model.embed_tokens, state)]
+    items = [EmbedStage(model.embed_tokens, state, args.embed_scale)]
     items += [DecoderStage(i, layer, args, state) for i, layer in enumerate(model.layers)]
     items.append(head)
 

@@ -13,7 +13,9 @@ the two equal:
   q/k/v biases          the rows of their weight
   embed_tokens, lm_head vocabulary rows split evenly (no padding: vocab_size % tp must be 0); a
                         tied head is listed under its own name too, with the embedding's slice
-  norms                 whole on every rank (absent from the dict)
+  norms                 whole on every rank (absent from the dict): the block's norms of its
+                        placement, the final norm, and per-head q/k norms (Qwen3, Gemma 3);
+                        a full-width q/k norm (OLMo 2) is refused for tp > 1
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from __future__ import annotations
 import math
 
 from megacpt.errors import ConfigError
-from megacpt.models.llama import ModelArgs
-from megacpt.parallel.layouts import tp_problems
+from megacpt.models.llama import NORM_PLACEMENTS, ModelArgs
+from megacpt.parallel.layouts import family_problems, tp_problems
 from megacpt.parallel.tp import Shard
 
 __all__ = ["param_shapes", "tp_shards_for", "local_shapes", "local_numels"]
@@ -41,11 +43,16 @@ def param_shapes(args: ModelArgs) -> dict[str, tuple]:
             if args.qkv_bias:
                 out[f"{p}self_attn.{proj}.bias"] = (rows,)
         out[f"{p}self_attn.o_proj.weight"] = (h, q)
+        if args.qk_norm is not None:
+            per_head = args.qk_norm == "head"
+            out[f"{p}self_attn.q_norm.weight"] = (d if per_head else q,)
+            out[f"{p}self_attn.k_norm.weight"] = (d if per_head else kv,)
         out[f"{p}mlp.gate_proj.weight"] = (i, h)
         out[f"{p}mlp.up_proj.weight"] = (i, h)
         out[f"{p}mlp.down_proj.weight"] = (h, i)
-        out[f"{p}input_layernorm.weight"] = (h,)
-        out[f"{p}post_attention_layernorm.weight"] = (h,)
+        for norm in NORM_PLACEMENTS[args.norm_placement]:
+            if norm is not None:
+                out[f"{p}{norm}.weight"] = (h,)
     out["norm.weight"] = (h,)
     if not args.tie_word_embeddings:
         out["lm_head.weight"] = (v, h)
@@ -73,7 +80,7 @@ def tp_shards_for(args: ModelArgs, tp: int, tp_rank: int) -> dict[str, Shard]:
         raise ValueError(f"tp_rank {tp_rank} is not in [0, {tp})")
     if tp == 1:
         return {}
-    problems = tp_problems(args, tp)
+    problems = tp_problems(args, tp) + family_problems(args, tp, 1)
     if problems:
         raise ConfigError(f"cannot split the model over tp={tp}: {'; '.join(problems)}")
     h, i, v, d = args.hidden_size, args.intermediate_size, args.vocab_size, args.head_dim

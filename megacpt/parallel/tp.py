@@ -4,7 +4,10 @@
   q/k/v_proj, gate/up_proj  → ColumnParallelLinear (output features split: attention by heads)
   o_proj, down_proj         → RowParallelLinear (input features split, output all-reduced)
 and embed_tokens / lm_head → VocabParallelEmbedding / VocabParallelLMHead (vocabulary rows
-split). Norms stay whole (replicated) on every tensor-parallel rank.
+split). Norms stay whole (replicated) on every tensor-parallel rank. Per-head q/k norms (Qwen3,
+Gemma 3) are replicated too, but a rank normalises only its own heads, so their weight gradients
+are summed over the tensor group (HeadParallelRMSNorm). OLMo 2's full-width q/k norm is refused
+(layouts.family_problems: its statistic spans every head).
 
 Communication per layer (Megatron's): forward, one all-reduce after o_proj and one after
 down_proj; backward, one all-reduce of the input gradient of the attention block and one of the
@@ -16,7 +19,8 @@ own input gradient, so nothing wraps its input.
 
 Because every rank of a tensor group enters each norm with the same activations and the same
 (all-reduced) output gradient, the replicated parameters (norms) get identical, complete
-gradients on every tp rank; nothing needs reducing. The one exception is replicated KV heads:
+gradients on every tp rank; nothing needs reducing (q/k norms aside, see above). The one
+exception is replicated KV heads:
 when num_kv_heads < tp, each KV head is kept by tp / num_kv_heads ranks, each of which sees the
 gradient from its own query heads only, so the k/v weight (and bias) gradients are all-reduced
 over those ranks (the "KV replica group") in backward.
@@ -48,12 +52,14 @@ from megacpt.errors import ConfigError, UserError
 from megacpt.kernels import linear_cross_entropy, vocab_parallel_linear_cross_entropy
 from megacpt.labels import IGNORE
 from megacpt.models.hf import as_weights, check_weights
-from megacpt.parallel.layouts import tp_problems
+from megacpt.models.llama import soft_cap
+from megacpt.parallel.layouts import family_problems, tp_problems
 
 __all__ = [
     "Shard", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "VocabParallelLMHead",
     "apply_tp", "tp_shards", "tp_grad_norm", "load_tp_weights", "init_tp_weights", "gather_tp_state",
-    "iter_tp_state", "copy_to_tp_region", "reduce_from_tp_region", "gather_from_tp_region",
+    "iter_tp_state", "HeadParallelRMSNorm", "SequenceParallelRMSNorm", "copy_to_tp_region",
+    "reduce_from_tp_region", "gather_from_tp_region",
 ]
 
 
@@ -308,25 +314,28 @@ class VocabParallelLMHead(_TPModule):
     forward(h) → full logits (…, V), all-gathered over the vocabulary.
     """
 
-    def __init__(self, weight: nn.Parameter, shard: Shard, group):
+    def __init__(self, weight: nn.Parameter, shard: Shard, group, softcap: float | None = None):
         super().__init__()
         self.weight = _new_param(weight, shard)
         self.tp_shards = {"weight": shard}
         self.vocab_start, self.vocab_size = shard.start, shard.full_shape[0]
         self.group = group
+        self.softcap = softcap  # final-logit soft-cap (Gemma 2), as in the plain LMHead
         self._mark()
 
     def forward(self, h, targets=None):
         if targets is None:
             local = F.linear(copy_to_tp_region(h, self.group), self.weight)
-            return gather_from_tp_region(local, self.group)
+            logits = gather_from_tp_region(local, self.group)
+            return logits if self.softcap is None else soft_cap(logits, self.softcap)
 
         h2, t1 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         if _size(self.group) == 1:
-            return linear_cross_entropy(h2, self.weight, t1, ignore_index=IGNORE, reduction="sum")
+            return linear_cross_entropy(h2, self.weight, t1, ignore_index=IGNORE, reduction="sum",
+                                        softcap=self.softcap)
         return vocab_parallel_linear_cross_entropy(
             h2, self.weight, t1, self.group, vocab_start=self.vocab_start, vocab_size=self.vocab_size,
-            ignore_index=IGNORE, reduction="sum")
+            ignore_index=IGNORE, reduction="sum", softcap=self.softcap)
 
     def extra_repr(self):
         s = self.tp_shards["weight"]
@@ -356,10 +365,21 @@ class SequenceParallelRMSNorm(nn.Module):
         self.weight = norm.weight
         self.eps, self.group = norm.eps, group
         self.norm_fn = norm.norm_fn
+        # The form decides the identity init (init_tp_weights): ones, or zeros for 1 + w.
+        self.form = getattr(norm, "form", "weight")
 
     def forward(self, x):
         # RMSNorm.forward's arithmetic (same function, same numerics), with the weight wrapped.
         return self.norm_fn(x, copy_to_tp_region(self.weight, self.group), self.eps)
+
+
+class HeadParallelRMSNorm(SequenceParallelRMSNorm):
+    """Per-head q/k RMSNorm (Qwen3, Gemma 3) of a rank that holds some of the heads: the (d,)
+    weight is shared by all heads and replicated, but each rank's gradient covers its own heads
+    only, so it is summed over the tensor group in backward (the same arithmetic as the sequence
+    parallel norm, for a different reason). With replicated KV heads the sum is still complete:
+    each rank's k_norm gradient comes from its own query heads, and every query head is on
+    exactly one rank."""
 
 
 # ---- applying and loading ---------------------------------------------------------------------
@@ -367,6 +387,19 @@ class SequenceParallelRMSNorm(nn.Module):
 def _split(n: int, parts: int, i: int) -> tuple[int, int]:
     step = n // parts
     return i * step, (i + 1) * step
+
+
+def _wrap_norms(layer: nn.Module, args, group, sequence_parallel: bool) -> None:
+    """The norms of one decoder layer whose weight gradients are partial per rank."""
+    if args.qk_norm == "head":
+        a = layer.self_attn
+        a.q_norm, a.k_norm = HeadParallelRMSNorm(a.q_norm, group), HeadParallelRMSNorm(a.k_norm, group)
+    if sequence_parallel:
+        # Every norm of the block's placement (pre, post or sandwich) runs on the residual
+        # stream, which sequence parallelism splits by position.
+        for name in layer.norm_names:
+            if name is not None:
+                setattr(layer, name, SequenceParallelRMSNorm(getattr(layer, name), group))
 
 
 def apply_tp(model: nn.Module, topology, sequence_parallel: bool = False) -> nn.Module:
@@ -388,7 +421,7 @@ def apply_tp(model: nn.Module, topology, sequence_parallel: bool = False) -> nn.
         raise RuntimeError("apply_tp was already applied to this model")
 
     args = model.args
-    problems = tp_problems(args, tp)
+    problems = tp_problems(args, tp) + family_problems(args, tp, 1)
     if problems:
         raise ConfigError(f"cannot split the model over tp={tp}: {'; '.join(problems)}")
     d, nh, nkv = args.head_dim, args.num_heads, args.num_kv_heads
@@ -426,15 +459,14 @@ def apply_tp(model: nn.Module, topology, sequence_parallel: bool = False) -> nn.
         m.down_proj = row(m.down_proj, i0, i1)
         a.register_forward_pre_hook(_CopyInputHook(group, sequence_parallel))
         m.register_forward_pre_hook(_CopyInputHook(group, sequence_parallel))
-        if sequence_parallel:
-            layer.input_layernorm = SequenceParallelRMSNorm(layer.input_layernorm, group)
-            layer.post_attention_layernorm = SequenceParallelRMSNorm(layer.post_attention_layernorm, group)
+        _wrap_norms(layer, args, group, sequence_parallel)
     vocab_shard = Shard(0, v0, v1, (args.vocab_size, h))
     # A pipeline stage may lack the embedding or the head (None or absent): split what is there.
     if getattr(model, "embed_tokens", None) is not None:
         model.embed_tokens = VocabParallelEmbedding(model.embed_tokens.weight, vocab_shard, group, sequence_parallel)
     if getattr(model, "lm_head", None) is not None:
-        model.lm_head = VocabParallelLMHead(model.lm_head.weight, vocab_shard, group)
+        model.lm_head = VocabParallelLMHead(model.lm_head.weight, vocab_shard, group,
+                                            getattr(model.lm_head, "softcap", None))
         if args.tie_word_embeddings and getattr(model, "embed_tokens", None) is not None:
             model.lm_head.weight = model.embed_tokens.weight
         if sequence_parallel:
@@ -495,17 +527,22 @@ def load_tp_weights(model: nn.Module, weights, device=None, dtype=None) -> None:
 def init_tp_weights(model: nn.Module, seed: int, std: float = 0.02, device=None, dtype=None) -> None:
     """Random initialisation that does not depend on the layout: each parameter's full tensor is
     drawn from its own generator (seeded by `seed` and its name), then this rank keeps its slice.
-    Norm weights are ones, biases zeros, matrices normal(0, std). So replicated parameters (norms,
-    shared KV heads) are identical on every rank, and any tp gives the same model as tp = 1.
-    Each rank draws one full tensor at a time (fine for random-init runs, which are small).
+    Norm weights are ones (zeros in the 1 + w form), biases zeros, matrices normal(0, std). So
+    replicated parameters (norms, shared KV heads) are identical on every rank, and any tp gives
+    the same model as tp = 1. Each rank draws one full tensor at a time (fine for random-init
+    runs, which are small).
     Meta parameters are replaced as in load_tp_weights."""
     shards = tp_shards(model)
     owners = _owners(model)
+    # Norms in the (1 + w) form (Gemma) are the identity at w = 0.
+    zero_norms = {f"{n}.weight" for n, mod in model.named_modules() if getattr(mod, "form", None) == "one_plus_weight"}
     for name, p in list(model.named_parameters()):
         shard = shards.get(name)
         full_shape = shard.full_shape if shard is not None else tuple(p.shape)
         g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-        if name.endswith("norm.weight"):
+        if name in zero_norms:
+            full = torch.zeros(full_shape)
+        elif name.endswith("norm.weight"):
             full = torch.ones(full_shape)
         elif name.endswith(".bias"):
             full = torch.zeros(full_shape)
