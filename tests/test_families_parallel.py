@@ -6,7 +6,8 @@ family through the trainer's own construction (megacpt.train.parallelize) and st
 norm equal the plain model in one process (rtol 1e-5, atol 1e-6, fp32), and under TP and PP the
 DeepSpeed checkpoint consolidates (export's path) to exactly the HF weights. OLMo 2's full-width
 q/k norm is refused for tp > 1 at config time (its RMS statistic spans all heads); its TP
-scenario checks that the trainer's build refuses it.
+scenario checks that the trainer's build refuses it. The export of each family's ZeRO-3
+checkpoint reloads in transformers with the trainer's own validation loss (rel 1e-5).
 
 The scenarios live in this file (the harness imports it on every rank).
 """
@@ -219,7 +220,7 @@ def tp2_family(rank: int, world: int, out: Path, label: str, model_dir: str, zer
     dist.barrier()
 
 
-def zero3_family(rank: int, world: int, out: Path, label: str, model_dir: str) -> None:
+def zero3_family(rank: int, world: int, out: Path, label: str, model_dir: str) -> dict:
     """ZeRO-3 over 2 data-parallel ranks through build_model (partitioned while built, each rank
     loading its flat partition) / initialize / train_step."""
     import deepspeed
@@ -239,7 +240,25 @@ def zero3_family(rank: int, world: int, out: Path, label: str, model_dir: str) -
     engine = initialize(model, param_groups(model, WD), ds_config, topo)
     _compare_steps(model_dir, label, lambda inputs: train_step.train_step(engine, topo, zero, inputs, {}), topo,
                    mb, gas)
+    return _validate_and_save(engine, topo, model_dir, out)
+
+
+def _validation_windows(vocab_size: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (3, SEQ + 1), generator=torch.Generator().manual_seed(77))
+
+
+def _validate_and_save(engine, topo, model_dir: str, out: Path) -> dict:
+    """The trainer's validation loss on fixed windows, and a megacpt checkpoint (what export reads)."""
+    from megacpt.models.hf import read_hf_config
+    from megacpt.train import checkpoint as ckpt
+    from megacpt.train.evaluate import window_loss
+
+    windows = _validation_windows(engine.module.args.vocab_size).numpy()
+    loss_sum, count = window_loss(engine, windows, 1, topo, engine.device)
+    path = ckpt.save(engine, out / "ckpt", STEPS, {"step": STEPS, "source_dir": model_dir},
+                     read_hf_config(model_dir), keep=1, rank=dist.get_rank())
     dist.barrier()
+    return {"valid_loss": loss_sum / count, "checkpoint": str(path)}
 
 
 def pp2_family(rank: int, world: int, out: Path, label: str, model_dir: str) -> None:
@@ -289,4 +308,23 @@ def test_zero3_families_match_single_process(tmp_path, family_dirs):
     _need_deepspeed()
     scenarios = [Scenario("test_families_parallel:zero3_family", dict(label=f"zero3 {name}", model_dir=path),
                           name=f"zero3 {name}") for name, path in family_dirs.items()]
-    run_scenarios(2, scenarios, tmp_path)
+    results = run_scenarios(2, scenarios, tmp_path)
+    _exports_reload_with_the_same_perplexity(results, family_dirs, tmp_path)
+
+
+def _exports_reload_with_the_same_perplexity(results: dict, family_dirs: dict, tmp_path: Path) -> None:
+    """The export of each family's 2-rank ZeRO-3 checkpoint loads in transformers, whose loss on
+    the validation windows equals the one the trainer's validation measured (rel 1e-5)."""
+    import transformers
+
+    from megacpt.export import export
+
+    for name in family_dirs:
+        got = results[f"zero3 {name}"][0]
+        out = export(got["checkpoint"], tmp_path / f"export_{name.replace(' ', '_')}")
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        windows = _validation_windows(model.config.vocab_size)
+        with torch.no_grad():
+            logits = model(windows[:, :-1]).logits
+        ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), windows[:, 1:].flatten())
+        assert abs(got["valid_loss"] / float(ref) - 1) < 1e-5, (name, got["valid_loss"], float(ref))
