@@ -253,3 +253,38 @@ def test_parser_constants_match_the_module():
 
     assert cli_vocab.INITS == vocab.INITS
     assert cli_vocab.DEFAULT_MAX_TRAIN_CHARS == vocab.DEFAULT_MAX_TRAIN_CHARS
+
+
+@pytest.mark.parametrize("arch,tied", [("gemma3", True), ("phi3", False)])
+def test_new_families_extend(base, arch, tied):
+    """Gemma 3 (tied, 1+w norms, q/k norms) and Phi-3 (fused qkv_proj/gate_up_proj on disk): the
+    extended model loads in transformers with the new rows; every other tensor, the fused ones
+    included, is the base's bit for bit; megacpt's loader takes it."""
+    from megacpt.export import load_model_source
+    from megacpt.models.hf import load_full_state
+    from megacpt.models.llama import Transformer
+
+    tmp, _, _ = base
+    d = tmp / f"base-{arch}"
+    tok = tiny_tokenizer(d)
+    # Phi-3's config defaults name token 32000 (pad/eos); this vocabulary ends at 400.
+    ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0} if arch == "phi3" else {}
+    tiny_hf_model(d, arch=arch, tied=tied, vocab=len(tok), hidden=16, inter=32, heads=2, kv_heads=1, perturb=True,
+                  **ids)
+    out = tmp / f"ext-{arch}"
+    r = extend_vocab(d, out, NEW_TOKENS, init="mean")
+    check_export(out, d, r)
+    new, old = weights(out), weights(d)
+    assert set(new) == set(old)
+    for name, t in old.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(new[name][: t.shape[0]], t) and new[name].shape[0] == r["vocab_size"], name
+        else:
+            assert torch.equal(new[name], t), name
+    if arch == "phi3":
+        assert any(n.endswith("qkv_proj.weight") for n in new) and any(n.endswith("gate_up_proj.weight") for n in new)
+    args, _, src, _ = load_model_source(out)
+    with torch.device("meta"):
+        ours = Transformer(args)
+    load_full_state(ours, src)
+    assert ours.embed_tokens.weight.shape[0] == r["vocab_size"]
