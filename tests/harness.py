@@ -26,6 +26,16 @@ import pytest
 
 from helpers import REPO, cpu_env, free_port
 
+
+def need_gloo(deepspeed: bool = True) -> None:
+    """Skip the calling test where torch has no gloo backend (or DeepSpeed is missing)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    if deepspeed:
+        pytest.importorskip("deepspeed")
+
 TESTS = Path(__file__).resolve().parent
 # Room for one rank's traceback in a failure message.
 TRACEBACK_CHARS = 6000

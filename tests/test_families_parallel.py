@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import Scenario, run_scenarios
+from harness import Scenario, need_gloo, run_scenarios
 from helpers import tiny_hf_model
 from megacpt.errors import ConfigError
 from megacpt.models.llama import ModelArgs
@@ -53,12 +53,6 @@ FAMILIES = {
 # TP scenarios: ZeRO stage and sequence parallelism per family (both clipping paths, both TP modes).
 TP_RUNS = {"qwen3": (1, True), "gemma2 tied": (0, False), "gemma3": (1, True), "olmo2 tied": (0, False),
            "phi3": (0, True)}
-
-
-def _need_deepspeed():
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    pytest.importorskip("deepspeed")
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +281,7 @@ def pp2_family(rank: int, world: int, out: Path, label: str, model_dir: str) -> 
 
 @pytest.mark.slow
 def test_tp2_families_match_single_process(tmp_path, family_dirs):
-    _need_deepspeed()
+    need_gloo()
     scenarios = [Scenario("test_families_parallel:tp2_family",
                           dict(label=f"tp2 {name}", model_dir=path, zero=TP_RUNS[name][0],
                                sequence_parallel=TP_RUNS[name][1]), name=f"tp2 {name}")
@@ -297,7 +291,7 @@ def test_tp2_families_match_single_process(tmp_path, family_dirs):
 
 @pytest.mark.slow
 def test_pp2_families_match_single_process(tmp_path, family_dirs):
-    _need_deepspeed()
+    need_gloo()
     scenarios = [Scenario("test_families_parallel:pp2_family", dict(label=f"pp2 {name}", model_dir=path),
                           name=f"pp2 {name}") for name, path in family_dirs.items()]
     run_scenarios(2, scenarios, tmp_path)
@@ -305,7 +299,7 @@ def test_pp2_families_match_single_process(tmp_path, family_dirs):
 
 @pytest.mark.slow
 def test_zero3_families_match_single_process(tmp_path, family_dirs):
-    _need_deepspeed()
+    need_gloo()
     scenarios = [Scenario("test_families_parallel:zero3_family", dict(label=f"zero3 {name}", model_dir=path),
                           name=f"zero3 {name}") for name, path in family_dirs.items()]
     results = run_scenarios(2, scenarios, tmp_path)

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import harness
-from harness import Failed, Scenario, run_scenarios
+from harness import Failed, Scenario, need_gloo, run_scenarios
 
 
 def sums_ranks(rank, world, out, offset):
@@ -32,8 +32,7 @@ def returns_no_json(rank, world, out):
 
 @pytest.mark.slow
 def test_every_scenario_runs_and_reports_in_one_launch(tmp_path):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
+    need_gloo(deepspeed=False)
     scenarios = [Scenario("test_harness:sums_ranks", {"offset": 1}, name="before"),
                  "test_harness:fails_on_rank1_while_rank0_waits",
                  "test_harness:returns_no_json",

@@ -7,11 +7,10 @@ matching rows of the full dW; the harness reports a failure with the failing ran
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.distributed as dist
 
-from harness import run_scenarios
+from harness import need_gloo, run_scenarios
 
 IGNORE = -100
 
@@ -76,6 +75,5 @@ def vocab_parallel_scenario(rank: int, world: int, out) -> None:
 
 
 def test_vocab_parallel_matches_single_rank(tmp_path):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
+    need_gloo(deepspeed=False)
     run_scenarios(2, ["test_kernels_tp:vocab_parallel_scenario"], tmp_path)

@@ -7,9 +7,8 @@ for tiny Llama (untied) and Qwen2 (tied embeddings, q/k/v bias) configs, ZeRO-0 
 from __future__ import annotations
 
 import pytest
-import torch.distributed as dist
 
-from harness import Scenario, run_scenarios
+from harness import Scenario, need_gloo, run_scenarios
 from helpers import tiny_hf_model
 from megacpt.errors import ConfigError
 from megacpt.models.llama import ModelArgs
@@ -70,12 +69,6 @@ def test_embed_groups_pair_first_and_last_stage():
     assert RankLayout(4, tp=2, pp=1).embed_groups() == []
 
 
-def _need_gloo():
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    pytest.importorskip("deepspeed")
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pp_models")
@@ -93,7 +86,7 @@ def _pipeline_scenarios(layouts):
 
 @pytest.mark.slow
 def test_pp2_matches_single_process(tmp_path, models):
-    _need_gloo()
+    need_gloo()
     scenarios = [("pp2 llama zero1", models["llama"], 1, 2, 1),
                  ("pp2 qwen2 tied zero0 ckpt", models["qwen2"], 1, 2, 0)]
     run_scenarios(2, _pipeline_scenarios(scenarios), tmp_path)
@@ -101,7 +94,7 @@ def test_pp2_matches_single_process(tmp_path, models):
 
 @pytest.mark.slow
 def test_world4_pp2_dp2_and_tp2_pp2(tmp_path, models):
-    _need_gloo()
+    need_gloo()
     scenarios = [("pp2dp2 qwen2 tied zero1", models["qwen2"], 1, 2, 1),
                  ("pp2dp2 llama zero0", models["llama"], 1, 2, 0),
                  ("tp2pp2 llama zero1", models["llama"], 2, 2, 1),
