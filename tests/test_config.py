@@ -216,3 +216,17 @@ def test_help_config_flag_prints_every_section(capsys):
     assert out.strip() == describe_config().strip()
     for key in ("optim.lr", "data.train[].weight", "parallel.zero_stage", "checkpoint.keep"):
         assert key in out, key
+
+
+def test_every_megacpt_environment_variable_is_documented():
+    """docs/ENVIRONMENT.md lists every MEGACPT_* variable the code, scripts and tests read."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    doc = (repo / "docs" / "ENVIRONMENT.md").read_text()
+    files = [p for d in ("megacpt", "kernels", "slurm", "scripts", "bench", "tests", ".ci")
+             for p in (repo / d).rglob("*") if p.is_file() and p.suffix in ("", ".py", ".sh")]
+    names = {m for p in files for m in re.findall(r"MEGACPT_[A-Z0-9_]*[A-Z0-9]", p.read_text(errors="ignore"))}
+    assert len(names) > 10
+    assert sorted(n for n in names if n not in doc) == []
