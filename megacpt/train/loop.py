@@ -149,6 +149,7 @@ def open_outputs(rs: RunState) -> None:
     """metrics.jsonl / TensorBoard, layout.json, config.resolved.json, the progress bar."""
     cfg = rs.cfg
     rs.logger = MetricsLogger(rs.run_dir, enabled=rs.rank == 0, tensorboard=cfg.tensorboard)
+    rs.peak_flops = peak_flops(device_name())
     write_layout(rs)
     if rs.rank == 0:
         with open(rs.run_dir / "config.resolved.json", "w") as f:
@@ -217,7 +218,7 @@ def log_step(rs: RunState, phase_name: str, out: StepOut, lrs: dict, dt: float) 
         rec = {"step": step, "phase": phase_name, "loss": out.loss, "lr": lrs.pop("lr"), "grad_norm": out.grad_norm,
                "step_time_s": dt, "peak_memory_mb": peak_memory_mb(), "consumed_samples": step * G,
                "samples_fingerprint": out.fingerprint % 2**48, **lrs}
-        rec.update(throughput(G * S, dt, rs.world, rs.args.flops_per_token(S), peak_flops(device_name())))
+        rec.update(throughput(G * S, dt, rs.world, rs.args.flops_per_token(S), rs.peak_flops))
         for name, n in tokens_per_source(rs.phases, step, G, rs.skips).items():
             rec[f"tokens/{name}"] = n
         rs.logger.log(rec)

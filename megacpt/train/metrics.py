@@ -38,7 +38,6 @@ DENSE_BF16_PEAK = [
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-
     return f"cpu ({platform.processor() or platform.machine()})"
 
 

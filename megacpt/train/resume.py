@@ -35,9 +35,7 @@ def resolve_start(cfg: Config, world: int) -> Start:
     check_resume_compatible(state["config"], cfg)
     start = Start(base_cfg=json.loads((resume_dir / ckpt.HF_CONFIG_FILE).read_text()),
                   source_dir=state.get("source_dir"), resume_dir=resume_dir, state=state)
-    if (state.get("early_stopping") or {}).get("stopped_at") is not None:
-        start.finished = True
-        return start
+    start.finished = (state.get("early_stopping") or {}).get("stopped_at") is not None
     return start
 
 

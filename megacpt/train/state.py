@@ -61,6 +61,7 @@ class RunState:
     recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50))  # losses, for spikes
     where: dict = field(default_factory=lambda: {"op": "start"})  # what the step does, to name a timed-out collective
     logger: object = None
+    peak_flops: float | None = None  # the device's dense bf16 peak, for MFU (None on CPUs)
     bar: object = None
     stopper: object = None
 
