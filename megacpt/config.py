@@ -104,11 +104,13 @@ class PhaseConfig:
 
 @dataclass(frozen=True)
 class EarlyStoppingConfig:
-    metric: str = _field(help="a validation metric, e.g. valid/new/loss or valid/sft/exact_match")
+    metric: str = _field(help="a validation or task metric, e.g. valid/new/loss, valid/sft/exact_match or "
+                              "task/my_probe/acc")
     patience: int = _field(3, "evaluations in a row without improvement before stopping")
     min_delta: float = _field(0.0, "an improvement must beat the best value by more than this")
     mode: Optional[Literal["min", "max"]] = _field(None, "whether lower or higher is better; null: max for "
-                                                         "exact_match/token_f1/bleu, else min")
+                                                         "exact_match/token_f1/bleu and task metrics other than "
+                                                         "perplexities, else min")
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,24 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
+class TasksConfig:
+    names: list[str] = _field(help="lm-evaluation-harness task (or group) names, e.g. [my_cloze, my_choice]")
+    include_path: Optional[str] = _field(None, "folder of lm-eval task YAML files (lm-eval's own format)")
+    num_fewshot: Optional[int] = _field(None, "few-shot examples per item; null: each task's own default, else 0")
+    limit: Optional[int] = _field(None, "evaluate the first N items of each task; null: all")
+    interval: Optional[int] = _field(None, "steps between task evaluations (and at the last step); "
+                                           "null: train.eval_interval")
+    batch_size: int = _field(8, "requests scored together per data-parallel rank")
+    tokenizer: Optional[str] = _field(None, "HF tokenizer dir for the task prompts; null: the model's own files")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tasks: Optional[TasksConfig] = _field(None, "lm-eval tasks evaluated at step 0 (the base) and every interval, "
+                                                "logged as task/<name>/<metric> and task/<name>/<metric>_vs_base")
+
+
+@dataclass(frozen=True)
 class Config:
     run_dir: str = _field("runs/demo", "the run's directory: checkpoints, metrics.jsonl, config.resolved.json; "
                                        "a run with a checkpoint there resumes")
@@ -203,6 +223,8 @@ class Config:
     checkpoint: CheckpointConfig = _field(help="when checkpoints are written and how many are kept",
                                           factory=CheckpointConfig)
     sft: SFTConfig = _field(help="task: sft only: tokenizer and generation-based evaluation", factory=SFTConfig)
+    eval: EvalConfig = _field(help="downstream task evaluation during training (lm-evaluation-harness)",
+                              factory=EvalConfig)
     tensorboard: bool = _field(True, "also write TensorBoard event files into run_dir/tensorboard")
     deepspeed: dict = _field(help="merged last into the generated DeepSpeed config (offload, bucket sizes, ...)",
                              factory=dict)
@@ -236,14 +258,14 @@ def _coerce(value: Any, tp, path: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:  # Optional[X]: X's own error names the problem (e.g. an unknown key)
+            return _coerce(value, members[0], path)
+        for a in members:
             try:
                 return _coerce(value, a, path)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                continue
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value in typing.get_args(tp):
@@ -416,6 +438,7 @@ def validate(cfg: Config) -> None:
     _validate_early_stopping(cfg)
     _check_sft_length(cfg)
     _check_phases(cfg)
+    _check_tasks(cfg)
 
 
 def _check_numbers(cfg: Config) -> None:
@@ -519,6 +542,21 @@ def _check_phases(cfg: Config) -> None:
                 raise ConfigError(f"phases.{i}.data.train.{j} ({src.name}): weight must be > 0, got {src.weight}")
 
 
+def _check_tasks(cfg: Config) -> None:
+    t = cfg.eval.tasks
+    if t is None:
+        return
+    if not t.names:
+        raise ConfigError("eval.tasks.names is empty: list lm-eval task names, or drop eval.tasks")
+    _positive(t.interval, "eval.tasks.interval")
+    _positive(t.limit, "eval.tasks.limit")
+    _positive(t.num_fewshot, "eval.tasks.num_fewshot", allow_zero=True)
+    _positive(t.batch_size, "eval.tasks.batch_size")
+    if cfg.parallel.pp > 1:
+        raise ConfigError("eval.tasks is not available with pipeline parallelism (parallel.pp > 1) yet; use pp: 1 "
+                          "(tensor parallelism and ZeRO work), or evaluate checkpoints with megacpt eval --tasks")
+
+
 SFT_METRICS = ("exact_match", "token_f1", "bleu")
 VALID_METRICS = ("loss", "ppl", "ppl_vs_base")
 
@@ -530,6 +568,9 @@ def _validate_early_stopping(cfg: Config) -> None:
     _positive(es.patience, "train.early_stopping.patience")
     _positive(es.min_delta, "train.early_stopping.min_delta", allow_zero=True)
     parts = es.metric.split("/")
+    if parts[0] == "task":
+        _check_task_metric(cfg, es.metric, parts)
+        return
     names = [v.name for v in cfg.data.valid]
     kinds = VALID_METRICS + (SFT_METRICS if cfg.task == "sft" else ())
     if len(parts) != 3 or parts[0] != "valid" or parts[1] not in names or parts[2] not in kinds:
@@ -545,10 +586,28 @@ def _validate_early_stopping(cfg: Config) -> None:
         raise ConfigError(f"train.early_stopping.metric {es.metric!r} needs generations: set sft.eval_examples > 0")
 
 
+def _check_task_metric(cfg: Config, metric: str, parts: list[str]) -> None:
+    names = cfg.eval.tasks.names if cfg.eval.tasks else []
+    if len(parts) < 3 or parts[1] not in names or not parts[2]:
+        example = f"task/{names[0]}/acc" if names else "task/NAME/acc with NAME in eval.tasks.names"
+        raise ConfigError(f"train.early_stopping.metric {metric!r} is not a task metric of this run; use "
+                          f"task/<eval.tasks name>/<lm-eval metric>[_vs_base], e.g. {example}")
+    if metric.endswith("_vs_base") and not cfg.train.eval_at_start:
+        raise ConfigError(f"train.early_stopping.metric {metric!r} is relative to the step-0 evaluation, which "
+                          f"train.eval_at_start: false turns off; enable it or drop the _vs_base suffix")
+
+
+# lm-eval's task metrics where lower is better (its own higher_is_better says so too).
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss")
+
+
 def early_stopping_mode(es: EarlyStoppingConfig) -> str:
     if es.mode is not None:
         return es.mode
-    return "max" if es.metric.rsplit("/", 1)[-1] in SFT_METRICS else "min"
+    last = es.metric.rsplit("/", 1)[-1]
+    if es.metric.startswith("task/"):
+        return "min" if any(w in last for w in LOWER_IS_BETTER) else "max"
+    return "max" if last in SFT_METRICS else "min"
 
 
 @dataclass(frozen=True)
@@ -599,6 +658,8 @@ RESUME_SAFE_KEYS = (
     "sft.max_new_tokens",
     "sft.eval_batch_size",
     "sft.bleu",
+    # Task metrics are measured, not trained on: they can be added to (or dropped from) a running job.
+    "eval.",
     # The layout does not change what is computed: a resume in another one re-slices the state.
     "parallel.tp",
     "parallel.pp",

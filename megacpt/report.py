@@ -9,6 +9,8 @@ Reads each run's metrics.jsonl (and config.resolved.json for the tokens per step
                   model (step 0) sits at 0 tokens
 - valid_ppl_vs_base.png  the same relative to the base model (1 = unchanged): learning on the new
                   domain, forgetting on the original one
+- task_<name>.png one per lm-eval task logged in the loop (eval.tasks): each metric vs tokens
+                  seen, the base model's value (step 0) as a dashed line in the run's colour
 - report.json     the exact series plotted ({plot: {series|panels: {run: {x, y}}}}) and the
                   final values per run
 - index.html      the plots and a table of final values per run
@@ -44,6 +46,7 @@ class Run:
     tokens_per_step: int
     train: dict = field(default_factory=dict)  # step -> merged training record
     valid: dict = field(default_factory=dict)  # step -> merged validation record
+    tasks: dict = field(default_factory=dict)  # step -> {task/<name>/<metric>: value} (no _vs_base)
     skipped_lines: int = 0
 
     def domains(self) -> list[str]:
@@ -58,6 +61,16 @@ class Run:
 
     def tokens(self, step: int) -> int:
         return int(step) * self.tokens_per_step
+
+    def task_metrics(self) -> dict[str, list[str]]:
+        """{task name: [metric, ...]} in the order first logged."""
+        out: dict[str, list[str]] = {}
+        for rec in self.tasks.values():
+            for k in rec:
+                _, name, metric = k.split("/", 2)
+                if metric not in out.setdefault(name, []):
+                    out[name].append(metric)
+        return out
 
 
 def _num(v):
@@ -93,7 +106,10 @@ def load_run(run_dir) -> Run:
                 run.train.setdefault(step, {}).update(rec)
             if any(k.startswith("valid/") for k in rec):
                 run.valid.setdefault(step, {}).update(rec)
-    if not run.train and not run.valid:
+            tasks = {k: v for k, v in rec.items() if k.startswith("task/") and not k.endswith("_vs_base")}
+            if tasks:
+                run.tasks.setdefault(step, {}).update(tasks)
+    if not run.train and not run.valid and not run.tasks:
         raise UserError(f"{mpath} has no training or validation records; has the run logged a step yet?")
     if run.skipped_lines:
         print(f"warning: {mpath}: skipped {run.skipped_lines} unreadable lines", file=sys.stderr)
@@ -200,7 +216,26 @@ def build_series(runs: list[Run]) -> dict:
             rel = _relative_series(r, d)
             if len(rel["x"]) > 1 or (rel["x"] and rel["x"] != [0]):
                 plots["valid_ppl_vs_base"]["panels"].setdefault(d, {})[r.name] = rel
+    _task_series(runs, plots)
     return plots
+
+
+def _task_series(runs: list[Run], plots: dict) -> None:
+    """One plot per task ("task:<name>"), a panel per metric, and each run's base value."""
+    for r in runs:
+        for name, metrics in r.task_metrics().items():
+            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+            spec = plots.setdefault(f"task:{name}", {
+                "file": f"task_{safe}.png", "title": f"Task {name} (dashed: the base model, step 0)",
+                "xlabel": "tokens seen", "ylabel": "value", "yscale": "linear", "panels": {}, "base": {}})
+            for metric in metrics:
+                key = f"task/{name}/{metric}"
+                s = _series(r.tasks, key, r.tokens)
+                if s["x"]:
+                    spec["panels"].setdefault(metric, {})[r.name] = s
+                base = _num(r.tasks.get(0, {}).get(key))
+                if base is not None:
+                    spec["base"].setdefault(metric, {})[r.name] = base
 
 
 def final_values(runs: list[Run]) -> list[dict]:
@@ -225,6 +260,15 @@ def final_values(runs: list[Run]) -> list[dict]:
             domains[d] = {"step": steps[-1], "ppl": final, "base_ppl": base,
                           "ppl_vs_base": final / base if base else logged_rel}
         row["valid"] = domains
+        row["tasks"] = {}
+        for name, metrics in r.task_metrics().items():
+            for metric in metrics:
+                key = f"task/{name}/{metric}"
+                steps = [s for s in sorted(r.tasks) if _num(r.tasks[s].get(key)) is not None]
+                if steps:
+                    base, final = _num(r.tasks.get(0, {}).get(key)), _num(r.tasks[steps[-1]][key])
+                    row["tasks"][f"{name}/{metric}"] = {"step": steps[-1], "base": base, "final": final,
+                                                        "vs_base": None if base is None else final - base}
         rows.append(row)
     return rows
 
@@ -320,30 +364,34 @@ def draw(plots: dict, colors: dict, out: Path) -> list[str]:
         ax.legend(loc="best", fontsize="small")
         _save(fig, out / spec["file"])
         written.append(key)
-    for key in ("valid_ppl", "valid_ppl_vs_base"):
-        spec = plots[key]
-        panels = spec["panels"]
-        if not panels:
-            continue
-        n = len(panels)
-        cols = min(n, 3)
-        rows = -(-n // cols)
-        fig = _figure(4.6 * cols + 0.6, 3.8 * rows + 0.6)
-        axes = fig.subplots(rows, cols, squeeze=False)
-        for i, (domain, series) in enumerate(panels.items()):
-            ax = axes[i // cols][i % cols]
-            _plot_lines(ax, series, colors, spec)
-            if key == "valid_ppl_vs_base":
-                ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
-            _style_axes(ax, spec, token_x=True)
-            ax.set_title(domain)
-            ax.legend(loc="best", fontsize="small")
-        for j in range(n, rows * cols):
-            axes[j // cols][j % cols].set_visible(False)
-        fig.suptitle(spec["title"])
-        _save(fig, out / spec["file"])
-        written.append(key)
+    for key, spec in plots.items():
+        if spec.get("panels"):
+            _draw_panels(key, spec, colors, out)
+            written.append(key)
     return written
+
+
+def _draw_panels(key: str, spec: dict, colors: dict, out: Path) -> None:
+    panels = spec["panels"]
+    n = len(panels)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig = _figure(4.6 * cols + 0.6, 3.8 * rows + 0.6)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, (panel, series) in enumerate(panels.items()):
+        ax = axes[i // cols][i % cols]
+        _plot_lines(ax, series, colors, spec)
+        if key == "valid_ppl_vs_base":
+            ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
+        for run, base in spec.get("base", {}).get(panel, {}).items():
+            ax.axhline(base, color=colors[run], linestyle="--", linewidth=1)
+        _style_axes(ax, spec, token_x=True)
+        ax.set_title(panel)
+        ax.legend(loc="best", fontsize="small")
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].set_visible(False)
+    fig.suptitle(spec["title"])
+    _save(fig, out / spec["file"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,6 +413,12 @@ def _fmt(v, kind="g") -> str:
     return f"{v:.4g}"
 
 
+def _task_cell(v: dict | None) -> str:
+    if v is None:
+        return "<td>–</td>"
+    return f"<td>{_fmt(v['base'])} → {_fmt(v['final'])}</td>"
+
+
 def render_html(plots: dict, written: list[str], table: list[dict]) -> str:
     e = html.escape
     domains = []
@@ -372,9 +426,11 @@ def render_html(plots: dict, written: list[str], table: list[dict]) -> str:
         for d in row["valid"]:
             if d not in domains:
                 domains.append(d)
+    metrics = list(dict.fromkeys(m for row in table for m in row.get("tasks", {})))
     head = ["run", "steps", "tokens seen", "final train loss", "median tokens/s/device"]
     for d in domains:
         head += [f"{d} ppl (base → final)", f"{d} ppl / base"]
+    head += [f"{m} (base → final)" for m in metrics]
     body = []
     for row in table:
         cells = [f'<td title="{e(row["path"])}">{e(row["run"])}</td>', f"<td>{_fmt(row.get('step'), 'int')}</td>",
@@ -388,6 +444,7 @@ def render_html(plots: dict, written: list[str], table: list[dict]) -> str:
             ratio = v["ppl_vs_base"]
             cls = "" if ratio is None else (' class="better"' if ratio < 1 else ' class="worse"')
             cells += [f"<td>{_fmt(v['base_ppl'])} → {_fmt(v['ppl'])}</td>", f"<td{cls}>{_fmt(ratio, 'ratio')}</td>"]
+        cells += [_task_cell(row.get("tasks", {}).get(m)) for m in metrics]
         body.append("<tr>" + "".join(cells) + "</tr>")
     figs = []
     for key in written:
@@ -413,7 +470,8 @@ img {{ max-width: 100%; border: 1px solid #ddd; }}
 <table><thead><tr>{''.join(f'<th>{e(h)}</th>' for h in head)}</tr></thead>
 <tbody>{''.join(body)}</tbody></table>
 <p>ppl / base: the run's last validation perplexity over the base model's (step 0); below 1 the domain
-improved, above 1 it got worse (forgetting, on the original domain).
+improved, above 1 it got worse (forgetting, on the original domain). Task columns: the lm-eval
+metric of the base model (step 0) and at the run's last task evaluation.
 Data behind the plots: <a href="report.json">report.json</a>.</p>
 <h2>Plots</h2>
 {''.join(figs)}

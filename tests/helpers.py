@@ -213,3 +213,59 @@ def write_jsonl(path, records) -> str:
 
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
+
+
+def word_tokenizer(model_dir, vocab=128):
+    """A word-level HF tokenizer saved into model_dir whose ids are the tiny models' vocabulary:
+    id 0 is EOS ("<|endoftext|>"), id i is the word "w<i>" (decoding joins words with spaces)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    hf.save_pretrained(str(model_dir))
+    return hf
+
+
+def word_tasks(out_dir, vocab=128, seed=0, n=8) -> Path:
+    """Three lm-eval tasks over word_tokenizer's words, as local YAML + JSON Lines (absolute paths:
+    lm-eval resolves data_files against the working directory): `tiny_choice` (multiple choice,
+    acc/acc_norm), `tiny_gen` (greedy generation of 3 words, exact_match) and `tiny_roll` (rolling
+    loglikelihood, word_perplexity: a continuous number that every item moves)."""
+    import json
+    import random
+
+    rnd = random.Random(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def words(k):
+        return " ".join(f"w{rnd.randrange(1, vocab)}" for _ in range(k))
+
+    with open(out / "tiny_choice.jsonl", "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"ctx": words(rnd.randint(3, 9)), "choices": [words(2), words(3), words(1)],
+                                "label": rnd.randrange(3)}) + "\n")
+    with open(out / "tiny_gen.jsonl", "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": words(rnd.randint(2, 7)), "answer": words(1)}) + "\n")
+    with open(out / "tiny_roll.jsonl", "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"text": words(rnd.randint(5, 20))}) + "\n")
+    common = "dataset_path: json\ntest_split: test\n"
+    (out / "tiny_choice.yaml").write_text(
+        f"task: tiny_choice\n{common}dataset_kwargs:\n  data_files:\n    test: {out / 'tiny_choice.jsonl'}\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{ctx}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    (out / "tiny_gen.yaml").write_text(
+        f"task: tiny_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {out / 'tiny_gen.jsonl'}\n"
+        "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: ' {{answer}}'\n"
+        "generation_kwargs:\n  until: ['w7']\n  max_gen_toks: 3\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")
+    (out / "tiny_roll.yaml").write_text(
+        f"task: tiny_roll\n{common}dataset_kwargs:\n  data_files:\n    test: {out / 'tiny_roll.jsonl'}\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n")
+    return out

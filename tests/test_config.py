@@ -48,10 +48,31 @@ def test_set_overrides_typed_and_indexed():
     ({}, ["optim.lr"], "expected key=value"),
     ({}, ["data.train.3.weight=1"], "not an index"),
     ({"optim": {"lr": 1e-4, "min_lr": 1e-3}}, [], "min_lr"),
+    ({"eval": {"tasks": {"names": []}}}, [], "eval.tasks.names is empty"),
+    ({"eval": {"tasks": {"names": ["a"], "interval": 0}}}, [], "eval.tasks.interval must be > 0"),
+    ({"eval": {"tasks": {"names": ["a"]}}, "parallel": {"pp": 2}}, [], "eval.tasks is not available with pipeline"),
+    ({"eval": {"tasks": {"name": ["a"]}}}, [], "unknown config key 'eval.tasks.name'"),
+    ({"eval": {"tasks": {"names": ["a"]}}, "train": {"early_stopping": {"metric": "task/b/acc"}}}, [],
+     "is not a task metric of this run"),
 ])
 def test_bad_configs_name_the_problem(data, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         config_from_dict(data, overrides)
+
+
+def test_task_metrics_for_early_stopping_and_resume():
+    from megacpt.config import early_stopping_mode
+
+    cfg = config_from_dict({"eval": {"tasks": {"names": ["probe"]}},
+                            "train": {"early_stopping": {"metric": "task/probe/acc_vs_base"}}})
+    assert early_stopping_mode(cfg.train.early_stopping) == "max"
+    cfg = config_from_dict({"eval": {"tasks": {"names": ["probe"]}},
+                            "train": {"early_stopping": {"metric": "task/probe/perplexity"}}})
+    assert early_stopping_mode(cfg.train.early_stopping) == "min"
+    # tasks can be added to (or changed in) a running job
+    a = config_from_dict({}).to_dict()
+    b = config_from_dict({"eval": {"tasks": {"names": ["probe"], "interval": 5}}}).to_dict()
+    assert run_changing_diff(a, b) == []
 
 
 def test_global_batch_must_divide_by_data_parallel_size():

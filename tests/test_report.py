@@ -190,3 +190,31 @@ def test_bad_input_is_a_user_error(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and str(run) in err[0]
     assert not (tmp_path / "out" / "index.html").exists()
+
+
+def test_task_metrics_get_a_plot_per_task_with_the_base_marked(tmp_path):
+    """eval.tasks records (task/<name>/<metric>, _vs_base): one PNG per task, the series and the
+    base value in report.json, base → final in the table."""
+    recs = fake_run(tmp_path / "run", steps=40, eval_interval=20)
+    task = [{"step": s, "task/probe_de/acc": a, "task/probe_de/acc_norm": a - 0.05, "task/probe_en/acc": e}
+            for s, a, e in ((0, 0.40, 0.70), (20, 0.48, 0.66), (40, 0.55, 0.64))]
+    for r in task[1:]:
+        r.update({f"{k}_vs_base": v - task[0][k] for k, v in list(r.items()) if k.startswith("task/")})
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in task)
+    out = tmp_path / "out"
+    assert main(["report", str(tmp_path / "run"), "--output", str(out)]) == 0
+    for name in ("task_probe_de.png", "task_probe_en.png"):
+        h, w = png_size(out / name)
+        assert h > 200 and w > 200
+    data = json.loads((out / "report.json").read_text())
+    spec = data["plots"]["task:probe_de"]
+    assert set(spec["panels"]) == {"acc", "acc_norm"}  # _vs_base is not plotted as a metric
+    assert spec["panels"]["acc"]["run"] == {"x": [0, 20 * 8 * 256, 40 * 8 * 256], "y": [0.40, 0.48, 0.55]}
+    assert spec["base"]["acc"] == {"run": 0.40}
+    row = data["runs"][0]["tasks"]
+    assert row["probe_en/acc"]["base"] == 0.70 and row["probe_en/acc"]["final"] == 0.64
+    assert row["probe_en/acc"]["vs_base"] == pytest.approx(-0.06)
+    page = (out / "index.html").read_text()
+    assert "probe_de/acc (base → final)" in page and 'src="task_probe_de.png"' in page
+    assert len(recs) > 0

@@ -278,7 +278,7 @@ def test_only_the_cli_layer_imports_the_cli():
     _fail("megacpt.cli imported outside the CLI layer " + ", ".join(CLI_LAYER), bad)
 
 
-HEAVY_OPTIONAL = ("triton", "transformers", "matplotlib")
+HEAVY_OPTIONAL = ("triton", "transformers", "matplotlib", "lm_eval")
 
 
 def _wraps_heavy_optional(target: str) -> bool:

@@ -5,7 +5,8 @@ the TP checkpoints."""
 import pytest
 import torch
 
-from helpers import run_ok, tiny_hf_model, tiny_run_config, train_losses, write_config
+from helpers import (read_metrics, run_ok, tiny_hf_model, tiny_run_config, train_losses, word_tasks, word_tokenizer,
+                     write_config)
 from golden import check_golden
 
 pytestmark = pytest.mark.slow
@@ -15,12 +16,17 @@ pytestmark = pytest.mark.slow
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp")
     model = tiny_hf_model(tmp / "model", arch="qwen2", tied=False, kv_heads=2)
+    # Its own dir: next to a qwen2 config.json, AutoTokenizer would build Qwen2's tokenizer class.
+    word_tokenizer(tmp / "tokenizer")
+    tasks = {"names": ["tiny_choice", "tiny_gen", "tiny_roll"], "include_path": str(word_tasks(tmp / "tasks")),
+             "batch_size": 3, "tokenizer": str(tmp / "tokenizer")}
     out = {}
     for name, nproc, zero, tp in (("single", 1, 0, 1), ("tp2_z1", 2, 1, 2), ("tp2_z3", 2, 3, 2),
                                   ("tp2_z3_sp", 2, 3, 2)):
         c = tiny_run_config(tmp, model, tmp / name, steps=5, zero=zero, gb=4, mb=1)
         c["parallel"]["tp"] = tp
         c["parallel"]["sequence_parallel"] = name.endswith("_sp")
+        c["eval"] = {"tasks": tasks}  # lm-eval tasks at steps 0 and 5 on the TP engine
         cfg = write_config(tmp / f"{name}.yaml", c)
         if name == "tp2_z1":  # also interrupted and resumed in the same layout
             run_ok(nproc, cfg, "train.stop_after=2")
@@ -75,3 +81,18 @@ def test_golden_numbers(runs):
     before the restructure."""
     check_golden("tp2_zero1_resumed", runs["tp2_z1"])
     check_golden("tp2_zero3_sp", runs["tp2_z3_sp"])
+
+
+@pytest.mark.parametrize("layout", ["tp2_z1", "tp2_z3_sp"])
+def test_tp_task_metrics_match_single_process(runs, layout):
+    def task_records(run):
+        return {r["step"]: {k: v for k, v in r.items() if k.startswith("task/")}
+                for r in read_metrics(runs[run]) if any(k.startswith("task/") for k in r)}
+
+    a, b = task_records("single"), task_records(layout)
+    assert sorted(a) == sorted(b) == [0, 5]
+    assert "task/tiny_roll/word_perplexity_vs_base" in a[5]
+    for step in a:
+        assert a[step].keys() == b[step].keys()
+        for k, v in a[step].items():
+            assert b[step][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (step, k)

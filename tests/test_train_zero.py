@@ -8,19 +8,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_ok, tiny_hf_model, tiny_run_config, train_losses, write_config
+from helpers import (read_metrics, run_ok, tiny_hf_model, tiny_run_config, train_losses, word_tasks, word_tokenizer,
+                     write_config)
 from golden import check_golden
 
 pytestmark = pytest.mark.slow
 
 ZERO3_SHARDED = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+TASK_NAMES = ["tiny_choice", "tiny_gen", "tiny_roll"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero")
     model = tiny_hf_model(tmp / "model", tied=False)
-    out = {}
+    word_tokenizer(model)
+    # lm-eval tasks in the loop (eval.tasks) on the single and ZeRO-3 runs: single_resumed has none,
+    # so its bit-identical resume comparison with `single` also shows they leave training alone.
+    tasks = {"eval.tasks": {"names": TASK_NAMES, "include_path": str(word_tasks(tmp / "tasks")), "interval": 3}}
+    out = {"model": model, "tasks": tmp / "tasks"}
 
     def cfg(name, zero, **kw):
         c = tiny_run_config(tmp, model, tmp / name, steps=5, zero=zero, gb=4, mb=1,
@@ -29,10 +35,10 @@ def runs(tmp_path_factory):
 
     # Reference: one process, no ZeRO, 4 micro-batches accumulated per step.
     out["single"] = tmp / "single"
-    run_ok(1, cfg("single", 0))
+    run_ok(1, cfg("single", 0, **tasks))
     # 2 ranks, ZeRO-3 sharding everything, 2 micro-batches per rank per step.
     out["zero3"] = tmp / "zero3"
-    run_ok(2, cfg("zero3", 3, tensorboard=True))
+    run_ok(2, cfg("zero3", 3, tensorboard=True, **tasks))
     # The same, stopped after 2 steps and resumed (a second launch).
     out["zero3_resumed"] = tmp / "zero3_resumed"
     c = cfg("zero3_resumed", 3)
@@ -195,3 +201,66 @@ def test_golden_numbers(runs):
     check_golden("zero0_x1", runs["single"])
     check_golden("zero3_x2", runs["zero3"])
     check_golden("zero3_x2_resumed", runs["zero3_resumed"])
+
+
+def _task_records(run_dir) -> dict:
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("task/")}
+            for r in read_metrics(run_dir) if any(k.startswith("task/") for k in r)}
+
+
+def test_task_metrics_in_the_loop(runs):
+    """Step 0 (the base), every eval.tasks.interval and the last step; _vs_base after step 0;
+    2 ZeRO-3 ranks (requests split and gathered) log what one process logs."""
+    single, zero3 = _task_records(runs["single"]), _task_records(runs["zero3"])
+    assert sorted(single) == sorted(zero3) == [0, 3, 5]
+    assert {"task/tiny_choice/acc", "task/tiny_choice/acc_norm", "task/tiny_gen/exact_match",
+            "task/tiny_roll/word_perplexity"} == set(single[0])
+    assert "task/tiny_roll/word_perplexity_vs_base" in single[5]
+    assert single[5]["task/tiny_roll/word_perplexity_vs_base"] == pytest.approx(
+        single[5]["task/tiny_roll/word_perplexity"] - single[0]["task/tiny_roll/word_perplexity"])
+    assert single[5]["task/tiny_roll/word_perplexity"] != single[0]["task/tiny_roll/word_perplexity"]  # it moved
+    for step in single:
+        assert zero3[step].keys() == single[step].keys()
+        for k, v in single[step].items():
+            assert zero3[step][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (step, k)
+
+
+def test_step0_task_metrics_equal_megacpt_eval_on_the_base_model(runs, tmp_path):
+    from megacpt.cli import main
+
+    out = tmp_path / "base.json"
+    assert main(["eval", "--model", str(runs["model"]), "--tasks", ",".join(TASK_NAMES), "--include-path",
+                 str(runs["tasks"]), "--json", str(out)]) == 0
+    got = json.loads(out.read_text())["tasks"]
+    base = _task_records(runs["single"])[0]
+    for k, v in base.items():
+        _, name, metric = k.split("/")
+        assert got[name][metric] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+def test_eval_tasks_on_the_run_and_its_export_equal_lm_eval_hf(runs, tmp_path):
+    """`megacpt eval --tasks` on the ZeRO-3 run (consolidated) and on its export, against lm-eval's
+    own `hf` backend on the export; the last in-loop evaluation is the same model too."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from megacpt.cli import main
+    from megacpt.eval.tasks import summarize
+
+    hf_dir = tmp_path / "hf"
+    assert main(["export", str(runs["zero3"]), "--output", str(hf_dir)]) == 0
+    got = {}
+    for name, src in (("run", runs["zero3"]), ("export", hf_dir)):
+        assert main(["eval", "--model", str(src), "--tasks", ",".join(TASK_NAMES), "--include-path",
+                     str(runs["tasks"]), "--json", str(tmp_path / f"{name}.json")]) == 0
+        got[name] = json.loads((tmp_path / f"{name}.json").read_text())["tasks"]
+    ref = summarize(lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=TASK_NAMES, device="cpu", batch_size=4,
+        task_manager=TaskManager(include_path=str(runs["tasks"]), include_defaults=False), bootstrap_iters=1000))
+    last = _task_records(runs["zero3"])[5]
+    for name in TASK_NAMES:
+        for metric, v in ref[name].items():
+            assert got["run"][name][metric] == pytest.approx(v, rel=1e-4, abs=1e-6), (name, metric)
+            assert got["export"][name][metric] == pytest.approx(v, rel=1e-4, abs=1e-6), (name, metric)
+            if "_stderr" not in metric and metric != "n":
+                assert last[f"task/{name}/{metric}"] == pytest.approx(v, rel=1e-4, abs=1e-6), (name, metric)

@@ -1,13 +1,17 @@
-"""`megacpt eval`: held-out loss/perplexity of an HF dir, run or checkpoint on named shard sets."""
+"""`megacpt eval`: held-out loss/perplexity of an HF dir, run or checkpoint on named shard sets,
+and lm-evaluation-harness tasks on the same model (`--tasks`), in one JSON."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
 from megacpt.errors import UserError
 from megacpt.eval.perplexity import eval_windows, summarize
+from megacpt.eval.tasks import TaskSpec, eos_ids, evaluate_tasks, hf_tokenizer, load_tasks
+from megacpt.eval.tasks import summarize as summarize_tasks
 from megacpt.export import load_model_source
 from megacpt.train.parallelize import BuildSpec, build_model
 
@@ -23,13 +27,19 @@ def evaluate_model(model, windows, batch_size: int = 4) -> tuple[float, int]:
     return total, count
 
 
-def run_eval(model_path, data: list[str], seq_len: int | None, max_tokens: int | None, batch_size: int = 4) -> dict:
-    args, _, weights, _ = load_model_source(model_path)
-    seq_len = seq_len or min(args.max_position_embeddings, 2048)
+def data_sets(data: list[str]) -> dict[str, str]:
     sets = {}
-    for item in data:
+    for item in data or []:
         name, _, path = item.partition("=") if "=" in item else ("", "", item)
         sets[name or path] = path
+    if "tasks" in sets:
+        raise UserError("a data set may not be named 'tasks' (the JSON keeps task results under that key); "
+                        "rename it, e.g. --data tasks_text=PATH")
+    return sets
+
+
+def load_windows(sets: dict, args, seq_len: int | None, max_tokens: int | None) -> dict:
+    seq_len = seq_len or min(args.max_position_embeddings, 2048)
     windows = {}
     for name, path in sets.items():
         w = eval_windows(path, seq_len, max_tokens)
@@ -37,16 +47,41 @@ def run_eval(model_path, data: list[str], seq_len: int | None, max_tokens: int |
             raise UserError(f"{path}: token id {int(w.max())} ≥ model vocab {args.vocab_size}; "
                             f"the data was tokenized for another model")
         windows[name] = w
+    return windows
+
+
+def run_all(a) -> dict:
+    """`megacpt eval`'s results: {data set: {loss, ppl, tokens}, ..., "tasks": {task: {metric: v, "n": n}}}."""
+    sets = data_sets(a.data)
+    spec = TaskSpec(tuple(n for n in (a.tasks or "").split(",") if n), a.include_path, a.num_fewshot, a.limit)
+    if not sets and not spec.names:
+        raise UserError("nothing to evaluate: pass --data NAME=PATH and/or --tasks NAME[,NAME...]")
+    tasks = load_tasks(spec) if spec.names else []  # task errors before the model is built
+    args, hf_cfg, weights, source_dir = load_model_source(a.model)
+    tokenizer = hf_tokenizer(a.model, source_dir, a.tokenizer) if spec.names else None
+    windows = load_windows(sets, args, a.seq_len, a.max_tokens)
     model = build_model(BuildSpec(args, dtype=torch.float32), weights=weights)  # one process, fp32
     model.eval()
-    return {name: summarize(*evaluate_model(model, w, batch_size)) for name, w in windows.items()}
+    results = {name: summarize(*evaluate_model(model, w, a.batch_size)) for name, w in windows.items()}
+    if spec.names:
+        from megacpt.eval.harness import MegacptLM  # wraps lm-eval (optional, imported only for --tasks)
+
+        lm = MegacptLM(model, tokenizer, args.max_position_embeddings, batch_size=a.batch_size,
+                       eos_ids=eos_ids(hf_cfg, source_dir))
+        results["tasks"] = summarize_tasks(evaluate_tasks(lm, spec, tasks))
+    return results
 
 
-def main_args(args) -> int:
-    results = run_eval(args.model, args.data, args.seq_len, args.max_tokens, args.batch_size)
+def main_args(a) -> int:
+    results = run_all(a)
     for name, r in results.items():
-        print(f"{name:<20} loss={r['loss']:.4f} ppl={r['ppl']:.3f} tokens={r['tokens']}")
-    if args.json:
-        with open(args.json, "w") as f:
+        if name != "tasks":
+            print(f"{name:<20} loss={r['loss']:.4f} ppl={r['ppl']:.3f} tokens={r['tokens']}")
+    for name, r in results.get("tasks", {}).items():
+        print(f"{name:<20} " + " ".join(f"{k}={v:.4f}" if k != "n" else f"n={v}" for k, v in r.items()))
+    if a.json:
+        tmp = f"{a.json}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump(results, f, indent=2)
+        os.replace(tmp, a.json)
     return 0

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from megacpt.eval.sft import evaluate as sft_evaluate
 from megacpt.labels import IGNORE
+from megacpt.train import task_eval
 from megacpt.train.state import RunState
 
 SFT_METRICS = ("exact_match", "token_f1", "bleu")
@@ -40,21 +41,36 @@ def validation_record(rs: RunState, step: int) -> dict:
 
 
 def evaluate_base(rs: RunState) -> None:
-    """The base model's perplexities at step 0: what later evaluations are compared with."""
-    rec = validation_record(rs, 0)
+    """The base model at step 0: the perplexities and task metrics later evaluations are compared with."""
+    rec = evaluation_record(rs, 0, bool(rs.valid), rs.task_eval is not None)
     rs.base_valid = {n: rec[f"valid/{n}/ppl"] for n in rs.valid}
     rs.logger.log(rec)
     if rs.early_stopper is not None:
         rs.early_stopper.after_eval(rec, rs.logger, can_stop=False)  # the base model sets the first best
-    rs.say("base model: " + ", ".join(f"{n} ppl={rs.base_valid[n]:.3f}" for n in rs.valid))
+    rs.say("base model: " + describe(rs, rec))
 
 
-def evaluate_now(rs: RunState) -> str | None:
-    """Validation at the current step; returns the early-stopping reason, if it says stop."""
-    rec = validation_record(rs, rs.step)
+def evaluation_record(rs: RunState, step: int, valid: bool, tasks: bool) -> dict:
+    rec = validation_record(rs, step) if valid else {"step": step}
+    if tasks:
+        rec.update(task_eval.task_record(rs))
+    return rec
+
+
+def describe(rs: RunState, rec: dict) -> str:
+    """The console line of an evaluation: perplexities (and SFT metrics), then task metrics."""
+    parts = [f"{n} ppl={rec[f'valid/{n}/ppl']:.3f}" + "".join(
+        f" {k}={rec[f'valid/{n}/{k}']:.3f}" for k in SFT_METRICS if f"valid/{n}/{k}" in rec)
+        for n in rs.valid if f"valid/{n}/ppl" in rec]
+    parts += [f"{k[5:]}={v:.4f}" for k, v in rec.items() if k.startswith("task/") and not k.endswith("_vs_base")]
+    return ", ".join(parts)
+
+
+def evaluate_now(rs: RunState, valid: bool = True, tasks: bool = False) -> str | None:
+    """Evaluation at the current step; returns the early-stopping reason, if it says stop."""
+    rec = evaluation_record(rs, rs.step, valid, tasks)
     rs.logger.log(rec)
-    rs.say("valid: " + ", ".join(f"{n} ppl={rec[f'valid/{n}/ppl']:.3f}" + "".join(
-        f" {k}={rec[f'valid/{n}/{k}']:.3f}" for k in SFT_METRICS if f"valid/{n}/{k}" in rec) for n in rs.valid))
+    rs.say(("valid: " if valid else "tasks: ") + describe(rs, rec))
     if rs.early_stopper is not None and rs.step < rs.total_steps:
         return rs.early_stopper.after_eval(rec, rs.logger)
     return None

@@ -32,6 +32,7 @@ from megacpt.parallel import Topology, validate_layout
 from megacpt.train import checkpoint as ckpt
 from megacpt.train import dist as mdist
 from megacpt.train import step as step_mod
+from megacpt.train import task_eval
 from megacpt.train.cpu_alloc import use_caching_malloc
 from megacpt.train.engine import deepspeed_config, resolve_precision
 from megacpt.train.evaluate import evaluate_base, evaluate_now, latest_perplexities, summary_table
@@ -78,6 +79,7 @@ def train(cfg: Config) -> int:
                   f"train on)", flush=True)
         return 0
     rs = describe_run(cfg, derived, start, info.world_size)
+    task_eval.prepare(rs)
     rs.stopper, rs.caching_malloc = stopper, caching_malloc
     mdist.init(timeout_s=cfg.train.collective_timeout_s)
     build(rs)
@@ -142,6 +144,8 @@ def build(rs: RunState) -> None:
     rs.engine = initialize(model, groups, rs.ds_config, rs.topo)
     if rs.topo.pp_size > 1:
         rs.pipe_run = PipelineRun(rs.engine, pipe_state, rs.topo, own_clip)
+    if rs.task_eval is not None:
+        task_eval.attach(rs)
     mdist.release_shm_names(rs.rank)
 
 
@@ -166,7 +170,8 @@ def run_steps(rs: RunState) -> None:
     """The step loop: one optimizer step, then logging, evaluation, the stop decision and
     checkpoints; a non-finite step rolls back instead."""
     cfg = rs.cfg
-    if rs.valid and rs.step == 0 and cfg.train.eval_at_start and not rs.base_valid:
+    measured = rs.base_valid or rs.base_tasks
+    if (rs.valid or rs.task_eval) and rs.step == 0 and cfg.train.eval_at_start and not measured:
         evaluate_base(rs)
     rs.engine.train()
     while rs.step < rs.total_steps:
@@ -235,8 +240,10 @@ def after_step(rs: RunState, out: StepOut) -> bool:
     train.stop_after), after a checkpoint."""
     cfg, step = rs.cfg, rs.step
     early = None
-    if rs.valid and (step % cfg.train.eval_interval == 0 or step == rs.total_steps):
-        early = evaluate_now(rs)
+    valid_due = bool(rs.valid) and (step % cfg.train.eval_interval == 0 or step == rs.total_steps)
+    tasks_due = task_eval.due(rs, step)
+    if valid_due or tasks_due:
+        early = evaluate_now(rs, valid_due, tasks_due)
     if early:
         rs.stopped_by = early
     elif out.stop_signal:
@@ -258,6 +265,7 @@ def save(rs: RunState) -> None:
         "tokens_per_source": tokens_per_source(rs.phases, step, G, rs.skips),
         "skipped_batches": rs.skips,
         "base_valid": rs.base_valid,
+        "base_tasks": rs.base_tasks,
         "early_stopping": rs.early_stopper.state() if rs.early_stopper else None,
         "config": cfg.to_dict(),
         "world_size": rs.world,

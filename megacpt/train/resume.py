@@ -164,6 +164,7 @@ def restore(rs: RunState, rename=None) -> None:
     rs.step = int(state["step"])
     rs.last_saved = rs.step
     rs.base_valid = state.get("base_valid", {})
+    rs.base_tasks = state.get("base_tasks") or {}
     rs.skips = {k: list(v) for k, v in state.get("skipped_batches", {}).items()}
     rs.say(f"resuming from {start.resume_dir} at step {rs.step}")
 

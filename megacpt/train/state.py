@@ -52,6 +52,8 @@ class RunState:
     # progress
     step: int = 0
     base_valid: dict = field(default_factory=dict)
+    base_tasks: dict = field(default_factory=dict)  # task/<name>/<metric> of the base model (step 0)
+    task_eval: object = None  # train/task_eval.py TaskEval when eval.tasks is set
     skips: dict = field(default_factory=dict)  # phase name -> data batch indices skipped after rollbacks
     early_stopper: object = None
     rollbacks: int = 0

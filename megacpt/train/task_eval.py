@@ -1,0 +1,82 @@
+"""Downstream task metrics during training (`eval.tasks`): lm-evaluation-harness tasks run on the
+training engine itself, at step 0 (the base model) and every `eval.tasks.interval` steps.
+
+Every rank runs lm-eval on the same task list; the model wrapper (eval/harness.py) scores each
+data-parallel rank's share of the requests and gathers the rest, so lm-eval computes the same
+metrics everywhere; rank 0's are broadcast so that the record (and an early-stopping decision on
+it) is identical on every rank. `task/<name>/<metric>_vs_base` is the difference from the base
+model's value (accuracy points lost or gained; for perplexity-like metrics, the change), which
+is what forgetting and learning are read from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from megacpt.eval.tasks import TaskSpec, eos_ids, evaluate_tasks, hf_tokenizer, load_tasks, summarize
+from megacpt.train.state import RunState
+
+
+@dataclass
+class TaskEval:
+    spec: TaskSpec
+    tasks: object  # eval/tasks.py LoadedTasks (data loaded once)
+    tokenizer: object
+    interval: int
+    lm: object = None  # MegacptLM over the engine, made once the engine exists
+
+
+def prepare(rs: RunState) -> None:
+    """Load the tasks and the tokenizer before any rank starts (a bad task exits 2 right away)."""
+    t = rs.cfg.eval.tasks
+    if t is None:
+        return
+    spec = TaskSpec(tuple(t.names), t.include_path, t.num_fewshot, t.limit)
+    source = rs.start.source_dir
+    tokenizer = hf_tokenizer(f"eval.tasks (model {source})", source, t.tokenizer)
+    rs.task_eval = TaskEval(spec, load_tasks(spec), tokenizer, t.interval or rs.cfg.train.eval_interval)
+
+
+def attach(rs: RunState) -> None:
+    """Wrap the engine as an lm-eval model (once the engine exists)."""
+    from megacpt.eval.harness import MegacptLM, Spread  # wraps lm-eval (optional: only with eval.tasks)
+
+    te, topo = rs.task_eval, rs.topo
+    sp = rs.cfg.parallel.sequence_parallel
+    spread = Spread(topo.dp_rank, topo.dp_size, topo.dp_group, distributed=True,
+                    seq_multiple=topo.tp_size if sp else 1)
+    te.lm = MegacptLM(rs.engine, te.tokenizer, rs.args.max_position_embeddings,
+                      batch_size=rs.cfg.eval.tasks.batch_size, spread=spread, device=rs.engine.device,
+                      eos_ids=eos_ids(rs.hf_cfg, rs.start.source_dir))
+
+
+def due(rs: RunState, step: int) -> bool:
+    te = rs.task_eval
+    return te is not None and (step % te.interval == 0 or step == rs.total_steps)
+
+
+def task_record(rs: RunState) -> dict:
+    """{"task/<name>/<metric>": value, ..._vs_base} at the current step; equal on every rank."""
+    te = rs.task_eval
+    was_training = rs.engine.training
+    rs.engine.eval()
+    raw = evaluate_tasks(te.lm, te.spec, te.tasks, bootstrap_iters=0)  # stderrs are not logged
+    if was_training:
+        rs.engine.train()
+    # lm-eval builds its results on rank 0 of each node only (LOCAL_RANK 0): rank 0's are the ones.
+    box = [summarize(raw) if rs.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    rec = {}
+    for name, metrics in box[0].items():
+        for metric, value in metrics.items():
+            if metric != "n" and "_stderr" not in metric:
+                rec[f"task/{name}/{metric}"] = value
+    if rs.step == 0 and not rs.base_tasks:
+        rs.base_tasks = dict(rec)  # no _vs_base at step 0, as for ppl_vs_base
+        return rec
+    for key, value in list(rec.items()):
+        if key in rs.base_tasks:
+            rec[f"{key}_vs_base"] = value - rs.base_tasks[key]
+    return rec
