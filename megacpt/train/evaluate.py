@@ -119,9 +119,24 @@ def latest_perplexities(run_dir: Path) -> dict:
     return final
 
 
-def summary_table(base: dict, final: dict) -> str:
-    lines = ["", "held-out perplexity      before      after     change"]
+def latest_task_metrics(run_dir: Path) -> dict:
+    """Latest task/<name>/<metric> values from metrics.jsonl (no _vs_base)."""
+    final = {}
+    with open(run_dir / "metrics.jsonl") as f:
+        for line in f:
+            rec = json.loads(line)
+            final.update({k: v for k, v in rec.items() if k.startswith("task/") and not k.endswith("_vs_base")})
+    return final
+
+
+def summary_table(base: dict, final: dict, base_tasks: dict | None = None, final_tasks: dict | None = None) -> str:
+    lines = [""] + (["held-out perplexity      before      after     change"] if base else [])
     for name in base:
         b, a = base[name], final.get(name, float("nan"))
         lines.append(f"  {name:<20} {b:>10.3f} {a:>10.3f} {100 * (a / b - 1):>+9.1f}%")
+    if base_tasks:
+        lines.append("task metric                        before      after     change")
+        for key, b in base_tasks.items():
+            a = (final_tasks or {}).get(key, float("nan"))
+            lines.append(f"  {key[5:]:<30} {b:>10.4f} {a:>10.4f} {a - b:>+10.4f}")
     return "\n".join(lines)

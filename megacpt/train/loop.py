@@ -35,7 +35,8 @@ from megacpt.train import step as step_mod
 from megacpt.train import task_eval
 from megacpt.train.cpu_alloc import use_caching_malloc
 from megacpt.train.engine import deepspeed_config, resolve_precision
-from megacpt.train.evaluate import evaluate_base, evaluate_now, latest_perplexities, summary_table
+from megacpt.train.evaluate import (evaluate_base, evaluate_now, latest_perplexities, latest_task_metrics,
+                                    summary_table)
 from megacpt.train.metrics import MetricsLogger, device_name, format_console, peak_flops, peak_memory_mb, throughput
 from megacpt.train.parallelize import BuildSpec, build_model, build_pipeline, initialize
 from megacpt.train.phases import build_datasets, data_batch_index, lr_for, phase_at, plan_phases, tokens_per_source
@@ -289,8 +290,9 @@ def finish(rs: RunState) -> None:
         elif rs.stopped_by:
             print(f"stopped at step {step}/{rs.total_steps} ({rs.stopped_by}); checkpoint written, rerun to resume",
                   flush=True)
-        elif rs.valid and rs.base_valid:
-            print(summary_table(rs.base_valid, latest_perplexities(rs.run_dir)), flush=True)
+        elif rs.base_valid or rs.base_tasks:
+            print(summary_table(rs.base_valid, latest_perplexities(rs.run_dir), rs.base_tasks,
+                                latest_task_metrics(rs.run_dir)), flush=True)
     rs.logger.close()
     dist.barrier()
     dist.destroy_process_group()
