@@ -296,3 +296,15 @@ def test_task_yaml_tags_and_include(tmp_path, planted, hf_tokenizer_dir, capsys)
     capsys.readouterr()
     rc = main(["contamination", "--train", planted["train"]["planted"], "--eval", str(d), "--tokenizer", hf_tokenizer_dir])
     assert rc == 2 and "malformed YAML" in capsys.readouterr().err and not marker.exists()
+
+
+def test_bench_contamination_smoke(tmp_path):
+    """`megacpt bench contamination` end to end on tiny corpora (the numbers are not checked)."""
+    out = tmp_path / "b.json"
+    rc = main(["bench", "contamination", "--sizes", "50000,100000", "--items", "20", "--item-len", "30",
+               "--json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert [(x["train_tokens"], x["workers"]) for x in r["runs"]] == [(50000, 1), (100000, 1), (100000, 2)]
+    assert all(x["contaminated_items"] == 10 for x in r["runs"])  # one scan task here: no worker started
+    assert r["summary"]["corpus_growth"] == 2.0
