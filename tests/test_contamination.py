@@ -247,8 +247,10 @@ def test_ngram_hashes_match_per_window_hashing():
     assert len(np.unique(h)) == 494 and len(C.ngram_hashes(toks[:6], 7)) == 0
 
 
-def bad_cases(tmp_path, planted):
+def bad_cases(tmp_path, planted, tokenizer):
     train = planted["train"]["planted"]
+    other = write_shard(tmp_path / "other", [np.arange(20)])
+    (tmp_path / "other.json").write_text(json.dumps({"format": "megacpt-tokenized", "tokenizer": {"vocab_hash": "sha256:0"}}))
     no_files = write_task(tmp_path / "hub", "hub", [{"q": "x"}])
     (tmp_path / "hub" / "hub.yaml").write_text("task: hub\ndataset_path: cais/mmlu\ntest_split: test\n")
     bad_yaml = write_task(tmp_path / "bad", "bad", [{"q": "x"}])
@@ -265,11 +267,12 @@ def bad_cases(tmp_path, planted):
         "ngram 0": (["--train", train, "--eval", train, "--ngram", "0"], "--ngram"),
         "workers 0": (["--train", train, "--eval", train, "--workers", "0"], "--workers"),
         "duplicate source": (["--train", train, train, "--eval", train], "named planted"),
+        "another vocabulary": (["--train", other, "--eval", ok, "--tokenizer", tokenizer], "different vocabularies"),
     }
 
 
-def test_cli_errors(planted, tmp_path, capsys):
-    cases = bad_cases(tmp_path, planted)
+def test_cli_errors(planted, tmp_path, capsys, hf_tokenizer_dir):
+    cases = bad_cases(tmp_path, planted, hf_tokenizer_dir)
     for name, (argv, fragment) in cases.items():
         out = tmp_path / f"{name.replace(' ', '_')}.json"
         capsys.readouterr()

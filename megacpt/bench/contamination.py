@@ -95,6 +95,19 @@ def _vm_rss_kb() -> int | None:
     return None
 
 
+def _cpu_model() -> str:
+    # megacpt.bench.report.cpu_model's twin: importing that module would load torch into the
+    # measured child processes (this module is what they run) and inflate their resident set.
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _run_child(work: Path, name: str, spec: dict, timeout: float) -> dict:
     spec_path, out = work / f"{name}.json", work / f"{name}.out.json"
     spec_path.write_text(json.dumps({**spec, "out": str(out)}))
@@ -176,6 +189,7 @@ def run_contamination_bench(a) -> int:
         raise UserError("need --workers ≥ 2, --repeats ≥ 1, --items ≥ 1 and --item-len ≥ --ngram")
     work = Path(a.work_dir) if a.work_dir else Path(tempfile.mkdtemp(prefix="megacpt-bench-contamination-"))
     work.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
     try:
         data = _prepare(work, a, sizes)
         rows = _runs(work, a, data, sizes)
@@ -186,8 +200,8 @@ def run_contamination_bench(a) -> int:
         "benchmark": "contamination",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": "megacpt bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "numpy": np.__version__},
+        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "numpy": np.__version__, "load_average_before": load_before},
         "setup": {"sizes": sizes, "items": a.items, "item_len": a.item_len, "ngram": a.ngram, "vocab": VOCAB,
                   "doc_tokens": DOC_TOKENS, "planted": data["planted"], "workers": a.workers, "repeats": a.repeats},
         "memory_measure": "ru_maxrss (peak resident set, KiB) of a fresh process per run (RUSAGE_SELF) and of "
