@@ -295,8 +295,9 @@ def _is_task_path(p: Path) -> bool:
 
 
 def load_eval_sets(entries, tokenizer: str | None) -> tuple[list[EvalSet], TokenizerInfo | None]:
-    """(name or None, source) pairs -> EvalSets, and the tokenizer if one was loaded. A source is a task YAML or directory of them, a
-    shard prefix or directory of shards, or a sequence of 1-D token arrays (one item each)."""
+    """(name or None, source) pairs -> EvalSets, and the tokenizer if one was loaded. A source is
+    a task YAML or directory of them, a shard prefix or directory of shards, or a sequence of 1-D
+    token arrays (one item each)."""
     cache: dict = {}
 
     def encoder() -> Encoder:
