@@ -20,6 +20,7 @@ _PARSERS = [
     "megacpt.cli.prepare",
     "megacpt.cli.train",
     "megacpt.cli.eval",
+    "megacpt.cli.contamination",
     "megacpt.cli.export",
     "megacpt.cli.bench",
     "megacpt.cli.preflight",

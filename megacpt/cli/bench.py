@@ -43,6 +43,14 @@ def add_parsers(sub) -> None:
     add_common(lp)
     lp.set_defaults(target="megacpt.bench.loss:run_loss_bench")
 
+    cp = bsub.add_parser("contamination", help="megacpt contamination: peak memory as the training corpus grows, "
+                                               "and 2 workers against 1",
+                         description="Random uint16 token corpora of each size with planted eval items; each run "
+                                     "a fresh process; peak RSS (ru_maxrss) of it and its workers, and wall time.")
+    add_contamination_args(cp)
+    add_common(cp)
+    cp.set_defaults(target="megacpt.bench.contamination:run_contamination_bench")
+
     if DATA_SCRIPT.is_file():
         dp = bsub.add_parser("data", help="megacpt prepare against datasets.map + numpy, and peak memory "
                                           f"(runs {DATA_SCRIPT.relative_to(DATA_SCRIPT.parents[1])}; arguments pass "
@@ -118,3 +126,16 @@ def add_loss_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="OUT.json", default=None, help="write the results here")
+
+
+def add_contamination_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", default="20e6,200e6", help="training corpus sizes in tokens (default 20e6,200e6)")
+    p.add_argument("--workers", type=int, default=2, help="worker count compared against 1 at the largest size")
+    p.add_argument("--repeats", type=int, default=1, help="alternating (1 worker, --workers) runs at the largest size")
+    p.add_argument("--items", type=int, default=2000, help="eval items (default 2000)")
+    p.add_argument("--item-len", type=int, default=200, help="tokens per eval item (default 200)")
+    p.add_argument("--ngram", type=int, default=13)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", default=None, help="keep the corpora here (default: a temp dir, removed)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per run before it is killed")
+    p.add_argument("--json", metavar="OUT.json", default=None, help="write the results here")
