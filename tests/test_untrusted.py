@@ -194,7 +194,7 @@ def test_yaml_python_tags_rejected(world, tmp_path, capsys, tag):
 ALLOWED = {
     ("megacpt/data/workers.py", "_init_worker", "pickle.load"):
         "reads back the tokenizer spec the parent process itself wrote to a private mkstemp file",
-    ("megacpt/eval/contamination.py", "_read_task_yaml", "yaml.load"):
+    ("megacpt/eval/task_yaml.py", "parse_task_yaml", "yaml.load"):
         "its Loader subclasses yaml.SafeLoader and adds only lm-eval's `!function` tag, read as a plain "
         "string (tests/test_contamination.py checks that python tags are still refused)",
 }

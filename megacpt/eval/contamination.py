@@ -37,6 +37,7 @@ from megacpt.data.indexed import IndexedDataset, bin_path, list_shard_prefixes
 from megacpt.data.sidecar import read_sidecar
 from megacpt.data.tokenizer import Encoder, TokenizerInfo, load_tokenizer
 from megacpt.errors import DataError, UserError
+from megacpt.eval.task_yaml import parse_task_yaml
 
 HASH_BITS = 64
 BLOCK_TOKENS = 1 << 16  # training tokens hashed at once by one process (~40 bytes each; cache-sized)
@@ -146,18 +147,11 @@ class EvalSet:
     items: list  # per item: a list of 1-D token arrays (its fields)
 
 
-class _TaskLoader(yaml.SafeLoader):
-    """SafeLoader plus lm-eval's `!function module.name` tag, read as a plain string (never run)."""
-
-
-_TaskLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
-
-
 def _read_task_yaml(path: Path, depth: int = 0) -> dict:
     """A task YAML, with the file named by its `include:` (lm-eval's inheritance) merged beneath."""
     try:
         with open(path, encoding="utf-8") as f:
-            cfg = yaml.load(f, Loader=_TaskLoader)  # a SafeLoader: only plain data is constructed
+            cfg = parse_task_yaml(f)
     except OSError as e:
         raise DataError(f"{path}: cannot read the task YAML ({e.strerror}); pass an existing file") from None
     except yaml.YAMLError as e:

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from megacpt.errors import UserError
+from megacpt.eval.task_yaml import parse_task_yaml
 
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
 LOCAL_HINT = ("give a local copy: dataset_path: json with dataset_kwargs: {data_files: {test: /abs/path/items.jsonl}} "
@@ -36,20 +37,13 @@ class TaskSpec:
     limit: int | None = None
 
 
-class _TolerantLoader(yaml.SafeLoader):
-    """Safe YAML that accepts lm-eval's `!function` tags (as None): only for finding syntax errors."""
-
-
-_TolerantLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
-
-
 def _malformed_yaml(include_path: str | None) -> list[str]:
     found = []
     root = Path(include_path) if include_path else None
     files = ([root] if root and root.is_file() else sorted(root.rglob("*.yaml"))) if root and root.exists() else []
     for f in files:
         try:
-            yaml.load(f.read_text(), Loader=_TolerantLoader)  # noqa: S506 (a SafeLoader subclass)
+            parse_task_yaml(f.read_text())
         except yaml.YAMLError as e:
             found.append(f"{f}: malformed task YAML ({' '.join(str(e).split())[:160]}); fix the file")
     return found
