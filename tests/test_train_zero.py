@@ -55,7 +55,9 @@ def runs(tmp_path_factory):
     out["from_ckpt"] = tmp / "from_ckpt"
     c = tiny_run_config(tmp, model, tmp / "from_ckpt", steps=1, zero=0)
     c["model"]["init_from"] = str(tmp / "zero3")
-    run_ok(1, write_config(tmp / "from_ckpt.yaml", c))
+    # A validation set that is the training data itself: the start-up contamination check warns.
+    c["data"]["valid"].append({"name": "leak", "path": c["data"]["train"][0]["path"]})
+    out["from_ckpt_stdout"] = run_ok(1, write_config(tmp / "from_ckpt.yaml", c)).stdout
     out["tmp"] = tmp
     return out
 
@@ -264,3 +266,10 @@ def test_eval_tasks_on_the_run_and_its_export_equal_lm_eval_hf(runs, tmp_path):
             assert got["export"][name][metric] == pytest.approx(v, rel=1e-4, abs=1e-6), (name, metric)
             if "_stderr" not in metric and metric != "n":
                 assert last[f"task/{name}/{metric}"] == pytest.approx(v, rel=1e-4, abs=1e-6), (name, metric)
+
+
+def test_start_warns_when_a_validation_set_overlaps_the_training_data(runs):
+    out = runs["from_ckpt_stdout"]
+    warned = [ln for ln in out.splitlines() if ln.startswith("warning: eval set valid/")]
+    assert len(warned) == 1 and "valid/leak" in warned[0] and "(100.0%)" in warned[0], out[-2000:]
+    assert "megacpt contamination" in warned[0]

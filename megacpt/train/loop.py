@@ -81,6 +81,9 @@ def train(cfg: Config) -> int:
         return 0
     rs = describe_run(cfg, derived, start, info.world_size)
     task_eval.prepare(rs)
+    if info.rank == 0:
+        for line in task_eval.overlap_warnings(rs):
+            print(f"warning: {line}", flush=True)
     rs.stopper, rs.caching_malloc = stopper, caching_malloc
     mdist.init(timeout_s=cfg.train.collective_timeout_s)
     build(rs)

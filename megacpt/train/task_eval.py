@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from megacpt.errors import UserError
+from megacpt.eval import contamination
 from megacpt.eval.tasks import TaskSpec, eos_ids, evaluate_tasks, hf_tokenizer, load_tasks, summarize
 from megacpt.train.state import RunState
 
@@ -24,8 +26,15 @@ class TaskEval:
     spec: TaskSpec
     tasks: object  # eval/tasks.py LoadedTasks (data loaded once)
     tokenizer: object
+    tokenizer_dir: str
     interval: int
     lm: object = None  # MegacptLM over the engine, made once the engine exists
+
+    def yaml_paths(self) -> dict[str, str]:
+        """{task name: its YAML file} for the tasks defined in a file (groups: their include path)."""
+        index = self.tasks.manager.task_index
+        return {n: str(index[n].yaml_path if n in index and index[n].yaml_path else self.spec.include_path)
+                for n in self.spec.names}
 
 
 def prepare(rs: RunState) -> None:
@@ -36,7 +45,31 @@ def prepare(rs: RunState) -> None:
     spec = TaskSpec(tuple(t.names), t.include_path, t.num_fewshot, t.limit)
     source = rs.start.source_dir
     tokenizer = hf_tokenizer(f"eval.tasks (model {source})", source, t.tokenizer)
-    rs.task_eval = TaskEval(spec, load_tasks(spec), tokenizer, t.interval or rs.cfg.train.eval_interval)
+    rs.task_eval = TaskEval(spec, load_tasks(spec), tokenizer, str(t.tokenizer or source),
+                            t.interval or rs.cfg.train.eval_interval)
+
+
+def overlap_warnings(rs: RunState) -> list[str]:
+    """One line per validation set or task sharing 13-grams with the training mixture (above 1 % of
+    its items; up to 20M tokens of each source scanned: eval/contamination.py). A check that cannot
+    run (e.g. task items in another vocabulary) is itself one warning: it never stops the run."""
+    cfg = rs.cfg
+    if rs.sft:
+        return []
+    train = {s.name: s.path for s in cfg.data.train}
+    for p in cfg.phases:
+        train.update({f"{p.name}/{s.name}": s.path for s in (p.data.train if p.data else [])})
+    evals = {f"valid/{v.name}": v.path for v in cfg.data.valid}
+    te = rs.task_eval
+    if te is not None:
+        evals.update({f"task/{n}": path for n, path in te.yaml_paths().items()})
+    if not evals:
+        return []
+    try:
+        found = contamination.overlap_warnings(train, evals, tokenizer=te.tokenizer_dir if te else None)
+    except UserError as e:
+        return [f"contamination check skipped: {e}"]
+    return [f"{line}; see megacpt contamination" for line in found]
 
 
 def attach(rs: RunState) -> None:
