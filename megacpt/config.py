@@ -36,9 +36,14 @@ class ModelConfig:
     init_from: Optional[str] = _field(None, "HF model dir or megacpt run/checkpoint dir to start from: weights only "
                                             "(a resume ignores it)")
     max_seq_len: Optional[int] = _field(None, "long-context override of max_position_embeddings, written into "
-                                              "exported configs; null: the model's")
+                                              "exported configs (rope_type dynamic: its own start is exported "
+                                              "instead); null: the model's")
     rope_theta: Optional[float] = _field(None, "long-context override of the RoPE base; null: the model's")
-    rope_scaling: Optional[dict] = _field(None, "long-context override of the HF rope_scaling mapping; null: the model's")
+    rope_scaling: Optional[dict] = _field(
+        None, "long-context RoPE scaling, transformers' keys: {rope_type: linear|dynamic|yarn|llama3|longrope, "
+              "factor: F, ...}; yarn also beta_fast, beta_slow, attention_factor, mscale, mscale_all_dim, truncate; "
+              "llama3 low_freq_factor, high_freq_factor; longrope short_factor, long_factor; "
+              "original_max_position_embeddings defaults to the model's original context; null: the model's")
     # rope_theta/rope_scaling change the full-attention layers only (Gemma 3's sliding layers keep
     # their own base, which a long context does not reach through the window).
     local_rope_theta: Optional[float] = _field(None, "override of the RoPE base of the sliding-window layers "

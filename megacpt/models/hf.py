@@ -92,19 +92,18 @@ def split_rope(rp: dict) -> tuple[float, dict | None]:
     """HF rope parameters {"rope_theta", "rope_type", ...} → (theta, scaling or None for plain RoPE)."""
     theta = float(rp["rope_theta"])
     scaling = {k: v for k, v in rp.items() if k not in ("rope_theta", "partial_rotary_factor")}
-    if "type" in scaling and "rope_type" not in scaling:
-        scaling["rope_type"] = scaling.pop("type")
+    if "type" in scaling:  # the older name; transformers keeps rope_type where a dict has both
+        scaling.setdefault("rope_type", scaling.pop("type"))
     if scaling.get("rope_type", "default") == "default":
         scaling = None
     return theta, scaling
 
 
 def rope_params(cfg: dict) -> tuple[float, dict | None]:
-    """(theta, scaling) from either transformers 5 `rope_parameters` or the older split keys."""
-    rp = cfg.get("rope_parameters")
-    if isinstance(rp, dict) and rp:
-        return split_rope({"rope_theta": cfg.get("rope_theta", 10000.0), **rp})
-    return split_rope({**(cfg.get("rope_scaling") or {}), "rope_theta": cfg.get("rope_theta", 10000.0)})
+    """(theta, scaling) as transformers reads them: the older `rope_scaling` when set (it wins
+    over transformers 5's `rope_parameters`), theta from the dict or the top-level rope_theta."""
+    rp = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    return split_rope({"rope_theta": cfg.get("rope_theta", 10000.0), **rp})
 
 
 def gemma3_rope(cfg: dict) -> tuple[tuple, tuple]:
@@ -129,17 +128,29 @@ def family_rope(cfg: dict, arch: str) -> dict:
         theta, scaling = rope_params(cfg)
     partial = 1.0
     if arch == "Phi3ForCausalLM":
-        rp = cfg.get("rope_parameters") or {}
+        rp = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
         partial = float(rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
         if scaling and scaling.get("rope_type") in ("su", "yarn"):  # Phi3Config's old names for longrope
             scaling["rope_type"] = "longrope"
-    if scaling and scaling.get("rope_type") == "longrope":
-        # As transformers: a top-level original_max_position_embeddings (Phi3Config always has one) wins.
-        top = cfg.get("original_max_position_embeddings")
-        scaling["original_max_position_embeddings"] = int(
-            top if top is not None else scaling.get("original_max_position_embeddings", cfg["max_position_embeddings"]))
-    return dict(rope_theta=theta, rope_scaling=scaling, local_rope_theta=local_theta,
-                local_rope_scaling=local_scaling, partial_rotary_factor=partial)
+    nested = arch == "Gemma3ForCausalLM"  # transformers' per-layer-type rope_parameters
+    return dict(rope_theta=theta, rope_scaling=fill_original(scaling, cfg, nested), local_rope_theta=local_theta,
+                local_rope_scaling=fill_original(local_scaling, cfg, nested), partial_rotary_factor=partial)
+
+
+def fill_original(scaling: dict | None, cfg: dict, nested: bool) -> dict | None:
+    """original_max_position_embeddings of a scaling dict as transformers resolves it. llama3,
+    yarn, longrope: a top-level key wins (Phi3Config always has one; not for per-layer-type
+    dicts), else the dict's, else max_position_embeddings. dynamic: always max_position_embeddings
+    (transformers ignores the key there), which megacpt keeps in the dict (see ModelArgs)."""
+    kind = rope_kind(scaling)
+    max_pos = cfg.get("max_position_embeddings", 2048)
+    if kind in ("llama3", "yarn", "longrope"):
+        top = None if nested else cfg.get("original_max_position_embeddings")
+        value = top if top is not None else scaling.get("original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = int(value if value is not None else max_pos)
+    elif kind == "dynamic":
+        scaling["original_max_position_embeddings"] = int(max_pos)
+    return scaling
 
 
 def family_switches(cfg: dict, arch: str, source: str) -> dict:
@@ -170,22 +181,83 @@ def family_switches(cfg: dict, arch: str, source: str) -> dict:
     return out
 
 
-def check_rope_scaling(scaling: dict | None, rotary_dim: int, where: str) -> None:
-    """A UserError naming what is wrong with a RoPE scaling dict (None is plain RoPE)."""
+# Per rope_type: the scaling dict's required keys and its optional ones (rope_type aside), as
+# transformers' validation has them (dynamic's original_max_position_embeddings is megacpt's, see ModelArgs).
+ROPE_KEYS = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "dynamic": (("factor", "original_max_position_embeddings"), ()),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "longrope": (("short_factor", "long_factor", "original_max_position_embeddings"), ("factor", "attention_factor")),
+}
+NUMBER_KEYS = ("factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+               "low_freq_factor", "high_freq_factor")
+# Families whose transformers config class takes only some rope types (Phi3Config refuses the others).
+FAMILY_ROPE_TYPES = {"Phi3ForCausalLM": ("default", "longrope")}
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_rope_scaling(scaling: dict | None, rotary_dim: int, where: str, per_layer_type: bool = False) -> None:
+    """A UserError naming what is wrong with a RoPE scaling dict (None is plain RoPE).
+    per_layer_type: the model keeps transformers' per-layer-type rope_parameters (Gemma 3)."""
     if not scaling:
         return
     kind = scaling.get("rope_type")
     if kind not in SUPPORTED_ROPE_TYPES:
         raise UserError(f"{where}: unsupported rope_type {kind!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-    need = {"default": (), "linear": ("factor",),
-            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-            "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}[kind]
-    missing = [k for k in need if scaling.get(k) is None]
+    missing = [k for k in ROPE_KEYS[kind][0] if scaling.get(k) is None]
     if missing:
         raise UserError(f"{where}: rope_type {kind!r} needs {', '.join(missing)}")
+    for key in NUMBER_KEYS:
+        if scaling.get(key) is not None and not is_number(scaling[key]):
+            raise UserError(f"{where}: {key} must be a number, got {scaling[key]!r}")
+    factor = scaling.get("factor")
+    # longrope's factor only sets its attention factor (1 at or below 1), and one pinned from a
+    # config whose max_position_embeddings is below the original may be under 1.
+    if factor is not None and kind == "longrope" and factor <= 0:
+        raise UserError(f"{where}: factor must be > 0, got {factor}")
+    if factor is not None and kind != "longrope" and factor < 1:
+        raise UserError(f"{where}: factor must be >= 1 (the context grows by it), got {factor}")
+    if scaling.get("attention_factor") is not None and scaling["attention_factor"] <= 0:
+        raise UserError(f"{where}: attention_factor must be > 0, got {scaling['attention_factor']}")
+    original = scaling.get("original_max_position_embeddings")
+    if original is not None and not (isinstance(original, int) and not isinstance(original, bool) and original > 0):
+        raise UserError(f"{where}: original_max_position_embeddings must be a positive integer, got {original!r}")
+    check_rope_kind(scaling, kind, rotary_dim, where, per_layer_type)
+
+
+def check_rope_kind(scaling: dict, kind: str, rotary_dim: int, where: str, per_layer_type: bool) -> None:
+    """The checks of one rope type's own parameters (check_rope_scaling did the common ones)."""
+    if kind == "yarn":
+        fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1  # transformers' defaults
+        if fast <= slow:
+            raise UserError(f"{where}: yarn needs beta_fast > beta_slow (defaults 32 and 1), got {fast} and {slow}")
+        if scaling.get("truncate") is not None and not isinstance(scaling["truncate"], bool):
+            raise UserError(f"{where}: truncate must be true or false, got {scaling['truncate']!r}")
+        if per_layer_type and scaling.get("truncate") is False:
+            raise UserError(f"{where}: transformers ignores yarn's truncate in per-layer-type RoPE (Gemma 3), "
+                            f"so the model would differ there; remove truncate")
+    if kind == "llama3" and not 0 < scaling["low_freq_factor"] < scaling["high_freq_factor"]:
+        raise UserError(f"{where}: llama3 needs 0 < low_freq_factor < high_freq_factor, got "
+                        f"{scaling['low_freq_factor']} and {scaling['high_freq_factor']}")
+    if kind == "dynamic" and rotary_dim <= 2:
+        raise UserError(f"{where}: rope_type 'dynamic' needs more than 2 rotary dims, got {rotary_dim}")
     for key in ("short_factor", "long_factor") if kind == "longrope" else ():
         if not isinstance(scaling[key], list) or len(scaling[key]) != rotary_dim // 2:
             raise UserError(f"{where}: {key} must be a list of {rotary_dim // 2} numbers (rotary dims / 2)")
+
+
+def check_family_rope(arch: str, scaling: dict | None, where: str) -> None:
+    """A rope type the family's transformers config class refuses (Phi-3: longrope only)."""
+    allowed = FAMILY_ROPE_TYPES.get(arch)
+    if allowed and rope_kind(scaling) not in allowed:
+        raise UserError(f"{where}: {arch} takes rope_type {' or '.join(allowed)} in transformers, "
+                        f"not {rope_kind(scaling)!r}")
 
 
 def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
@@ -216,8 +288,10 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         raise UserError(f"{source}: missing key {e.args[0]!r}") from None
     except ValueError as e:
         raise UserError(f"{source}: {e}") from None
-    check_rope_scaling(args.rope_scaling, args.rotary_dim, source)
-    check_rope_scaling(args.local_rope_scaling, args.rotary_dim, source)
+    per_layer_type = args.local_rope_theta is not None
+    check_rope_scaling(args.rope_scaling, args.rotary_dim, source, per_layer_type)
+    check_rope_scaling(args.local_rope_scaling, args.rotary_dim, source, per_layer_type)
+    check_family_rope(arch, args.rope_scaling, source)
     return args
 
 
@@ -267,18 +341,36 @@ def apply_overrides(args: ModelArgs, max_seq_len=None, rope_theta=None, rope_sca
     if rope_theta is not None:
         changes["rope_theta"] = float(rope_theta)
     if rope_scaling is not None:
-        scaling = dict(rope_scaling)
-        if "type" in scaling and "rope_type" not in scaling:
-            scaling["rope_type"] = scaling.pop("type")
-        if scaling.get("rope_type") not in SUPPORTED_ROPE_TYPES:
-            raise UserError(
-                f"model.rope_scaling: unsupported rope_type {scaling.get('rope_type')!r} "
-                f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
-            )
-        scaling = None if scaling.get("rope_type") == "default" else scaling
-        check_rope_scaling(scaling, args.rotary_dim, "model.rope_scaling")
-        changes["rope_scaling"] = scaling
+        changes["rope_scaling"] = override_scaling(args, rope_scaling)
     return replace(args, **changes) if changes else args
+
+
+def override_scaling(args: ModelArgs, rope_scaling: dict) -> dict | None:
+    """model.rope_scaling as a checked scaling dict (None for plain RoPE). Unknown keys are errors
+    (transformers would warn and ignore a typo). original_max_position_embeddings defaults to the
+    model's original context, never to model.max_seq_len; the export writes it out."""
+    where = "model.rope_scaling"
+    scaling = dict(rope_scaling)
+    if "type" in scaling:
+        scaling.setdefault("rope_type", scaling.pop("type"))
+    kind = scaling.get("rope_type")
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise UserError(f"{where}: unsupported rope_type {kind!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    known = {"rope_type", *ROPE_KEYS[kind][0], *ROPE_KEYS[kind][1]}
+    unknown = sorted(set(scaling) - known)
+    if unknown:
+        hint = "; set the base with model.rope_theta" if "rope_theta" in unknown else ""
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} for rope_type {kind!r} "
+                        f"(known: {', '.join(sorted(known))}){hint}")
+    if kind == "default":
+        return None
+    if "original_max_position_embeddings" in ROPE_KEYS[kind][0]:
+        # The model's own: its scaling's where it has one (so a resume, which reads back the
+        # export, keeps the length the run started with), else its max_position_embeddings.
+        own = (args.rope_scaling or {}).get("original_max_position_embeddings", args.max_position_embeddings)
+        scaling.setdefault("original_max_position_embeddings", own)
+    check_rope_scaling(scaling, args.rotary_dim, where, args.local_rope_theta is not None)
+    return scaling
 
 
 def hf_config_for(args: ModelArgs, base_cfg: dict) -> dict:
@@ -297,11 +389,17 @@ def hf_config_for(args: ModelArgs, base_cfg: dict) -> dict:
         max_position_embeddings=args.max_position_embeddings,
         tie_word_embeddings=args.tie_word_embeddings,
     )
-    rp = {"rope_theta": args.rope_theta, "rope_type": "default"}
-    rp.update(args.rope_scaling or {})
-    if (cfg.get("architectures") or [None])[0] == "Gemma3ForCausalLM":
+    arch = (cfg.get("architectures") or [None])[0]
+    check_family_rope(arch, args.rope_scaling, "model.rope_scaling")
+    scaling, local_scaling = exported_scaling(args.rope_scaling), exported_scaling(args.local_rope_scaling)
+    if rope_kind(scaling) == "dynamic":
+        # transformers' dynamic scaling starts past max_position_embeddings, its only key for that
+        # length: the export says where megacpt's starts (model.max_seq_len does not move it).
+        cfg["max_position_embeddings"] = args.rope_scaling["original_max_position_embeddings"]
+    rp = {"rope_theta": args.rope_theta, "rope_type": "default", **(scaling or {})}
+    if arch == "Gemma3ForCausalLM":
         # transformers' per-layer-type structure; the older split keys say the same.
-        local = {"rope_theta": args.local_rope_theta, "rope_type": "default", **(args.local_rope_scaling or {})}
+        local = {"rope_theta": args.local_rope_theta, "rope_type": "default", **(local_scaling or {})}
         cfg["rope_parameters"] = {"full_attention": rp, "sliding_attention": local}
         cfg["rope_local_base_freq"] = args.local_rope_theta
     else:
@@ -309,14 +407,26 @@ def hf_config_for(args: ModelArgs, base_cfg: dict) -> dict:
     if args.partial_rotary_factor != 1.0 or "partial_rotary_factor" in cfg:
         # Phi3Config takes the top-level value where rope_scaling replaces rope_parameters.
         rp["partial_rotary_factor"] = cfg["partial_rotary_factor"] = args.partial_rotary_factor
-    if rope_kind(args.rope_scaling) == "longrope":
-        # ... and its top-level original_max_position_embeddings wins over the one in rope_parameters.
-        cfg["original_max_position_embeddings"] = args.rope_scaling["original_max_position_embeddings"]
+    if rope_kind(scaling) in ("llama3", "yarn", "longrope"):
+        # transformers lets a top-level original_max_position_embeddings (Phi3Config always has
+        # one) win over the one in rope_parameters: both say the same.
+        cfg["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
     # Older transformers read the split keys; keep them consistent with rope_parameters.
     cfg["rope_theta"] = args.rope_theta
-    cfg["rope_scaling"] = dict(args.rope_scaling) if args.rope_scaling else None
+    cfg["rope_scaling"] = scaling
     cfg["torch_dtype"] = cfg.get("torch_dtype") or "float32"
     return cfg
+
+
+def exported_scaling(scaling: dict | None) -> dict | None:
+    """A scaling dict as transformers reads it: dynamic's original_max_position_embeddings is
+    megacpt's (transformers takes max_position_embeddings and would warn of an unknown key)."""
+    if not scaling:
+        return None
+    out = dict(scaling)
+    if rope_kind(out) == "dynamic":
+        out.pop("original_max_position_embeddings", None)
+    return out
 
 
 def hf_name(name: str) -> str:

@@ -20,13 +20,15 @@ The families differ only by these ModelArgs switches, set by models/hf.py from c
   layer_windows        Mistral: all     as      sliding layers     sliding layers      ·            all, when
                        Qwen2: upper     Qwen2   (layer_types)      (layer_types)                    sliding_window
   rope_theta/scaling   config           config  config             full-attn. layers'  config       config
-                       (linear, llama3)                            (1M; linear)                     (longrope)
+                       (any type)                                  (1M; any type)                   (longrope)
   local_rope_theta,    None             ·       ·                  sliding layers'     ·            ·
   local_rope_scaling                                               (10k, default)
   partial_rotary_f.    1.0              ·       ·                  ·                   ·            config
   qkv_bias             Qwen2; Llama/    ·       ·                  ·                   ·            ·
                        Mistral: config
   (1) query_pre_attn_scalar. (2) transformers' Gemma 3 attention ignores attn_logit_softcapping.
+  RoPE scaling types (SUPPORTED_ROPE_TYPES, as transformers' ROPE_INIT_FUNCTIONS): linear, dynamic
+  (NTK base rescaled by the batch's length), yarn, llama3, longrope; Phi-3 takes longrope only.
 
   norm_placement  pre: x + f(norm(x)); post (OLMo 2): x + norm(f(x)); sandwich (Gemma):
                   x + norm2(f(norm1(x))), i.e. norms before and after attention and the MLP.
@@ -65,7 +67,7 @@ NORM_PLACEMENTS = {
 NORM_FORMS = ("weight", "weight_fp32", "one_plus_weight")
 QK_NORMS = (None, "head", "full")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
 @dataclass
@@ -80,7 +82,9 @@ class ModelArgs:
     rms_norm_eps: float = 1e-6
     # RoPE of the full-attention layers (all layers unless local_rope_theta is set).
     rope_theta: float = 10000.0
-    # HF rope_parameters beyond theta: {"rope_type": "linear"|"llama3"|"longrope", "factor": ..., ...} or None.
+    # HF rope_parameters beyond theta: {"rope_type": one of SUPPORTED_ROPE_TYPES, "factor": ..., ...} or None.
+    # For "dynamic", original_max_position_embeddings holds the length its rescaling starts past
+    # (transformers' max_position_embeddings), so a longer model.max_seq_len does not move it.
     rope_scaling: dict | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
@@ -244,44 +248,101 @@ def rope_kind(scaling: dict | None) -> str:
     return scaling.get("rope_type", scaling.get("type", "default"))
 
 
+def rope_exponents(d: int, device=None) -> torch.Tensor:
+    """The exponents 2i/d of the base, i < d/2 (int64 arange cast to fp32, rounding as transformers)."""
+    return torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d
+
+
 def rope_inv_freq(args: ModelArgs, device=None, local: bool = False, long: bool = False) -> torch.Tensor:
-    """Inverse frequencies (r/2,), with HF's 'linear', 'llama3' and 'longrope' (short factors, or
-    the long ones with long=True) scalings."""
+    """Inverse frequencies (r/2,) of HF's rope types: for 'longrope' the short factors (the long
+    ones with long=True), for 'dynamic' those at or below its original length (rope_cos_sin
+    switches both by the batch's length)."""
     theta, scaling = args.rope_for(local)
     d = args.rotary_dim
-    exponents = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d
+    exponents = rope_exponents(d, device)
     kind = rope_kind(scaling)
     if kind == "longrope":
         factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
         return 1.0 / (factors * theta**exponents)
+    if kind == "dynamic":
+        # transformers' initial frequencies: the formula at the original length, in Python floats.
+        original = scaling["original_max_position_embeddings"]
+        return 1.0 / (dynamic_base(theta, scaling["factor"], original, original, d) ** exponents)
+    if kind == "yarn":
+        return yarn_inv_freq(theta, scaling, d, device)
     inv_freq = 1.0 / (theta**exponents)
     if kind == "default":
         return inv_freq
     if kind == "linear":
-        return inv_freq / float(scaling["factor"])
+        return inv_freq / scaling["factor"]
     if kind == "llama3":
-        factor = float(scaling["factor"])
-        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        old_ctx = float(scaling["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv_freq
-        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
-        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
-        return torch.where(medium, smoothed, scaled)
+        return llama3_inv_freq(inv_freq, scaling)
     raise ValueError(f"unsupported rope_type {kind!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
 
 
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def dynamic_base(theta: float, factor, seq_len, original: int, d: int):
+    """NTK-aware base for a sequence of seq_len positions (a Python number, or an int64 tensor whose
+    fp32 arithmetic then matches transformers' update in the forward): theta at the original length,
+    growing as the sequence does."""
+    return theta * ((factor * seq_len / original) - (factor - 1)) ** (d / (d - 2))
+
+
+def yarn_inv_freq(theta: float, scaling: dict, d: int, device=None) -> torch.Tensor:
+    """YaRN: dims that turn more than beta_fast times over the original context keep their
+    frequency (extrapolation), those under beta_slow turns are divided by `factor`
+    (interpolation), a linear ramp between; `truncate` rounds the ramp's ends to whole dims."""
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def dim_of(turns):  # the (fractional) dim that turns `turns` times over the original context
+        return (d * math.log(original / (turns * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # as transformers: a step instead of a ramp, without dividing by zero
+    ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1)
+    pos_freqs = theta ** rope_exponents(d, device)
+    extrapolated = 1 - ramp  # the share of each dim that keeps its frequency
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolated) + (1.0 / pos_freqs) * extrapolated
+
+
+def yarn_mscale(factor, mscale=1) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 def rope_attention_factor(args: ModelArgs, local: bool = False) -> float:
-    """The factor cos/sin are multiplied by: 1 except for longrope, where it is attention_factor,
-    else √(1 + ln(factor) / ln(original max)) with factor = max_position_embeddings / original
-    max unless given (transformers' _compute_longrope_parameters)."""
+    """The factor cos/sin are multiplied by: 1 except for longrope and yarn, where it is
+    attention_factor when given. Else yarn: 0.1 · mscale · ln(factor) + 1, or the ratio of that
+    for mscale and mscale_all_dim when both are set (transformers' _compute_yarn_parameters);
+    longrope: √(1 + ln(factor) / ln(original max)) with factor = max_position_embeddings /
+    original max unless given (_compute_longrope_parameters)."""
     _, scaling = args.rope_for(local)
-    if rope_kind(scaling) != "longrope":
+    kind = rope_kind(scaling)
+    if kind not in ("longrope", "yarn"):
         return 1.0
     if scaling.get("attention_factor") is not None:
         return float(scaling["attention_factor"])
+    if kind == "yarn":
+        factor, mscale, mscale_all = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all:
+            return float(yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all))
+        return yarn_mscale(factor)
     original = scaling["original_max_position_embeddings"]
     factor = scaling.get("factor")
     if factor is None:
@@ -289,16 +350,29 @@ def rope_attention_factor(args: ModelArgs, local: bool = False) -> float:
     return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
+def length_inv_freq(args: ModelArgs, position_ids: torch.Tensor, inv_freq: torch.Tensor, local: bool):
+    """longrope and dynamic: the frequencies for the batch's longest position count. Past the
+    original length longrope takes its long factors and dynamic rescales its base for that count
+    (transformers' dynamic_rope_update, on a freshly loaded model: transformers keeps a grown
+    base cached until a sequence shorter than the original arrives, megacpt recomputes it per
+    batch). Tensor operations only: no host sync and no graph break."""
+    theta, scaling = args.rope_for(local)
+    original = scaling["original_max_position_embeddings"]
+    seq_len = position_ids.max() + 1
+    if rope_kind(scaling) == "longrope":
+        long = rope_inv_freq(args, position_ids.device, local, long=True)
+    else:
+        base = dynamic_base(theta, scaling["factor"], seq_len.clamp(min=original), original, args.rotary_dim)
+        long = 1.0 / (base ** rope_exponents(args.rotary_dim, position_ids.device))
+    return torch.where(seq_len > original, long, inv_freq)
+
+
 def rope_cos_sin(args: ModelArgs, position_ids: torch.Tensor, dtype: torch.dtype, local: bool = False):
     """cos/sin of shape (b, s, r), computed in fp32 then cast; `local`: a sliding-window layer's RoPE."""
     _, scaling = args.rope_for(local)
     inv_freq = rope_inv_freq(args, position_ids.device, local)
-    if rope_kind(scaling) == "longrope":
-        # transformers' dynamic switch: the long factors once the batch's longest position count
-        # exceeds the original context (a tensor comparison, so no host sync and no graph break).
-        long = rope_inv_freq(args, position_ids.device, local, long=True)
-        seq_len = position_ids.max() + 1
-        inv_freq = torch.where(seq_len > scaling["original_max_position_embeddings"], long, inv_freq)
+    if rope_kind(scaling) in ("longrope", "dynamic"):
+        inv_freq = length_inv_freq(args, position_ids, inv_freq, local)
     freqs = position_ids[..., None].float() * inv_freq  # (b, s, r/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos(), emb.sin()
