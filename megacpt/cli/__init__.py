@@ -20,6 +20,7 @@ _PARSERS = [
     "megacpt.cli.prepare",
     "megacpt.cli.train",
     "megacpt.cli.eval",
+    "megacpt.cli.make_task",
     "megacpt.cli.export",
     "megacpt.cli.bench",
     "megacpt.cli.preflight",
