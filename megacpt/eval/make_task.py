@@ -48,7 +48,7 @@ CLOZE_FILTER = (
     f"(no digits, hyphens or apostrophes), at least {MIN_TARGET_LETTERS} of them; the target does "
     "not occur as a word in the context (case-insensitive, whole words); the context (the passage "
     f"up to the space before the target) has at least {MIN_CONTEXT_TOKENS} tokens; the closing "
-    "punctuation is dropped"
+    "punctuation is dropped; repeated (context, target) pairs kept once"
 )
 CONTINUATION_FILTER = (
     "context = consecutive sentences of one document right before the ending, at most max_tokens "
@@ -56,7 +56,7 @@ CONTINUATION_FILTER = (
     f"or ?, with at least {MIN_ENDING_WORDS} words and at most {MAX_ENDING_TOKENS} tokens; "
     "distractors come from other documents, preferably within 2/3..3/2 of the ending's length in "
     "tokens, all choices distinct (case-insensitive); label = position of the true ending, drawn "
-    "uniformly"
+    "uniformly; repeated (context, ending) pairs kept once"
 )
 
 _SPACES = re.compile(r"[^\S\n]+")
@@ -251,25 +251,39 @@ class Options:
     choices: int
 
 
+def _first_of_each(pairs, key):
+    """pairs without repeats of key(pair), in order: text such as gettext catalogs repeats whole
+    passages, and an item twice would count twice."""
+    seen, out = set(), []
+    for p in pairs:
+        k = key(p)
+        if k not in seen:
+            seen.add(k)
+            out.append(p)
+    return out
+
+
 def make_items(docs: list[str], counter: Counter, opts: Options) -> tuple[list[dict], int]:
     """The task's items (in their final order) and how many usable candidates there were."""
     rng = random.Random(opts.seed)
     docs_sents = [segment(d) for d in docs]
     docs_counts = [counter.sentences(s) if s else [] for s in docs_sents]
     if opts.kind == "cloze":
-        cands = [
-            item
-            for sents, counts in zip(docs_sents, docs_counts)
-            for item in cloze_candidates(sents, counts, counter, opts.max_tokens)
-        ]
+        cands = _first_of_each(
+            [item
+             for sents, counts in zip(docs_sents, docs_counts)
+             for item in cloze_candidates(sents, counts, counter, opts.max_tokens)],
+            key=lambda it: (it["context"], it["target"]),
+        )
         rng.shuffle(cands)
         items = cands if opts.n is None else cands[: opts.n]
         return items, len(cands)
-    conts = [
-        (d, cand)
-        for d, (sents, counts) in enumerate(zip(docs_sents, docs_counts))
-        for cand in continuation_candidates(sents, counts, counter, opts.max_tokens)
-    ]
+    conts = _first_of_each(
+        [(d, cand)
+         for d, (sents, counts) in enumerate(zip(docs_sents, docs_counts))
+         for cand in continuation_candidates(sents, counts, counter, opts.max_tokens)],
+        key=lambda dc: dc[1][:2],
+    )
     rng.shuffle(conts)
     pool = Pool.build(docs_sents, docs_counts)
     items, usable = [], 0
