@@ -79,9 +79,8 @@ class Sentence:
 
 
 def segment(text: str) -> list[Sentence]:
-    """A document's sentences, whitespace normalised. Blank lines and line breaks before a capital
-    end a sentence; a line that starts in lower case continues the sentence before it (wrapped
-    text)."""
+    """A document's sentences, whitespace normalised. A line break ends a sentence, except that a
+    line starting in lower case continues an unfinished sentence before it (wrapped text)."""
     out: list[Sentence] = []
     for raw in text.split("\n"):
         line = _SPACES.sub(" ", raw).strip()
@@ -113,7 +112,7 @@ def join(sents: list[Sentence], a: int, b: int) -> str:
     return sents[a].text + "".join(s.sep + s.text for s in sents[a + 1 : b])
 
 
-class Counter:
+class TokenCounter:
     """Token counts with the task's tokenizer: estimates per sentence, exact per passage."""
 
     def __init__(self, encoder: Encoder):
@@ -142,7 +141,7 @@ def cloze_item(passage: str) -> dict | None:
     return {"context": context, "target": " " + word}
 
 
-def cloze_candidates(sents: list[Sentence], counts: list[int], counter: Counter, max_tokens: int) -> list[dict]:
+def cloze_candidates(sents: list[Sentence], counts: list[int], counter: TokenCounter, max_tokens: int) -> list[dict]:
     """Non-overlapping cloze items of one document: from each start, the longest passage within
     max_tokens whose last word passes the filter; the next passage starts after it."""
     items, a = [], 0
@@ -181,7 +180,7 @@ def _ending_ok(sent: Sentence, count: int) -> bool:
     return sent.terminated and count <= MAX_ENDING_TOKENS and len(_WORD.findall(sent.text)) >= MIN_ENDING_WORDS
 
 
-def continuation_candidates(sents: list[Sentence], counts: list[int], counter: Counter,
+def continuation_candidates(sents: list[Sentence], counts: list[int], counter: TokenCounter,
                             max_tokens: int) -> list[tuple[str, str, int]]:
     """(context, ending, ending tokens) of one document: each usable ending with as many whole
     sentences before it as fit in max_tokens; contexts do not overlap earlier items' text."""
@@ -263,7 +262,7 @@ def _first_of_each(pairs, key):
     return out
 
 
-def make_items(docs: list[str], counter: Counter, opts: Options) -> tuple[list[dict], int]:
+def make_items(docs: list[str], counter: TokenCounter, opts: Options) -> tuple[list[dict], int]:
     """The task's items (in their final order) and how many usable candidates there were."""
     rng = random.Random(opts.seed)
     docs_sents = [segment(d) for d in docs]
@@ -433,7 +432,7 @@ def main_args(args) -> int:
         raise UserError("no --from input given; pass token shard prefixes or text files")
     info = load_tokenizer(args.tokenizer)
     docs = read_documents(args.inputs, info, args.text_key)
-    items, usable = make_items(docs, Counter(Encoder(info.spec)), opts)
+    items, usable = make_items(docs, TokenCounter(Encoder(info.spec)), opts)
     wanted = opts.n or 1
     if usable < wanted:
         raise DataError(
