@@ -40,11 +40,11 @@ fi
 # tokenizer; e.g. `megacpt eval --model M --tasks probe_de_continuation,probe_en_cloze --include-path $TASKS`.
 # German: continuation (SmolLM2-135M gets German cloze words right only ~5 % of the time, too
 # little to show a change); English: cloze (4x cheaper than continuation, ~20 % right).
+# Always rewritten (seconds; the same bytes for the same shards): the YAML names its data file by
+# absolute path, which a copy of work/ from another checkout would get wrong.
 probe() {  # probe NAME KIND N SHARD
-  if [ ! -f "$TASKS/$1.yaml" ]; then
-    .venv/bin/megacpt make-task --from "$4" --tokenizer "$MODEL" --kind "$2" --n "$3" --max-tokens 64 \
-      --seed 1234 --output "$TASKS" --name "$1"
-  fi
+  .venv/bin/megacpt make-task --from "$4" --tokenizer "$MODEL" --kind "$2" --n "$3" --max-tokens 64 \
+    --seed 1234 --output "$TASKS" --name "$1"
 }
 probe probe_de_continuation continuation 200 "$DATA/de_valid"
 probe probe_en_cloze cloze 300 "$DATA/en_heldout_valid"
