@@ -21,6 +21,7 @@ _PARSERS = [
     "megacpt.cli.train",
     "megacpt.cli.eval",
     "megacpt.cli.contamination",
+    "megacpt.cli.make_task",
     "megacpt.cli.export",
     "megacpt.cli.bench",
     "megacpt.cli.preflight",

@@ -143,3 +143,14 @@ class Encoder:
         if self.kind == "sentencepiece":
             return self._tok.encode(texts, out_type=int, num_threads=1)
         return self._tok(texts, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids) -> str:
+        """The text of token ids, special tokens (BOS, EOS) left out; the inverse of encode for
+        the lossless tokenizers prepare uses (byte-level BPE, sentencepiece with byte fallback)."""
+        ids = [int(i) for i in ids]
+        if self.kind == "tokenizers":
+            return self._tok.decode(ids, skip_special_tokens=True)
+        if self.kind == "sentencepiece":
+            return self._tok.decode(ids)
+        # No clean-up of spaces before punctuation: that would change the text, not restore it.
+        return self._tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
