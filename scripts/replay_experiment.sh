@@ -17,15 +17,19 @@ done
 .venv/bin/megacpt report "${runs[@]}" --output work/reports/replay
 $PY - "${runs[@]}" <<'PY'
 import json, sys
-print("| replay | new (German) ppl: base → end | original (English) ppl: base → end | English ppl vs base |")
-print("|---|---|---|---|")
+print("| replay | new (German) ppl: base → end | original (English man pages) ppl: base → end | English ppl vs base "
+      "| German probe acc: base → end | English cloze acc: base → end |")
+print("|---|---|---|---|---|---|")
 for run in sys.argv[1:]:
     recs = [json.loads(l) for l in open(f"{run}/metrics.jsonl")]
     ev = [r for r in recs if "valid/new/ppl" in r]
+    tk = [r for r in recs if "task/probe_en_cloze/acc" in r]
     first, last = ev[0], ev[-1]
     arm = run.rsplit("_", 1)[1].lstrip("0") or "0"
     print(f"| {arm} % | {first['valid/new/ppl']:.2f} → {last['valid/new/ppl']:.2f} | "
           f"{first['valid/original/ppl']:.2f} → {last['valid/original/ppl']:.2f} | "
-          f"{last['valid/original/ppl'] / first['valid/original/ppl']:.3f}× |")
+          f"{last['valid/original/ppl'] / first['valid/original/ppl']:.3f}× | "
+          f"{tk[0]['task/probe_de_continuation/acc']:.3f} → {tk[-1]['task/probe_de_continuation/acc']:.3f} | "
+          f"{tk[0]['task/probe_en_cloze/acc']:.3f} → {tk[-1]['task/probe_en_cloze/acc']:.3f} |")
 PY
 echo "report: work/reports/replay/index.html"
