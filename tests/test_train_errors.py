@@ -152,3 +152,24 @@ def test_python_m_entry_point_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "megacpt.train", str(tmp_path / "none.yaml"), "--local_rank=0"],
                        capture_output=True, text=True, env=cpu_env(), cwd=REPO)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: config file")
+
+
+def test_bad_eval_tasks_stop_the_start(tmp_path, base, capsys):
+    """eval.tasks is checked before any rank starts: a model without tokenizer files, then a task
+    whose data would have to be downloaded."""
+    from helpers import word_tokenizer
+
+    _, _, cfg = base
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hub.yaml").write_text("task: hub\ndataset_path: some_org/some_data\ntest_split: test\n"
+                                    "output_type: loglikelihood\ndoc_to_text: '{{a}}'\ndoc_to_target: '{{b}}'\n")
+    cfg = json.loads(json.dumps(cfg))
+    cfg["run_dir"] = str(tmp_path / "run")
+    cfg["eval"] = {"tasks": {"names": ["hub"], "include_path": str(tasks)}}
+    rc, err = run_bad(tmp_path, cfg, capsys)
+    check(rc, err, "no tokenizer files found", tmp_path / "run")
+    cfg["eval"]["tasks"]["tokenizer"] = str(tmp_path / "tok")
+    word_tokenizer(tmp_path / "tok")
+    rc, err = run_bad(tmp_path, cfg, capsys)
+    check(rc, err, "not available offline", tmp_path / "run")
