@@ -11,6 +11,8 @@ is what forgetting and learning are read from.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -95,7 +97,9 @@ def task_record(rs: RunState) -> dict:
     te = rs.task_eval
     was_training = rs.engine.training
     rs.engine.eval()
-    raw = evaluate_tasks(te.lm, te.spec, te.tasks, bootstrap_iters=0)  # stderrs are not logged
+    # lm-eval's progress bars (one set per rank) would bury the training log: they go nowhere.
+    with contextlib.redirect_stderr(io.StringIO()):
+        raw = evaluate_tasks(te.lm, te.spec, te.tasks, bootstrap_iters=0)  # stderrs are not logged
     if was_training:
         rs.engine.train()
     # lm-eval builds its results on rank 0 of each node only (LOCAL_RANK 0): rank 0's are the ones.
