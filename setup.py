@@ -18,6 +18,7 @@ setup(
         "pyyaml",
         "tqdm",
     ],
-    extras_require={"triton": ["triton"]},
+    # eval: `megacpt eval --tasks` and eval.tasks (lm-evaluation-harness), imported only when used.
+    extras_require={"triton": ["triton"], "eval": ["lm-eval>=0.4.13"]},
     entry_points={"console_scripts": ["megacpt=megacpt.cli:main"]},
 )

@@ -18,7 +18,8 @@ def _task_files(out: Path, docs: list[str]) -> Path:
     """A multiple-choice, a generation and a rolling-loglikelihood task over BPE text."""
     out.mkdir(parents=True, exist_ok=True)
     rows = {
-        "bpe_choice": [{"q": d, "choices": [docs[(i + 1) % 30], docs[(i + 7) % 30], docs[i][::-1]], "label": i % 3}
+        "bpe_choice": [{"q": d, "choices": [" ".join(docs[(i + 1) % 30].split()[:4]), " ".join(docs[i].split()[-3:]),
+                                            docs[i][::-1][:12]], "label": i % 3}
                        for i, d in enumerate(docs[:10])],
         "bpe_gen": [{"prompt": " ".join(d.split()[:-1]) or "the", "answer": d.split()[-1]} for d in docs[10:22]],
         "bpe_roll": [{"text": d} for d in docs[22:30]],
@@ -35,28 +36,47 @@ def _task_files(out: Path, docs: list[str]) -> Path:
     for name, items in rows.items():
         with open(out / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in items)
-        (out / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        tag = "tag: bpe_tag\n" if name != "bpe_roll" else ""
+        (out / f"{name}.yaml").write_text(f"task: {name}\n{tag}dataset_path: json\ndataset_kwargs:\n  data_files:\n"
                                           f"    test: {out / (name + '.jsonl')}\ntest_split: test\n{specs[name]}")
     return out
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, hf_tokenizer_dir):  # noqa: F811
+    from tokenizers import processors
     from transformers import AutoTokenizer
 
     tmp = tmp_path_factory.mktemp("tasks")
     tok = AutoTokenizer.from_pretrained(hf_tokenizer_dir)
-    model = tiny_hf_model(tmp / "model", vocab=len(tok), max_pos=256, perturb=True, eos_token_id=tok.eos_token_id,
+    # A tokenizer that adds BOS (as Llama's and Gemma's do), and a short model: contexts are
+    # left-truncated and documents span several rolling windows, as with real models and tasks.
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.bos_token_id)])
+    model = tiny_hf_model(tmp / "model", vocab=len(tok), max_pos=40, perturb=True, eos_token_id=tok.eos_token_id,
                           bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
     tok.save_pretrained(model)
+    assert AutoTokenizer.from_pretrained(model).encode("the model")[0] == tok.bos_token_id
     tasks = _task_files(tmp / "tasks", make_docs(30, seed=5, newlines=False))
     shard = write_shard(tmp / "held", random_docs(20, len(tok), 3))
     return {"tmp": tmp, "model": model, "tasks": tasks, "shard": shard}
 
 
-def test_eval_tasks_equals_lm_eval_hf_item_for_item(setup):
-    import torch
+NAMES = ["bpe_choice", "bpe_gen", "bpe_roll"]
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """lm-eval's own `hf` backend on the same directory."""
     from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={setup['model']},dtype=float32", tasks=NAMES,
+                                   task_manager=TaskManager(include_path=str(setup["tasks"])), device="cpu",
+                                   batch_size=4, bootstrap_iters=0, log_samples=True)
+
+
+def test_eval_tasks_equals_lm_eval_hf_item_for_item(setup, reference):
+    import torch
     from transformers import AutoTokenizer
 
     from megacpt.eval.harness import MegacptLM
@@ -64,10 +84,7 @@ def test_eval_tasks_equals_lm_eval_hf_item_for_item(setup):
     from megacpt.export import load_model_source
     from megacpt.train.parallelize import BuildSpec, build_model
 
-    names = ["bpe_choice", "bpe_gen", "bpe_roll"]
-    ref = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={setup['model']},dtype=float32", tasks=names,
-                                  task_manager=TaskManager(include_path=str(setup["tasks"])), device="cpu",
-                                  batch_size=4, bootstrap_iters=0, log_samples=True)
+    names, ref = NAMES, reference
     spec = TaskSpec(tuple(names), str(setup["tasks"]))
     args, _, weights, _ = load_model_source(setup["model"])
     model = build_model(BuildSpec(args, dtype=torch.float32), weights=weights).eval()
@@ -90,11 +107,15 @@ def test_eval_tasks_equals_lm_eval_hf_item_for_item(setup):
     assert got.keys() == want.keys()
     for name in names:
         assert got[name] == pytest.approx(want[name], rel=1e-4)
-    setup["reference"] = want
+    # not vacuous: some requests were left-truncated and some documents took several rolling windows
+    tok = AutoTokenizer.from_pretrained(setup["model"])
+    rows = [json.loads(x) for f in ("bpe_choice", "bpe_roll") for x in open(setup["tasks"] / f"{f}.jsonl")]
+    assert any(len(tok.encode(r.get("q", r.get("text", "")))) > args.max_position_embeddings + 1 for r in rows)
 
 
-def test_cli_json_has_data_sets_and_tasks(setup):
+def test_cli_json_has_data_sets_and_tasks(setup, reference):
     from megacpt.cli import main
+    from megacpt.eval.tasks import summarize
 
     out = setup["tmp"] / "eval.json"
     rc = main(["eval", "--model", str(setup["model"]), "--data", f"held={setup['shard']}", "--seq-len", "32",
@@ -107,15 +128,15 @@ def test_cli_json_has_data_sets_and_tasks(setup):
     assert res["tasks"]["bpe_choice"]["n"] == 10 and res["tasks"]["bpe_gen"]["n"] == 12
     assert {"acc", "acc_norm", "acc_stderr"} <= set(res["tasks"]["bpe_choice"])
     assert "exact_match" in res["tasks"]["bpe_gen"]
-    if "reference" in setup:  # the same numbers as lm-eval's hf backend (previous test)
-        for name in ("bpe_choice", "bpe_gen"):
-            for k, v in res["tasks"][name].items():
-                if k in setup["reference"][name] and "_stderr" not in k:
-                    assert v == pytest.approx(setup["reference"][name][k], rel=1e-4)
-    # --limit and --num-fewshot reach lm-eval
-    rc = main(["eval", "--model", str(setup["model"]), "--tasks", "bpe_choice", "--include-path",
+    want = summarize(reference)  # the same numbers as lm-eval's hf backend
+    for name in ("bpe_choice", "bpe_gen"):
+        for k, v in want[name].items():
+            assert res["tasks"][name][k] == pytest.approx(v, rel=1e-4), (name, k)
+    # --limit and --num-fewshot reach lm-eval; a tag names the tasks that carry it
+    rc = main(["eval", "--model", str(setup["model"]), "--tasks", "bpe_tag", "--include-path",
                str(setup["tasks"]), "--limit", "4", "--num-fewshot", "2", "--json", str(out)])
-    assert rc == 0 and json.loads(out.read_text())["tasks"]["bpe_choice"]["n"] == 4
+    got = json.loads(out.read_text())["tasks"]
+    assert rc == 0 and set(got) == {"bpe_choice", "bpe_gen"} and got["bpe_choice"]["n"] == got["bpe_gen"]["n"] == 4
 
 
 def _bad(setup, tmp_path, *extra, tasks_dir=None):
@@ -147,6 +168,15 @@ def test_bad_task_input_is_one_line_exit_2(setup, tmp_path, capsys):
     _bad(setup, tmp_path, "--tasks", "bpe_choice", "--num-fewshot", "10")  # 10 items: 9 can be shots
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "few-shot pool has 9" in err[0]
+    g = tmp_path / "gen"
+    g.mkdir()
+    for i, extra in enumerate(("do_sample: true", "num_beams: 4")):
+        (g / f"g{i}.yaml").write_text(
+            (setup["tasks"] / "bpe_gen.yaml").read_text().replace("task: bpe_gen", f"task: g{i}")
+            .replace("  do_sample: false", f"  {extra}"))
+        _bad(setup, tmp_path, "--tasks", f"g{i}", tasks_dir=g)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ("greedy" in err[0]), err
     _bad(setup, tmp_path, "--tasks", "bpe_choice", "--data", f"tasks={setup['shard']}")
     assert "may not be named 'tasks'" in capsys.readouterr().err
     _bad(setup, tmp_path)

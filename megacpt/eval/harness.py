@@ -216,7 +216,9 @@ class MegacptLM(TemplateLM):
             for j, tok in enumerate(nxt):
                 if not done[j]:
                     gens[j].append(tok)
-                    done[j] = tok in self.eos_ids or any(s and s in self.tok_decode(gens[j]) for s in until)
+                    # Special tokens kept: a stop string may be one (`<|im_end|>`), as in lm-eval's check.
+                    text = self.tok_decode(gens[j], skip_special_tokens=False)
+                    done[j] = tok in self.eos_ids or any(s and s in text for s in until)
             if self.spread.all_done(all(done)):
                 break
         return gens

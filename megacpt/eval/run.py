@@ -10,7 +10,7 @@ import torch
 
 from megacpt.errors import UserError
 from megacpt.eval.perplexity import eval_windows, summarize
-from megacpt.eval.tasks import TaskSpec, eos_ids, evaluate_tasks, hf_tokenizer, load_tasks
+from megacpt.eval.tasks import TaskSpec, check_lengths, eos_ids, evaluate_tasks, hf_tokenizer, load_tasks
 from megacpt.eval.tasks import summarize as summarize_tasks
 from megacpt.export import load_model_source
 from megacpt.train.parallelize import BuildSpec, build_model
@@ -58,6 +58,8 @@ def run_all(a) -> dict:
         raise UserError("nothing to evaluate: pass --data NAME=PATH and/or --tasks NAME[,NAME...]")
     tasks = load_tasks(spec) if spec.names else []  # task errors before the model is built
     args, hf_cfg, weights, source_dir = load_model_source(a.model)
+    if spec.names:
+        check_lengths(tasks, args.max_position_embeddings)
     tokenizer = hf_tokenizer(a.model, source_dir, a.tokenizer) if spec.names else None
     windows = load_windows(sets, args, a.seq_len, a.max_tokens)
     model = build_model(BuildSpec(args, dtype=torch.float32), weights=weights)  # one process, fp32

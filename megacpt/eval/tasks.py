@@ -49,9 +49,19 @@ def _malformed_yaml(include_path: str | None) -> list[str]:
     return found
 
 
+def _lm_eval():
+    try:
+        import lm_eval  # lm-eval: optional, imported only when tasks are evaluated
+        import lm_eval.tasks
+    except ImportError:
+        raise UserError("task evaluation needs lm-evaluation-harness: pip install lm-eval==0.4.13 "
+                        "(or pip install 'megacpt[eval]')") from None
+    return lm_eval
+
+
 def task_manager(spec: TaskSpec):
     """A TaskManager that knows every requested name, or a one-line error saying which is unknown."""
-    from lm_eval.tasks import TaskManager  # lm-eval: optional, imported only when tasks are evaluated
+    TaskManager = _lm_eval().tasks.TaskManager
 
     if spec.include_path and not Path(spec.include_path).exists():
         raise UserError(f"--include-path {spec.include_path} does not exist; pass the folder of your task YAML files")
@@ -80,16 +90,24 @@ def _load_one(tm, name: str):
     except Exception as e:  # lm-eval raises many types for a bad definition: report it in one line
         raise UserError(f"task {name}: invalid task definition ({type(e).__name__}: "
                         f"{' '.join(str(e).split())[:160]}); fix its YAML") from None
-    return loaded["groups"].get(name) or loaded["tasks"][name], loaded["tasks"]
+    if name in loaded["groups"]:
+        return [loaded["groups"][name]], loaded["tasks"]
+    if name in loaded["tasks"]:
+        return [loaded["tasks"][name]], loaded["tasks"]
+    return list(loaded["tasks"].values()), loaded["tasks"]  # a tag: the tasks it names
 
 
 def _check_fewshot(task, k: int | None) -> None:
-    k = task.get_config("num_fewshot") if k is None else k
+    own = task.get_config("num_fewshot")
+    k = own if k is None or own == 0 else k  # lm-eval keeps a task's explicit 0 whatever is asked
     if not k:
         return
     pool = task.fewshot_docs()
-    own_split = not (task.config.fewshot_split or task.has_training_docs() or task.has_validation_docs())
-    room = len(pool) - (1 if own_split else 0) if pool is not None else 0  # the item itself is never its own shot
+    # lm-eval leaves the item itself out when the shots come from the split being evaluated.
+    cfg = task.fewshot_cfg
+    same = (cfg.split if cfg is not None else None) == task.config.test_split or not (
+        task.config.fewshot_split or task.has_training_docs() or task.has_validation_docs())
+    room = len(pool) - (1 if same else 0) if pool is not None else 0
     if k > room:
         raise UserError(f"task {task.config.task}: {k}-shot needs {k} examples but its few-shot pool has {room}; "
                         f"lower --num-fewshot or add a fewshot_split with more examples")
@@ -106,11 +124,42 @@ def load_tasks(spec: TaskSpec) -> LoadedTasks:
     tm = task_manager(spec)
     objs = []
     for name in spec.names:
-        obj, leaves = _load_one(tm, name)
+        built, leaves = _load_one(tm, name)
         for task in leaves.values():
             _check_fewshot(task, spec.num_fewshot)
-        objs.append(obj)
+            _check_generation(task)
+        objs.extend(built)
     return LoadedTasks(tm, objs)
+
+
+# What megacpt's greedy generation honours; hf would pass anything else to generate().
+GREEDY_KEYS = {"until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature"}
+
+
+def _check_generation(task) -> None:
+    if task.get_config("output_type") != "generate_until":
+        return
+    kwargs = task.get_config("generation_kwargs") or {}
+    name = task.config.task
+    if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0:
+        raise UserError(f"task {name}: asks for sampled generation (do_sample/temperature); megacpt evaluates with "
+                        f"greedy decoding only: set do_sample: false, temperature: 0")
+    other = sorted(set(kwargs) - GREEDY_KEYS)
+    if other:
+        raise UserError(f"task {name}: generation_kwargs {', '.join(other)} are not supported (greedy decoding with "
+                        f"until and max_gen_toks only); remove them")
+
+
+def check_lengths(tasks: LoadedTasks, max_length: int) -> None:
+    """Generation budgets that leave no room for a prompt in the model's length: a one-line error now."""
+    for obj in tasks.objects:
+        leaves = obj.get_all_tasks() if hasattr(obj, "get_all_tasks") else [obj]
+        for task in leaves:
+            kwargs = task.get_config("generation_kwargs") or {}
+            max_new = kwargs.get("max_gen_toks", kwargs.get("max_new_tokens", 256))
+            if task.get_config("output_type") == "generate_until" and int(max_new) >= max_length:
+                raise UserError(f"task {task.config.task}: max_gen_toks {max_new} leaves no room for a prompt in the "
+                                f"model's {max_length} positions; lower it")
 
 
 @contextmanager
@@ -128,14 +177,16 @@ def _rng_preserved():
             torch.cuda.set_rng_state_all(cuda)
 
 
-def evaluate_tasks(lm, spec: TaskSpec, tasks: LoadedTasks, bootstrap_iters: int = 1000) -> dict | None:
-    """lm-eval's raw results dict. lm-eval builds it only where LOCAL_RANK is 0 (else None)."""
-    import lm_eval  # lm-eval: optional, imported only when tasks are evaluated
-
+def evaluate_tasks(lm, spec: TaskSpec, tasks: LoadedTasks, bootstrap_iters: int = 1000,
+                   verbosity: str | None = "WARNING") -> dict | None:
+    """lm-eval's raw results dict. lm-eval builds it only where LOCAL_RANK is 0 (else None).
+    verbosity None leaves lm-eval's logging set-up alone (it would bind its handler to the
+    sys.stderr of the moment)."""
+    lm_eval = _lm_eval()
     with _rng_preserved():
         return lm_eval.simple_evaluate(model=lm, tasks=list(tasks.objects), task_manager=tasks.manager,
                                        num_fewshot=spec.num_fewshot, limit=spec.limit,
-                                       bootstrap_iters=bootstrap_iters, log_samples=True, verbosity="WARNING")
+                                       bootstrap_iters=bootstrap_iters, log_samples=True, verbosity=verbosity)
 
 
 def summarize(results: dict) -> dict:
@@ -170,10 +221,9 @@ def hf_tokenizer(model_path, source_dir, override: str | None = None):
 
 
 def eos_ids(hf_cfg: dict, source_dir) -> set[int]:
-    """EOS ids generation stops at, as `transformers` generate() does: config and generation_config."""
-    found = set()
+    """EOS ids generation stops at, as `transformers` generate() does: generation_config.json's
+    when the model has one, else config.json's."""
     gen = Path(source_dir) / "generation_config.json" if source_dir else None
-    for cfg in (hf_cfg, json.loads(gen.read_text()) if gen is not None and gen.is_file() else {}):
-        ids = cfg.get("eos_token_id")
-        found |= set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    return found
+    cfg = json.loads(gen.read_text()) if gen is not None and gen.is_file() else {}
+    ids = cfg.get("eos_token_id", hf_cfg.get("eos_token_id"))
+    return set(ids if isinstance(ids, list) else [ids] if ids is not None else [])

@@ -270,6 +270,7 @@ def save(rs: RunState) -> None:
         "skipped_batches": rs.skips,
         "base_valid": rs.base_valid,
         "base_tasks": rs.base_tasks,
+        "base_tasks_settings": task_eval.settings(rs) if rs.base_tasks else None,
         "early_stopping": rs.early_stopper.state() if rs.early_stopper else None,
         "config": cfg.to_dict(),
         "world_size": rs.world,

@@ -16,6 +16,7 @@ from megacpt.errors import ConfigError
 from megacpt.models.hf import StateDictWeights, read_hf_config
 from megacpt.safe_load import check_torch_file
 from megacpt.train import checkpoint as ckpt
+from megacpt.train import task_eval
 from megacpt.train.consolidate import checkpoint_weights
 from megacpt.train.early_stop import EarlyStopper
 from megacpt.train.engine import resolve_precision
@@ -164,7 +165,7 @@ def restore(rs: RunState, rename=None) -> None:
     rs.step = int(state["step"])
     rs.last_saved = rs.step
     rs.base_valid = state.get("base_valid", {})
-    rs.base_tasks = state.get("base_tasks") or {}
+    task_eval.restore_base(rs, state)
     rs.skips = {k: list(v) for k, v in state.get("skipped_batches", {}).items()}
     rs.say(f"resuming from {start.resume_dir} at step {rs.step}")
 

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from megacpt.errors import UserError
 from megacpt.eval import contamination
-from megacpt.eval.tasks import TaskSpec, eos_ids, evaluate_tasks, hf_tokenizer, load_tasks, summarize
+from megacpt.eval.tasks import (TaskSpec, check_lengths, eos_ids, evaluate_tasks, hf_tokenizer, load_tasks,
+                                 summarize)
 from megacpt.train.state import RunState
 
 
@@ -47,8 +48,9 @@ def prepare(rs: RunState) -> None:
     spec = TaskSpec(tuple(t.names), t.include_path, t.num_fewshot, t.limit)
     source = rs.start.source_dir
     tokenizer = hf_tokenizer(f"eval.tasks (model {source})", source, t.tokenizer)
-    rs.task_eval = TaskEval(spec, load_tasks(spec), tokenizer, str(t.tokenizer or source),
-                            t.interval or rs.cfg.train.eval_interval)
+    tasks = load_tasks(spec)
+    check_lengths(tasks, rs.args.max_position_embeddings)
+    rs.task_eval = TaskEval(spec, tasks, tokenizer, str(t.tokenizer or source), t.interval or rs.cfg.train.eval_interval)
 
 
 def overlap_warnings(rs: RunState) -> list[str]:
@@ -97,11 +99,16 @@ def task_record(rs: RunState) -> dict:
     te = rs.task_eval
     was_training = rs.engine.training
     rs.engine.eval()
-    # lm-eval's progress bars (one set per rank) would bury the training log: they go nowhere.
-    with contextlib.redirect_stderr(io.StringIO()):
-        raw = evaluate_tasks(te.lm, te.spec, te.tasks, bootstrap_iters=0)  # stderrs are not logged
+    # lm-eval's progress bars (a set per rank) would bury the training log: its stderr is captured
+    # and rank 0 passes on the lines that are not progress bars (warnings, errors).
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        raw = evaluate_tasks(te.lm, te.spec, te.tasks, bootstrap_iters=0, verbosity=None)  # no stderrs logged
     if was_training:
         rs.engine.train()
+    for line in captured.getvalue().split("\n"):  # tqdm redraws with \r: such lines are bars
+        if line.strip() and "\r" not in line and "it/s]" not in line:
+            rs.say(f"lm-eval: {line.strip()}")
     # lm-eval builds its results on rank 0 of each node only (LOCAL_RANK 0): rank 0's are the ones.
     box = [summarize(raw) if rs.rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
@@ -110,6 +117,7 @@ def task_record(rs: RunState) -> dict:
         for metric, value in metrics.items():
             if metric != "n" and "_stderr" not in metric:
                 rec[f"task/{name}/{metric}"] = value
+    _check_metric(rs, rec)
     if rs.step == 0 and not rs.base_tasks:
         rs.base_tasks = dict(rec)  # no _vs_base at step 0, as for ppl_vs_base
         return rec
@@ -117,3 +125,34 @@ def task_record(rs: RunState) -> dict:
         if key in rs.base_tasks:
             rec[f"{key}_vs_base"] = value - rs.base_tasks[key]
     return rec
+
+
+def _check_metric(rs: RunState, rec: dict) -> None:
+    """An early-stopping task metric that the tasks do not log would never stop anything: say so
+    at the first task evaluation (every rank has the same record, so every rank stops)."""
+    es = rs.cfg.train.early_stopping
+    if es is None or not es.metric.startswith("task/"):
+        return
+    name = es.metric[:-len("_vs_base")] if es.metric.endswith("_vs_base") else es.metric
+    if name not in rec:
+        raise UserError(f"train.early_stopping.metric {es.metric!r}: the tasks log {', '.join(sorted(rec))}; "
+                        f"pick one of those")
+
+
+def settings(rs: RunState) -> dict | None:
+    """What the base values depend on (saved beside them in checkpoints)."""
+    te = rs.task_eval
+    if te is None:
+        return None
+    s = te.spec
+    return {"names": list(s.names), "include_path": s.include_path, "num_fewshot": s.num_fewshot, "limit": s.limit,
+            "tokenizer": te.tokenizer_dir}
+
+
+def restore_base(rs: RunState, state: dict) -> None:
+    """The base model's task values from a checkpoint, unless the task settings changed since:
+    then _vs_base would compare different item sets, and it is not logged."""
+    rs.base_tasks = state.get("base_tasks") or {}
+    if rs.base_tasks and state.get("base_tasks_settings") != settings(rs):
+        rs.say("note: eval.tasks changed since the base model was measured: task/*_vs_base is not logged")
+        rs.base_tasks = {}
