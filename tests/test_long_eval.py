@@ -109,3 +109,103 @@ def test_bad_width_exits_2(model_and_docs, width, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--by-position" in err
     assert not out.exists()
+
+
+# --- passkey
+
+LENGTHS = (256, 512)
+DEPTHS = (0.0, 0.5, 1.0)
+KEY_RE = re.compile(r"The pass key is (\d{5})\. Remember it\. \1 is the pass key\.")
+
+
+@pytest.fixture(scope="module")
+def filler(tmp_path_factory):
+    path = tmp_path_factory.mktemp("filler") / "held.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_docs(150, seed=7, max_words=40)))
+    return path
+
+
+def _passkey(out, filler_path, tok, seed=1, n=4, *extra):
+    argv = ["make-task", "--kind", "passkey", "--from", str(filler_path), "--tokenizer", tok,
+            "--lengths", ",".join(map(str, LENGTHS)), "--depths", ",".join(map(str, DEPTHS)),
+            "--n", str(n), "--seed", str(seed), "--output", str(out), "--name", "pk", *extra]
+    assert main(argv) == 0
+    return Path(out)
+
+
+def _cells():
+    return [f"pk_L{length}_D{round(d * 100)}" for length in LENGTHS for d in DEPTHS]
+
+
+def test_passkey_deterministic_depth_and_length(tmp_path, filler, hf_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    a = _passkey(tmp_path / "a", filler, hf_tokenizer_dir)
+    first = {p.name: p.read_bytes() for p in sorted(a.iterdir())}
+    assert set(first) == {"pk.yaml"} | {f"{c}.{x}" for c in _cells() for x in ("yaml", "jsonl")}
+    _passkey(tmp_path / "a", filler, hf_tokenizer_dir)  # same seed, same place: same bytes
+    assert {p.name: p.read_bytes() for p in sorted(a.iterdir())} == first
+    _passkey(tmp_path / "b", filler, hf_tokenizer_dir, seed=2)
+    assert (tmp_path / "b" / "pk_L256_D50.jsonl").read_bytes() != first["pk_L256_D50.jsonl"]
+    tok = AutoTokenizer.from_pretrained(hf_tokenizer_dir)
+    question = "What is the pass key? The pass key is"
+    for length in LENGTHS:
+        for depth in DEPTHS:
+            items = [json.loads(x) for x in (a / f"pk_L{length}_D{round(depth * 100)}.jsonl").read_text().splitlines()]
+            assert len(items) == 4
+            for it in items:
+                m = KEY_RE.search(it["context"])
+                assert m and it["target"] == " " + m.group(1)
+                assert it["context"].endswith(" " + question)
+                filler_text = it["context"][: -len(question) - 1].replace(m.group(0), "", 1)
+                assert abs(m.start() / len(filler_text) - depth) < 0.03
+                n_tok = len(tok(it["context"], add_special_tokens=False)["input_ids"])
+                assert abs(n_tok - length) <= 0.1 * length
+
+
+class _Oracle:
+    """Builds an lm-eval LM that answers with the key it finds in the context (or a wrong one)."""
+
+    @staticmethod
+    def make(forgetful: bool):
+        from lm_eval.api.model import LM  # heavy: only these tests need lm-eval
+
+        class Oracle(LM):
+            def loglikelihood(self, requests, disable_tqdm=False):
+                out = []
+                for req in requests:
+                    context, continuation = req.args
+                    key = KEY_RE.search(context).group(1)
+                    if forgetful:
+                        key = f"{(int(key) - 10000 + 1) % 90000 + 10000}"
+                    out.append((0.0, True) if continuation == " " + key else (-10.0, False))
+                return out
+
+            def loglikelihood_rolling(self, requests, disable_tqdm=False):
+                raise NotImplementedError
+
+            def generate_until(self, requests, disable_tqdm=False):
+                raise NotImplementedError
+
+        return Oracle()
+
+
+@pytest.mark.parametrize("forgetful", [False, True])
+def test_passkey_loads_in_lm_eval_and_oracle_scores(tmp_path, filler, hf_tokenizer_dir, forgetful):
+    import lm_eval
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from megacpt.eval.tasks import summarize
+
+    out = _passkey(tmp_path / "t", filler, hf_tokenizer_dir, n=3)
+    tm = TaskManager(include_path=str(out), include_defaults=False)
+    loaded = get_task_dict(["pk"], tm)
+    assert sorted(t for g in loaded.values() for t in g) == sorted(_cells())
+    res = lm_eval.simple_evaluate(model=_Oracle.make(forgetful), tasks=["pk"], task_manager=tm,
+                                  bootstrap_iters=0)
+    want = 0.0 if forgetful else 1.0
+    for cell in _cells():
+        assert res["results"][cell]["acc,none"] == want
+    assert res["results"]["pk"]["acc,none"] == want
+    table = summarize(res)
+    assert table["pk"]["acc"] == want and table["pk_L512_D100"]["acc"] == want
