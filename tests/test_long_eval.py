@@ -209,3 +209,23 @@ def test_passkey_loads_in_lm_eval_and_oracle_scores(tmp_path, filler, hf_tokeniz
     assert res["results"]["pk"]["acc,none"] == want
     table = summarize(res)
     assert table["pk"]["acc"] == want and table["pk_L512_D100"]["acc"] == want
+
+
+@pytest.mark.parametrize("lengths,depths", [("256,x", "0"), ("32", "0"), ("256", "1.5"), ("256", "0.5,0.501")])
+def test_passkey_bad_cells_exit_2_and_write_nothing(tmp_path, filler, hf_tokenizer_dir, lengths, depths, capsys):
+    out = tmp_path / "none"
+    rc = main(["make-task", "--kind", "passkey", "--from", str(filler), "--tokenizer", hf_tokenizer_dir,
+               "--lengths", lengths, "--depths", depths, "--output", str(out)])
+    assert rc == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_passkey_filler_too_short_exits_2(tmp_path, hf_tokenizer_dir, capsys):
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "only a few words here"}) + "\n")
+    out = tmp_path / "none"
+    rc = main(["make-task", "--kind", "passkey", "--from", str(short), "--tokenizer", hf_tokenizer_dir,
+               "--lengths", "256", "--depths", "0", "--output", str(out)])
+    assert rc == 2 and "fewer than the longest cell" in capsys.readouterr().err
+    assert not out.exists()
