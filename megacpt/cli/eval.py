@@ -15,6 +15,8 @@ def add_parsers(sub) -> None:
                    help="held-out token shards (optional with --tasks)")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--by-position", type=int, default=None, metavar="WIDTH",
+                   help="loss per position bucket of WIDTH tokens; one window per document, from its start")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--tasks", default=None, metavar="NAME[,NAME...]", help="lm-eval task or group names")
     p.add_argument("--include-path", default=None, metavar="DIR", help="folder of lm-eval task YAML files")

@@ -35,6 +35,7 @@ from megacpt.data.readers import Undecodable, resolve_inputs, to_text
 from megacpt.data.sidecar import read_sidecar
 from megacpt.data.tokenizer import Encoder, TokenizerInfo, load_tokenizer
 from megacpt.errors import DataError, UserError
+from megacpt.eval.passkey import main_passkey, parse_cells
 
 MIN_CONTEXT_TOKENS = 16  # a shorter context says too little to predict anything from
 MIN_ENDING_WORDS = 4  # continuation choices: whole sentences, not fragments like "See below."
@@ -430,8 +431,11 @@ def main_args(args) -> int:
     opts, out, name = _check_args(args)
     if not args.inputs:
         raise UserError("no --from input given; pass token shard prefixes or text files")
+    passkey = parse_cells(args.lengths, args.depths, args.n, args.seed) if opts.kind == "passkey" else None
     info = load_tokenizer(args.tokenizer)
     docs = read_documents(args.inputs, info, args.text_key)
+    if passkey is not None:
+        return main_passkey(args, passkey, name, out, docs, TokenCounter(Encoder(info.spec)).text)
     items, usable = make_items(docs, TokenCounter(Encoder(info.spec)), opts)
     wanted = opts.n or 1
     if usable < wanted:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import torch
 
 from megacpt.errors import UserError
+from megacpt.eval.by_position import check_width, document_windows, evaluate_by_position, print_table
 from megacpt.eval.perplexity import eval_windows, summarize
 from megacpt.eval.tasks import TaskSpec, check_lengths, eos_ids, evaluate_tasks, hf_tokenizer, load_tasks
 from megacpt.eval.tasks import summarize as summarize_tasks
@@ -38,21 +40,33 @@ def data_sets(data: list[str]) -> dict[str, str]:
     return sets
 
 
-def load_windows(sets: dict, args, seq_len: int | None, max_tokens: int | None) -> dict:
-    seq_len = seq_len or min(args.max_position_embeddings, 2048)
+def load_windows(sets: dict, args, seq_len: int, max_tokens: int | None, by_position: bool = False) -> dict:
+    """Per data set: an (n, seq_len+1) array of consecutive windows, or with by_position a list of
+    one window per document (megacpt.eval.by_position)."""
     windows = {}
     for name, path in sets.items():
-        w = eval_windows(path, seq_len, max_tokens)
-        if w.max() >= args.vocab_size:
-            raise UserError(f"{path}: token id {int(w.max())} ≥ model vocab {args.vocab_size}; "
+        w = document_windows(path, seq_len, max_tokens) if by_position else eval_windows(path, seq_len, max_tokens)
+        top = int(w.max()) if isinstance(w, np.ndarray) else max(int(x.max()) for x in w)
+        if top >= args.vocab_size:
+            raise UserError(f"{path}: token id {top} ≥ model vocab {args.vocab_size}; "
                             f"the data was tokenized for another model")
         windows[name] = w
     return windows
 
 
+def evaluate_sets(model, windows: dict, a, seq_len: int) -> dict:
+    width = getattr(a, "by_position", None)
+    if width:
+        return {name: evaluate_by_position(model, w, seq_len, width, a.batch_size) for name, w in windows.items()}
+    return {name: summarize(*evaluate_model(model, w, a.batch_size)) for name, w in windows.items()}
+
+
 def run_all(a) -> dict:
     """`megacpt eval`'s results: {data set: {loss, ppl, tokens}, ..., "tasks": {task: {metric: v, "n": n}}}."""
     sets = data_sets(a.data)
+    check_width(getattr(a, "by_position", None))
+    if getattr(a, "by_position", None) and not sets:
+        raise UserError("--by-position needs held-out token shards: pass --data NAME=PATH")
     spec = TaskSpec(tuple(n for n in (a.tasks or "").split(",") if n), a.include_path, a.num_fewshot, a.limit)
     if not sets and not spec.names:
         raise UserError("nothing to evaluate: pass --data NAME=PATH and/or --tasks NAME[,NAME...]")
@@ -61,10 +75,11 @@ def run_all(a) -> dict:
     if spec.names:
         check_lengths(tasks, args.max_position_embeddings)
     tokenizer = hf_tokenizer(a.model, source_dir, a.tokenizer) if spec.names else None
-    windows = load_windows(sets, args, a.seq_len, a.max_tokens)
+    seq_len = a.seq_len or min(args.max_position_embeddings, 2048)
+    windows = load_windows(sets, args, seq_len, a.max_tokens, bool(getattr(a, "by_position", None)))
     model = build_model(BuildSpec(args, dtype=torch.float32), weights=weights)  # one process, fp32
     model.eval()
-    results = {name: summarize(*evaluate_model(model, w, a.batch_size)) for name, w in windows.items()}
+    results = evaluate_sets(model, windows, a, seq_len)
     if spec.names:
         from megacpt.eval.harness import MegacptLM  # wraps lm-eval (optional, imported only for --tasks)
 
@@ -79,6 +94,8 @@ def main_args(a) -> int:
     for name, r in results.items():
         if name != "tasks":
             print(f"{name:<20} loss={r['loss']:.4f} ppl={r['ppl']:.3f} tokens={r['tokens']}")
+            if "by_position" in r:
+                print_table(name, r)
     for name, r in results.get("tasks", {}).items():
         print(f"{name:<20} " + " ".join(f"{k}={v:.4f}" if k != "n" else f"n={v}" for k, v in r.items()))
     if a.json:
