@@ -152,17 +152,22 @@ def _run_pool(batches, workers: int, spec: dict, opts: Options):
             yield f, n, fut.result()
         finished = True
     finally:
-        if finished:
-            ex.shutdown(wait=True)
-        else:
-            # Error or Ctrl-C: the remaining results are worthless, so do not wait for them.
-            procs = list((getattr(ex, "_processes", None) or {}).values())
-            ex.shutdown(wait=False, cancel_futures=True)
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.join(timeout=5)
+        close_pool(ex, finished)
         os.remove(spec_file)
+
+
+def close_pool(ex, finished: bool) -> None:
+    """Shut a ProcessPoolExecutor down: wait when every result came back; after an error or
+    Ctrl-C the remaining results are worthless, so the workers are terminated instead."""
+    if finished:
+        ex.shutdown(wait=True)
+        return
+    procs = list((getattr(ex, "_processes", None) or {}).values())
+    ex.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.join(timeout=5)
 
 
 # ----------------------------------------------------------------------------- in a worker

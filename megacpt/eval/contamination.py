@@ -33,9 +33,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from megacpt import atomic
 from megacpt.data.indexed import IndexedDataset, bin_path, list_shard_prefixes
 from megacpt.data.sidecar import read_sidecar
 from megacpt.data.tokenizer import Encoder, TokenizerInfo, load_tokenizer
+from megacpt.data.workers import close_pool
 from megacpt.errors import DataError, UserError
 from megacpt.eval.task_yaml import parse_task_yaml
 
@@ -437,15 +439,7 @@ def _run_pool(matcher: Matcher, tasks: list, workers: int):
         yield from ex.map(_worker_scan, tasks)
         finished = True
     finally:
-        if finished:
-            ex.shutdown(wait=True)
-        else:
-            procs = list((getattr(ex, "_processes", None) or {}).values())
-            ex.shutdown(wait=False, cancel_futures=True)
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.join(timeout=5)
+        close_pool(ex, finished)
         os.remove(keys_file)
 
 
@@ -647,18 +641,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def main_args(args) -> int:
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise UserError(f"--json {args.json}: its directory does not exist; create it first")
@@ -667,6 +649,6 @@ def main_args(args) -> int:
                    max_train_tokens=args.max_train_tokens)
     print(format_table(report))
     if args.json:
-        _write_json(args.json, report_json(report))
+        atomic.write_json(args.json, report_json(report))
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from megacpt import atomic
 from megacpt.data.indexed import IndexedDataset, list_shard_prefixes, sharded_prefixes
 from megacpt.data.readers import Undecodable, resolve_inputs, to_text
 from megacpt.data.sidecar import read_sidecar
@@ -400,13 +400,7 @@ def write_task(out: Path, name: str, items: list[dict], opts: Options, meta: dic
     data = "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
     text = render_yaml(task_config(name, jsonl, opts, meta), opts)
     for path, content in ((jsonl, data), (yml, text)):
-        tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-        try:
-            tmp.write_text(content, encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic.write_text(path, content)
     return yml, jsonl
 
 

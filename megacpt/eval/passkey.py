@@ -13,13 +13,13 @@ on (seed, L, d), not on the other cells asked for.
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from megacpt import atomic
 from megacpt.errors import DataError, UserError
 
 KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
@@ -123,16 +123,6 @@ def _group_config(name: str, tasks: list[str], opts: PasskeyOptions) -> dict:
     }
 
 
-def _write_atomic(path: Path, content: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    try:
-        tmp.write_text(content, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _dump(cfg: dict, head: str) -> str:
     return head + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True, width=4096)
 
@@ -152,9 +142,9 @@ def write_passkey(out: Path, name: str, cells: dict, opts: PasskeyOptions, meta:
         files += [(jsonl, data), (out / f"{task}.yaml", _dump(_cell_config(task, jsonl, cell_meta), head))]
     files.sort(key=lambda f: f[0].suffix != ".jsonl")  # stable: all data before any task YAML
     for path, content in files:
-        _write_atomic(path, content)
+        atomic.write_text(path, content)
     group = out / f"{name}.yaml"
-    _write_atomic(group, _dump(_group_config(name, tasks, opts), head))
+    atomic.write_text(group, _dump(_group_config(name, tasks, opts), head))
     return group
 
 

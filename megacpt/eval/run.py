@@ -3,12 +3,11 @@ and lm-evaluation-harness tasks on the same model (`--tasks`), in one JSON."""
 
 from __future__ import annotations
 
-import json
-import os
 
 import numpy as np
 import torch
 
+from megacpt import atomic
 from megacpt.errors import UserError
 from megacpt.eval.by_position import check_width, document_windows, evaluate_by_position, print_table
 from megacpt.eval.perplexity import eval_windows, summarize
@@ -99,8 +98,5 @@ def main_args(a) -> int:
     for name, r in results.get("tasks", {}).items():
         print(f"{name:<20} " + " ".join(f"{k}={v:.4f}" if k != "n" else f"n={v}" for k, v in r.items()))
     if a.json:
-        tmp = f"{a.json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, a.json)
+        atomic.write_json(a.json, results)
     return 0
