@@ -305,7 +305,8 @@ def test_sft_config_keys(tmp_path):
                       (["optim.embedding_lr=0"], "optim.embedding_lr must be > 0"),
                       (["sft.max_new_tokens=64"], "must be below data.seq_len"),
                       (["task=cpt", "train.early_stopping.metric=valid/qa/bleu"], "not a validation metric"),
-                      (["phases=[{name: x, steps: 1, trainable: some}]"], "phases.0.trainable: expected .all. | .embeddings. or null")]:
+                      (["phases=[{name: x, steps: 1, trainable: some}]"],
+                       "phases.0.trainable: must be one of .all. | .embeddings., got .some.")]:
         with pytest.raises(ConfigError, match=msg):
             config_from_dict(copy.deepcopy(base), over)
     json.dumps(cfg.to_dict())  # goes into checkpoints as JSON
