@@ -32,6 +32,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megacpt import atomic
 from megacpt.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -483,12 +484,6 @@ Data behind the plots: <a href="report.json">report.json</a>.</p>
 # Entry points
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def report(run_dirs, output) -> dict:
     """Write the plots, report.json and index.html for `run_dirs` into `output`; returns report.json's data."""
     if not run_dirs:
@@ -507,8 +502,8 @@ def report(run_dirs, output) -> dict:
     written = draw(plots, colors, out)
     table = final_values(runs)
     data = {"runs": table, "plots": {k: plots[k] for k in written}}
-    _write_text(out / "report.json", json.dumps(data, indent=1) + "\n")
-    _write_text(out / "index.html", render_html(plots, written, table))
+    atomic.write_text(out / "report.json", json.dumps(data, indent=1) + "\n")
+    atomic.write_text(out / "index.html", render_html(plots, written, table))
     return data
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megacpt.bench.host import cpu_model
 from megacpt.data.indexed import IndexedDatasetWriter
 from megacpt.errors import UserError
 from megacpt.eval.contamination import check
@@ -93,19 +94,6 @@ def _vm_rss_kb() -> int | None:
     except OSError:
         pass
     return None
-
-
-def _cpu_model() -> str:
-    # megacpt.bench.report.cpu_model's twin: importing that module would load torch into the
-    # measured child processes (this module is what they run) and inflate their resident set.
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _run_child(work: Path, name: str, spec: dict, timeout: float) -> dict:
@@ -200,7 +188,7 @@ def run_contamination_bench(a) -> int:
         "benchmark": "contamination",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": "megacpt bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_model() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "numpy": np.__version__, "load_average_before": load_before},
         "setup": {"sizes": sizes, "items": a.items, "item_len": a.item_len, "ngram": a.ngram, "vocab": VOCAB,
                   "doc_tokens": DOC_TOKENS, "planted": data["planted"], "workers": a.workers, "repeats": a.repeats},

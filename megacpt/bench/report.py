@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from megacpt.bench.comm import CommSetup, comm_estimate_run
+from megacpt.bench.host import cpu_model
 from megacpt.bench.launch import RECORDED_ENV, REPO, usable_cores
 from megacpt.bench.plan import TrainBench
 
@@ -86,17 +87,6 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (head + ("+dirty" if dirty else "")) if head else None
-
-
-def cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def bench_command() -> str:

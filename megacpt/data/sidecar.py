@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from megacpt import __version__
+from megacpt import __version__, atomic
 from megacpt.data.indexed import list_shard_prefixes
 from megacpt.errors import DataError
 
@@ -29,15 +29,7 @@ def created_by() -> str:
 def write_sidecar(prefix, sidecar: dict) -> None:
     """Write PREFIX.json atomically: a reader sees the old sidecar or the new one, never a part."""
     path = sidecar_path(prefix)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(sidecar, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic.write_json(path, sidecar)
 
 
 def read_sidecar(prefix) -> dict | None:
