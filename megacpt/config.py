@@ -105,6 +105,13 @@ class PhaseConfig:
     lr: Optional[float] = _field(None, "the phase's peak LR; null: the top-level optim.lr")
     min_lr: Optional[float] = _field(None, "the phase's final LR; null: the top-level optim.min_lr")
     trainable: Optional[Literal["all", "embeddings"]] = _field(None, "what the phase trains; null: train.trainable")
+    seq_len: Optional[int] = _field(None, "tokens per training sequence in this phase (e.g. a long-context phase); "
+                                          "null: the previous phase's (data.seq_len for the first)")
+    micro_batch_size: Optional[int] = _field(None, "sequences per rank in one forward/backward in this phase; "
+                                                   "null: the previous phase's")
+    global_batch_size: Optional[int] = _field(None, "sequences per optimizer step in this phase (keep tokens per "
+                                                    "step constant by halving it when seq_len doubles); null: the "
+                                                    "previous phase's")
 
 
 @dataclass(frozen=True)
@@ -536,10 +543,71 @@ def _check_sft_length(cfg: Config) -> None:
                           f"prompt and generation share the sequence")
 
 
+@dataclass(frozen=True)
+class BatchShape:
+    """What one phase's optimizer step reads: sequences of seq_len tokens, global_batch_size of them,
+    micro_batch_size per rank per forward."""
+
+    phase: str = _field(help="the phase's name (main for the first)")
+    steps: int = _field(help="optimizer steps of the phase")
+    seq_len: int = _field(help="tokens per training sequence")
+    micro_batch_size: int = _field(help="sequences per rank in one forward/backward")
+    global_batch_size: int = _field(help="sequences per optimizer step over all data-parallel ranks")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.global_batch_size
+
+
+def batch_shapes(cfg: Config) -> list[BatchShape]:
+    """The main phase's shape, then each declared phase's; a key a phase leaves null keeps the
+    previous phase's value."""
+    t = cfg.train
+    out = [BatchShape("main", t.steps, cfg.data.seq_len, t.micro_batch_size, t.global_batch_size)]
+    for p in cfg.phases:
+        prev = out[-1]
+        out.append(BatchShape(p.name, p.steps, p.seq_len or prev.seq_len, p.micro_batch_size or prev.micro_batch_size,
+                              p.global_batch_size or prev.global_batch_size))
+    return out
+
+
+def tokens_at(cfg: Config, step: int) -> int:
+    """Training tokens read up to optimizer step `step` (phases may differ in tokens per step)."""
+    total, start = 0, 0
+    for b in batch_shapes(cfg):
+        total += max(0, min(step - start, b.steps)) * b.tokens_per_step
+        start += b.steps
+    return total + max(0, step - start) * b.tokens_per_step
+
+
+def _check_phase_shapes(cfg: Config) -> None:
+    for i, p in enumerate(cfg.phases):
+        for key in ("seq_len", "micro_batch_size", "global_batch_size"):
+            _positive(getattr(p, key), f"phases.{i}.{key}")
+    shapes = batch_shapes(cfg)
+    for i, b in enumerate(shapes[1:]):
+        if b.global_batch_size % b.micro_batch_size:
+            raise ConfigError(f"phases.{i} ({b.phase}): global_batch_size ({b.global_batch_size}) is not a multiple "
+                              f"of micro_batch_size ({b.micro_batch_size})")
+        if cfg.parallel.sequence_parallel and b.seq_len % cfg.parallel.tp:
+            raise ConfigError(f"phases.{i} ({b.phase}): parallel.sequence_parallel needs seq_len ({b.seq_len}) "
+                              f"divisible by parallel.tp ({cfg.parallel.tp})")
+    changed = [b.phase for b in shapes[1:] if (b.seq_len, b.micro_batch_size, b.global_batch_size) !=
+               (shapes[0].seq_len, shapes[0].micro_batch_size, shapes[0].global_batch_size)]
+    if changed and cfg.parallel.pp > 1:
+        # The pipeline schedule's activation buffers and micro-batch count are fixed when it is built.
+        raise ConfigError(f"phase {changed[0]} changes seq_len or the batch size, which pipeline parallelism "
+                          f"(parallel.pp > 1) cannot do mid-run; use pp: 1 (ZeRO and tensor parallelism can), or "
+                          f"keep the main phase's seq_len and batch sizes")
+    if cfg.task == "sft" and any(b.seq_len != cfg.data.seq_len for b in shapes):
+        raise ConfigError("task: sft reads every phase at data.seq_len; drop seq_len from the phases")
+
+
 def _check_phases(cfg: Config) -> None:
     names = [p.name for p in cfg.phases]
     if len(set(names)) != len(names):
         raise ConfigError(f"phases: names must be unique, got {names}")
+    _check_phase_shapes(cfg)
     for i, p in enumerate(cfg.phases):
         _positive(p.steps, f"phases.{i}.steps")
         for j, src in enumerate((p.data.train if p.data else [])):
@@ -631,13 +699,16 @@ def derive(cfg: Config, world_size: int) -> Derived:
             f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {tp * pp}"
         )
     dp = world_size // (tp * pp)
+    for i, b in enumerate(batch_shapes(cfg)):
+        mb, gb = b.micro_batch_size, b.global_batch_size
+        if gb % (mb * dp):
+            ok = [mb * dp * k for k in range(1, 5)]
+            where = "train.global_batch_size" if i == 0 else f"phases.{i - 1} ({b.phase}): global_batch_size"
+            raise ConfigError(
+                f"{where} ({gb}) is not a multiple of micro_batch_size × data-parallel size "
+                f"({mb} × {dp} = {mb * dp}); try one of {ok}"
+            )
     mb, gb = cfg.train.micro_batch_size, cfg.train.global_batch_size
-    if gb % (mb * dp):
-        ok = [mb * dp * k for k in range(1, 5)]
-        raise ConfigError(
-            f"train.global_batch_size ({gb}) is not a multiple of micro_batch_size × data-parallel size "
-            f"({mb} × {dp} = {mb * dp}); try one of {ok}"
-        )
     return Derived(world_size=world_size, dp_size=dp, grad_accum=gb // (mb * dp))
 
 

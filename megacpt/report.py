@@ -16,7 +16,8 @@ Reads each run's metrics.jsonl (and config.resolved.json for the tokens per step
 - index.html      the plots and a table of final values per run
 
 Several runs are overlaid, one colour per run across all plots, labelled by run dir name.
-Tokens seen at step s = s × train.global_batch_size × data.seq_len. A resumed run logs some
+Tokens seen at step s = s × train.global_batch_size × data.seq_len, phase by phase where phases
+change seq_len or the global batch. A resumed run logs some
 steps twice (those after its last checkpoint); the line written last wins. Files are written
 one by one through a temporary name and os.replace, index.html last, so a reader never sees a
 half-written file or an index pointing at missing plots.
@@ -33,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megacpt import atomic
-from megacpt.errors import UserError
+from megacpt.config import batch_shapes, config_from_dict
+from megacpt.errors import ConfigError, UserError
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.resolved.json"
@@ -44,11 +46,12 @@ AUTO_LOG_SPAN = 4.0  # yscale "auto" turns logarithmic when a panel's values spa
 class Run:
     name: str
     path: Path
-    tokens_per_step: int
+    tokens_per_step: int  # of the main phase
     train: dict = field(default_factory=dict)  # step -> merged training record
     valid: dict = field(default_factory=dict)  # step -> merged validation record
     tasks: dict = field(default_factory=dict)  # step -> {task/<name>/<metric>: value} (no _vs_base)
     skipped_lines: int = 0
+    phase_tokens: list = field(default_factory=list)  # [(steps, tokens per step)] per phase, when they differ
 
     def domains(self) -> list[str]:
         names = []
@@ -61,7 +64,11 @@ class Run:
         return names
 
     def tokens(self, step: int) -> int:
-        return int(step) * self.tokens_per_step
+        step, total = int(step), 0
+        for n, per_step in self.phase_tokens[:-1]:
+            total += min(step, n) * per_step
+            step = max(0, step - n)
+        return total + step * (self.phase_tokens[-1][1] if self.phase_tokens else self.tokens_per_step)
 
     def task_metrics(self) -> dict[str, list[str]]:
         """{task name: [metric, ...]} in the order first logged."""
@@ -115,6 +122,7 @@ def load_run(run_dir) -> Run:
     if run.skipped_lines:
         print(f"warning: {mpath}: skipped {run.skipped_lines} unreadable lines", file=sys.stderr)
     run.tokens_per_step = _tokens_per_step(p, run)
+    run.phase_tokens = _phase_tokens(p)
     return run
 
 
@@ -134,6 +142,14 @@ def _tokens_per_step(p: Path, run: Run) -> int:
             return round(sum(counts) / step)
     raise UserError(f"{p} has no {CONFIG_FILE} and its metrics carry no tokens/<source> counts, so tokens "
                     f"seen are unknown; restore {CONFIG_FILE} from the run")
+
+
+def _phase_tokens(p: Path) -> list:
+    try:
+        cfg = config_from_dict(json.loads((p / CONFIG_FILE).read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
+        return []  # _tokens_per_step has already said what is wrong, or has another source
+    return [(b.steps, b.tokens_per_step) for b in batch_shapes(cfg)]
 
 
 def _unique_names(runs: list[Run]) -> None:

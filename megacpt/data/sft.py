@@ -335,10 +335,9 @@ def build(cfg, phases, vocab_size: int, tokenizer_dir) -> tuple[Tokenizer, dict,
             cut += cache[src.path][1]
         return cache[src.path][0]
 
-    G = cfg.train.global_batch_size
     for p in phases:
         srcs = [(s.name, examples(s, "data.train", i), s.weight) for i, s in enumerate(p.sources)]
-        p.dataset = SFTDataset(srcs, S, p.seed, (p.steps + cfg.train.max_rollbacks) * G)
+        p.dataset = SFTDataset(srcs, S, p.seed, (p.steps + cfg.train.max_rollbacks) * p.global_batch)
     sets = {}
     keep = S - cfg.sft.max_new_tokens
     for i, v in enumerate(cfg.data.valid):

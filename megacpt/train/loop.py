@@ -39,7 +39,8 @@ from megacpt.train.evaluate import (evaluate_base, evaluate_now, latest_perplexi
                                     summary_table)
 from megacpt.train.metrics import MetricsLogger, device_name, format_console, peak_flops, peak_memory_mb, throughput
 from megacpt.train.parallelize import BuildSpec, build_model, build_pipeline, initialize
-from megacpt.train.phases import build_datasets, data_batch_index, lr_for, phase_at, plan_phases, tokens_per_source
+from megacpt.train.phases import (build_datasets, consumed_samples, data_batch_index, lr_for, phase_at, plan_phases,
+                                  tokens_per_source)
 from megacpt.train.pipeline import PipelineRun, ds_config_for, rename
 from megacpt.train.resume import check_layout_change, plan_layout_change, resolve_start, restore
 from megacpt.train.rollback import is_finite, roll_back
@@ -99,15 +100,16 @@ def describe_run(cfg: Config, derived, start: Start, world: int) -> RunState:
     args = args_from_hf_config(start.base_cfg, source=str(cfg.model.init_from or start.resume_dir))
     args = apply_overrides(args, cfg.model.max_seq_len, cfg.model.rope_theta, cfg.model.rope_scaling,
                            cfg.model.local_rope_theta)
-    if cfg.data.seq_len > args.max_position_embeddings:
-        raise ConfigError(
-            f"data.seq_len {cfg.data.seq_len} exceeds the model's max_position_embeddings "
-            f"{args.max_position_embeddings}; set model.max_seq_len (and rope_theta/rope_scaling) to extend it"
-        )
     rs = RunState(cfg=cfg, derived=derived, start=start, args=args, hf_cfg=hf_config_for(args, start.base_cfg))
     validate_layout(args, world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage)
     check_layout_change(start, cfg, world)
     rs.phases = plan_phases(cfg)
+    for p in rs.phases:
+        if p.seq_len > args.max_position_embeddings:
+            what = "data.seq_len" if p.name == "main" else f"phase {p.name}: seq_len"
+            raise ConfigError(
+                f"{what} {p.seq_len} exceeds the model's max_position_embeddings {args.max_position_embeddings}; "
+                f"set model.max_seq_len (and rope_theta/rope_scaling) to extend it")
     if rs.sft:
         rs.tokenizer, rs.valid, rs.sft_cut = sft_data.build(cfg, rs.phases, args.vocab_size, start.source_dir)
         return rs
@@ -197,7 +199,10 @@ def run_steps(rs: RunState) -> None:
 
 def one_step(rs: RunState, phase, batch_index: int) -> StepOut:
     cfg, topo = rs.cfg, rs.topo
-    G, mb, gas = cfg.train.global_batch_size, cfg.train.micro_batch_size, rs.derived.grad_accum
+    G, mb = phase.global_batch, phase.micro_batch
+    gas = G // (mb * topo.dp_size)
+    if rs.pipe_run is None:
+        step_mod.set_batch_shape(rs.engine, mb, gas)
     if rs.sft:
         batches = sft_data.rank_batches(phase.dataset, batch_index * G, mb, gas, topo.dp_rank, topo.dp_size)
     else:
@@ -223,12 +228,17 @@ def log_step(rs: RunState, phase_name: str, out: StepOut, lrs: dict, dt: float) 
                f"{median:.4f} of the last {len(rs.recent)} steps")
     rs.recent.append(out.loss)
     if rs.rank == 0 and (step % cfg.train.log_interval == 0 or step == rs.total_steps):
-        G, S = cfg.train.global_batch_size, cfg.data.seq_len
+        phase = phase_at(rs.phases, step - 1)
+        G, S = phase.global_batch, phase.seq_len
         rec = {"step": step, "phase": phase_name, "loss": out.loss, "lr": lrs.pop("lr"), "grad_norm": out.grad_norm,
-               "step_time_s": dt, "peak_memory_mb": peak_memory_mb(), "consumed_samples": step * G,
-               "samples_fingerprint": out.fingerprint % 2**48, **lrs}
+               "step_time_s": dt, "peak_memory_mb": peak_memory_mb(),
+               "consumed_samples": consumed_samples(rs.phases, step), "samples_fingerprint": out.fingerprint % 2**48,
+               **lrs}
+        if len(rs.phases) > 1:
+            rec["seq_len"] = S
+        # FLOPs per token follow the phase's sequence length (attention grows with it).
         rec.update(throughput(G * S, dt, rs.world, rs.args.flops_per_token(S), rs.peak_flops))
-        for name, n in tokens_per_source(rs.phases, step, G, rs.skips).items():
+        for name, n in tokens_per_source(rs.phases, step, rs.skips).items():
             rec[f"tokens/{name}"] = n
         rs.logger.log(rec)
         if rs.bar is not None:
@@ -261,12 +271,11 @@ def after_step(rs: RunState, out: StepOut) -> bool:
 
 def save(rs: RunState) -> None:
     cfg, step = rs.cfg, rs.step
-    G = cfg.train.global_batch_size
     st = {
         "step": step,
         "phase": phase_at(rs.phases, min(step, rs.total_steps - 1)).name,
-        "consumed_samples": step * G,
-        "tokens_per_source": tokens_per_source(rs.phases, step, G, rs.skips),
+        "consumed_samples": consumed_samples(rs.phases, step),
+        "tokens_per_source": tokens_per_source(rs.phases, step, rs.skips),
         "skipped_batches": rs.skips,
         "base_valid": rs.base_valid,
         "base_tasks": rs.base_tasks,

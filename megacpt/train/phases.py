@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from megacpt.config import Config, ScheduleConfig, TrainSource
+from megacpt.config import BatchShape, Config, ScheduleConfig, TrainSource, batch_shapes
 from megacpt.data.dataset import BlendedDataset, Source
 from megacpt.errors import ConfigError
 from megacpt.train.schedule import lr_at
@@ -28,13 +28,27 @@ class Phase:
     min_lr: float
     seed: int
     trainable: str = "all"  # all | embeddings
+    shape: BatchShape | None = None  # seq_len, micro and global batch
     dataset: object = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.shape.seq_len
+
+    @property
+    def global_batch(self) -> int:
+        return self.shape.global_batch_size
+
+    @property
+    def micro_batch(self) -> int:
+        return self.shape.micro_batch_size
 
 
 def plan_phases(cfg: Config) -> list[Phase]:
+    shapes = batch_shapes(cfg)
     phases = [Phase("main", 0, cfg.train.steps, list(cfg.data.train), cfg.schedule, cfg.optim.lr,
-                    cfg.optim.min_lr, cfg.seed, cfg.train.trainable)]
-    for p in cfg.phases:
+                    cfg.optim.min_lr, cfg.seed, cfg.train.trainable, shapes[0])]
+    for p, shape in zip(cfg.phases, shapes[1:]):
         prev = phases[-1]
         sources = list(p.data.train) if p.data and p.data.train else prev.sources
         # Each phase has its own order: a pure function of (phase config, seed).
@@ -42,7 +56,7 @@ def plan_phases(cfg: Config) -> list[Phase]:
         phases.append(Phase(p.name, prev.start + prev.steps, p.steps, sources, p.schedule or cfg.schedule,
                             p.lr if p.lr is not None else cfg.optim.lr,
                             p.min_lr if p.min_lr is not None else cfg.optim.min_lr, seed,
-                            p.trainable or cfg.train.trainable))
+                            p.trainable or cfg.train.trainable, shape))
     return phases
 
 
@@ -56,12 +70,11 @@ def phase_at(phases: list[Phase], step: int) -> Phase:
 def build_datasets(cfg: Config, phases: list[Phase], vocab_size: int) -> None:
     if not cfg.data.train:
         raise ConfigError("data.train is empty: add at least one {name, path, weight} source")
-    G = cfg.train.global_batch_size
     for p in phases:
         srcs = [Source(s.name, s.path, s.weight) for s in p.sources]
         # Room for batches skipped after non-finite rollbacks (samples are prefix-stable).
-        n = (p.steps + cfg.train.max_rollbacks) * G
-        p.dataset = BlendedDataset(srcs, cfg.data.seq_len, p.seed, n, vocab_size=vocab_size)
+        n = (p.steps + cfg.train.max_rollbacks) * p.global_batch
+        p.dataset = BlendedDataset(srcs, p.seq_len, p.seed, n, vocab_size=vocab_size)
 
 
 def lr_for(phases: list[Phase], step: int) -> float:
@@ -71,13 +84,18 @@ def lr_for(phases: list[Phase], step: int) -> float:
                  decay_fraction=s.decay_fraction, decay_shape=s.decay_shape)
 
 
-def tokens_per_source(phases: list[Phase], step: int, G: int, skips: dict | None = None) -> dict:
+def consumed_samples(phases: list[Phase], step: int) -> int:
+    """Sequences trained on up to `step` (phases may differ in global batch)."""
+    return sum(min(max(step - p.start, 0), p.steps) * p.global_batch for p in phases)
+
+
+def tokens_per_source(phases: list[Phase], step: int, skips: dict | None = None) -> dict:
     """Tokens drawn from each source up to `step` (skipped batches included: they were read)."""
     out: dict = {}
     for p in phases:
         k = min(max(step - p.start, 0), p.steps)
         skipped = (skips or {}).get(p.name, [])
-        done = (data_batch_index(k - 1, skipped) + 1) * G if k > 0 else 0
+        done = (data_batch_index(k - 1, skipped) + 1) * p.global_batch if k > 0 else 0
         for name, n in p.dataset.tokens_per_source(done).items():
             out[name] = out.get(name, 0) + n
     return out

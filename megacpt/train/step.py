@@ -64,6 +64,19 @@ def batch_fingerprint(batches: list[dict], dp_group) -> int:
     return int(fingerprint)
 
 
+def set_batch_shape(engine, micro_batch: int, gas: int) -> None:
+    """Tell DeepSpeed a phase's micro-batch size and accumulation steps (it fixes both at
+    initialize; a phase may change them). Its backward divides by the accumulation steps, which
+    the loss scaling in train_step relies on; the boundary itself is set per micro-batch there."""
+    if engine.train_micro_batch_size_per_gpu() == micro_batch and engine.gradient_accumulation_steps() == gas:
+        return
+    engine.set_train_micro_batch_size(micro_batch)
+    engine.set_train_batch_size(micro_batch * gas * engine.dp_world_size)
+    if hasattr(engine.optimizer, "gradient_accumulation_steps"):
+        # ZeRO-1/2 with CPU offload picks its gradient buffer by this copy.
+        engine.optimizer.gradient_accumulation_steps = gas
+
+
 @dataclass
 class StepInputs:
     """What one step needs besides the engine: the batches and how to run them."""
@@ -84,6 +97,9 @@ def train_step(engine, topo, zero_stage: int, inputs: StepInputs, where: dict) -
     device = engine.device
     for i, b in enumerate(inputs.batches):
         kwargs = {"segment_ids": b["segments"].to(device)} if inputs.use_segments else {}
+        # Explicit, not DeepSpeed's micro-step counter modulo the accumulation steps: after a phase
+        # changes them, the counter is no longer a multiple of the new value.
+        engine.set_gradient_accumulation_boundary(i == len(inputs.batches) - 1)
         where["op"] = f"forward of micro-batch {i} (ZeRO parameter all-gather)"
         out = engine(b["input_ids"].to(device), labels=b["labels"].to(device), **kwargs)
         if inputs.poison:
