@@ -144,6 +144,10 @@ class TrainConfig:
     trainable: Literal["all", "embeddings"] = _field(
         "all", "embeddings: only embed_tokens (and an untied lm_head) learn in the main phase, the rest keeps its "
                "weights bit for bit; phases may override it")
+    freeze: list[str] = _field(
+        help="parameters that never train, fixed for the whole run: fnmatch patterns over HF parameter names "
+             "(model.layers.*.mlp.*, lm_head.weight) or megacpt's (without model.), and layer ranges layers.0-5",
+        factory=list)
     early_stopping: Optional[EarlyStoppingConfig] = _field(None, "stop when a validation metric stops improving; "
                                                                  "null: off")
     # caching is faster (no page faults on fresh buffers every step), but the resident set stays
@@ -161,6 +165,9 @@ class OptimConfig:
     beta1: float = _field(0.9, "AdamW beta1")
     beta2: float = _field(0.95, "AdamW beta2")
     eps: float = _field(1.0e-8, "AdamW epsilon")
+    layer_lr_decay: Optional[float] = _field(
+        None, "layer-wise LR decay d in (0, 1]: block i of L gets LR × d^(L - i), embed_tokens × d^(L + 1), the final "
+              "norm and lm_head (and a tied embedding, which is the head) the full LR; null: off")
     embedding_lr: Optional[float] = _field(
         None, "peak LR of embed_tokens and an untied lm_head, same schedule scaled by embedding_lr / lr (phases "
               "with their own lr too); null: optim.lr")
@@ -480,6 +487,9 @@ def _check_numbers(cfg: Config) -> None:
         _positive(v, name, allow_zero=True)
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr})")
+    if o.layer_lr_decay is not None and not 0 < o.layer_lr_decay <= 1:
+        raise ConfigError(f"optim.layer_lr_decay must be in (0, 1], got {o.layer_lr_decay} (0.8 lowers each layer's "
+                          f"LR by 20 % going down from the top)")
 
 
 def _check_parallel(cfg: Config) -> None:
@@ -490,6 +500,8 @@ def _check_parallel(cfg: Config) -> None:
         # The pipeline stages are built by megacpt/parallel/pp.py, outside the code paths of these.
         for on, what in ((cfg.model.compile, "model.compile"), (cfg.task == "sft", "task: sft"),
                          (cfg.optim.embedding_lr is not None, "optim.embedding_lr"),
+                         (bool(cfg.train.freeze), "train.freeze"),
+                         (cfg.optim.layer_lr_decay is not None, "optim.layer_lr_decay"),
                          (cfg.train.trainable != "all" or any(p.trainable not in (None, "all") for p in cfg.phases),
                           "trainable: embeddings")):
             if on:

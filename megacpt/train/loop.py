@@ -29,6 +29,7 @@ from megacpt.errors import ConfigError, UserError
 from megacpt.eval.perplexity import eval_windows
 from megacpt.models.hf import apply_overrides, args_from_hf_config, hf_config_for
 from megacpt.parallel import Topology, validate_layout
+from megacpt.parallel.shapes import param_shapes
 from megacpt.train import checkpoint as ckpt
 from megacpt.train import dist as mdist
 from megacpt.train import step as step_mod
@@ -44,7 +45,7 @@ from megacpt.train.phases import (build_datasets, consumed_samples, data_batch_i
 from megacpt.train.pipeline import PipelineRun, ds_config_for, rename
 from megacpt.train.resume import check_layout_change, plan_layout_change, resolve_start, restore
 from megacpt.train.rollback import is_finite, roll_back
-from megacpt.train.stages import Stages, needs_embedding_group
+from megacpt.train.stages import Stages, freeze, frozen_names, needs_embedding_group
 from megacpt.train.stages import param_groups as stage_groups
 from megacpt.train.state import RunState, Start
 from megacpt.train.step import StepInputs, StepOut
@@ -103,6 +104,9 @@ def describe_run(cfg: Config, derived, start: Start, world: int) -> RunState:
     rs = RunState(cfg=cfg, derived=derived, start=start, args=args, hf_cfg=hf_config_for(args, start.base_cfg))
     validate_layout(args, world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage)
     check_layout_change(start, cfg, world)
+    if cfg.train.freeze:
+        names = list(param_shapes(args)) + (["lm_head.weight"] if args.tie_word_embeddings else [])
+        frozen_names(names, cfg.train.freeze, args.num_layers)
     rs.phases = plan_phases(cfg)
     for p in rs.phases:
         if p.seq_len > args.max_position_embeddings:
@@ -144,7 +148,10 @@ def build(rs: RunState) -> None:
         model, pipe_state = build_pipeline(spec, rs.topo, rs.start.weights)
     else:
         model = build_model(spec, rs.topo, rs.start.weights, rs.ds_config, say=rs.say)
-    groups, kinds = stage_groups(model, cfg.optim.weight_decay, needs_embedding_group(cfg))
+    n_frozen = freeze(model, cfg.train.freeze)
+    if n_frozen:
+        rs.say(f"train.freeze: {n_frozen:,} parameters frozen (no gradients, no optimizer state)")
+    groups, kinds = stage_groups(model, cfg.optim.weight_decay, needs_embedding_group(cfg), cfg.optim.layer_lr_decay)
     rs.stages = Stages(model, kinds, cfg.optim.lr, cfg.optim.embedding_lr)
     rs.group_decay = [g["weight_decay"] for g in groups]
     rs.engine = initialize(model, groups, rs.ds_config, rs.topo)

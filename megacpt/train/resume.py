@@ -113,6 +113,10 @@ def check_relayout_supported(old: dict, cfg: Config, old_layout: str) -> None:
     old_emb = (o_optim.get("embedding_lr") is not None or o_train.get("trainable", "all") == "embeddings"
                or any(p.get("trainable") == "embeddings" for p in old.get("phases", [])))
     fix = f"resume with the original layout ({old_layout}), or start a new run_dir with model.init_from"
+    if o_train.get("freeze") or o_optim.get("layer_lr_decay") is not None or cfg.train.freeze \
+            or cfg.optim.layer_lr_decay is not None:
+        raise ConfigError(f"resuming in another layout is not supported for runs with train.freeze or "
+                          f"optim.layer_lr_decay (their optimizer groups differ from the default order); {fix}")
     if old_emb or needs_embedding_group(cfg):
         raise ConfigError(f"resuming in another layout is not supported for runs with optim.embedding_lr or "
                           f"embeddings-only stages; {fix}")
