@@ -146,7 +146,8 @@ class TrainConfig:
                "weights bit for bit; phases may override it")
     freeze: list[str] = _field(
         help="parameters that never train, fixed for the whole run: fnmatch patterns over HF parameter names "
-             "(model.layers.*.mlp.*, lm_head.weight) or megacpt's (without model.), and layer ranges layers.0-5",
+             "(model.layers.*.mlp.*, lm_head.weight) or megacpt's (without model.), layer ranges layers.0-5, "
+             "and backbone (task: classify: all but the head, a linear probe)",
         factory=list)
     early_stopping: Optional[EarlyStoppingConfig] = _field(None, "stop when a validation metric stops improving; "
                                                                  "null: off")
@@ -205,6 +206,15 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
+class ClassifyConfig:
+    labels: list[str] = _field(help="the label names in head order; empty: the sorted labels of the training files",
+                               factory=list)
+    tokenizer: Optional[str] = _field(None, "tokenizer dir; null: the model's HF dir")
+    gap_examples: int = _field(256, "training examples evaluated (in eval mode) beside each held-out set, for "
+                                    "the train-vs-held-out loss gap; 0: off")
+
+
+@dataclass(frozen=True)
 class TasksConfig:
     names: list[str] = _field(help="lm-evaluation-harness task (or group) names, e.g. [my_cloze, my_choice]")
     include_path: Optional[str] = _field(None, "folder of lm-eval task YAML files (lm-eval's own format)")
@@ -227,8 +237,9 @@ class Config:
     run_dir: str = _field("runs/demo", "the run's directory: checkpoints, metrics.jsonl, config.resolved.json; "
                                        "a run with a checkpoint there resumes")
     seed: int = _field(1234, "seed of the data order and of torch's and numpy's random state")
-    task: Literal["cpt", "sft"] = _field("cpt", "cpt: next-token prediction on tokenized shards; sft: "
-                                                "prompt/response fine-tuning on .jsonl")
+    task: Literal["cpt", "sft", "classify"] = _field(
+        "cpt", "cpt: next-token prediction on tokenized shards; sft: prompt/response fine-tuning on .jsonl; "
+               "classify: a linear head on the last token's hidden state, {text, label} .jsonl")
     model: ModelConfig = _field(help="the model: where its weights come from, length overrides, speed switches",
                                 factory=ModelConfig)
     data: DataConfig = _field(help="training and validation data", factory=DataConfig)
@@ -242,6 +253,8 @@ class Config:
     checkpoint: CheckpointConfig = _field(help="when checkpoints are written and how many are kept",
                                           factory=CheckpointConfig)
     sft: SFTConfig = _field(help="task: sft only: tokenizer and generation-based evaluation", factory=SFTConfig)
+    classify: ClassifyConfig = _field(help="task: classify only: labels, tokenizer, the generalisation-gap sample",
+                                      factory=ClassifyConfig)
     eval: EvalConfig = _field(help="downstream task evaluation during training (lm-evaluation-harness)",
                               factory=EvalConfig)
     tensorboard: bool = _field(True, "also write TensorBoard event files into run_dir/tensorboard")
@@ -499,6 +512,7 @@ def _check_parallel(cfg: Config) -> None:
     if par.pp > 1:
         # The pipeline stages are built by megacpt/parallel/pp.py, outside the code paths of these.
         for on, what in ((cfg.model.compile, "model.compile"), (cfg.task == "sft", "task: sft"),
+                         (cfg.task == "classify", "task: classify"),
                          (cfg.optim.embedding_lr is not None, "optim.embedding_lr"),
                          (bool(cfg.train.freeze), "train.freeze"),
                          (cfg.optim.layer_lr_decay is not None, "optim.layer_lr_decay"),
@@ -550,6 +564,23 @@ def _check_sources(cfg: Config) -> None:
 
 def _check_sft_length(cfg: Config) -> None:
     d = cfg.data
+    if "backbone" in cfg.train.freeze and cfg.task != "classify":
+        raise ConfigError("train.freeze: backbone freezes all but a classifier's head, for task: classify; name "
+                          "the parameters to freeze instead")
+    if cfg.task == "classify":
+        _positive(cfg.classify.gap_examples, "classify.gap_examples", allow_zero=True)
+        sources = list(d.train) + [s for p in cfg.phases if p.data for s in p.data.train]
+        if any(s.weight != 1.0 for s in sources):
+            raise ConfigError("task: classify pools the examples of all of a phase's sources (no blending by "
+                              "weight); drop the weights, or merge the files in the proportions you want")
+        if len(set(cfg.classify.labels)) != len(cfg.classify.labels):
+            raise ConfigError(f"classify.labels must be unique, got {cfg.classify.labels}")
+        if cfg.eval.tasks is not None:
+            raise ConfigError("eval.tasks runs language-model tasks, which a classifier has no head for; drop "
+                              "eval.tasks or use task: cpt")
+        if cfg.parallel.sequence_parallel:
+            raise ConfigError("task: classify pools one position per sequence, which sequence parallelism splits "
+                              "over ranks; turn parallel.sequence_parallel off")
     if cfg.task == "sft" and cfg.sft.max_new_tokens >= d.seq_len:
         raise ConfigError(f"sft.max_new_tokens ({cfg.sft.max_new_tokens}) must be below data.seq_len ({d.seq_len}): "
                           f"prompt and generation share the sequence")
@@ -611,8 +642,8 @@ def _check_phase_shapes(cfg: Config) -> None:
         raise ConfigError(f"phase {changed[0]} changes seq_len or the batch size, which pipeline parallelism "
                           f"(parallel.pp > 1) cannot do mid-run; use pp: 1 (ZeRO and tensor parallelism can), or "
                           f"keep the main phase's seq_len and batch sizes")
-    if cfg.task == "sft" and any(b.seq_len != cfg.data.seq_len for b in shapes):
-        raise ConfigError("task: sft reads every phase at data.seq_len; drop seq_len from the phases")
+    if cfg.task != "cpt" and any(b.seq_len != cfg.data.seq_len for b in shapes):
+        raise ConfigError(f"task: {cfg.task} reads every phase at data.seq_len; drop seq_len from the phases")
 
 
 def _check_phases(cfg: Config) -> None:
@@ -644,6 +675,8 @@ def _check_tasks(cfg: Config) -> None:
 
 SFT_METRICS = ("exact_match", "token_f1", "bleu")
 VALID_METRICS = ("loss", "ppl", "ppl_vs_base")
+# task: classify logs these per held-out set (gap: its loss minus the training sample's).
+CLASSIFY_METRICS = ("loss", "accuracy", "macro_f1", "gap")
 
 
 def _validate_early_stopping(cfg: Config) -> None:
@@ -657,7 +690,7 @@ def _validate_early_stopping(cfg: Config) -> None:
         _check_task_metric(cfg, es.metric, parts)
         return
     names = [v.name for v in cfg.data.valid]
-    kinds = VALID_METRICS + (SFT_METRICS if cfg.task == "sft" else ())
+    kinds = CLASSIFY_METRICS if cfg.task == "classify" else VALID_METRICS + (SFT_METRICS if cfg.task == "sft" else ())
     if len(parts) != 3 or parts[0] != "valid" or parts[1] not in names or parts[2] not in kinds:
         example = f"valid/{names[0]}/loss" if names else "valid/NAME/loss with a data.valid entry NAME"
         raise ConfigError(f"train.early_stopping.metric {es.metric!r} is not a validation metric of this run; "
@@ -692,7 +725,7 @@ def early_stopping_mode(es: EarlyStoppingConfig) -> str:
     last = es.metric.rsplit("/", 1)[-1]
     if es.metric.startswith("task/"):
         return "min" if any(w in last for w in LOWER_IS_BETTER) else "max"
-    return "max" if last in SFT_METRICS else "min"
+    return "max" if last in SFT_METRICS + ("accuracy", "macro_f1") else "min"
 
 
 @dataclass(frozen=True)

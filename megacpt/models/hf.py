@@ -46,6 +46,9 @@ FUSED = {
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
 FUSED_ARCHITECTURES = ("Phi3ForCausalLM",)
+# The sequence classifier of each family (task: classify exports these); Gemma 3's text-only one.
+CLASSIFIERS = {arch: arch.replace("ForCausalLM", "ForSequenceClassification") for arch in SUPPORTED_ARCHITECTURES}
+CLASSIFIERS["Gemma3ForCausalLM"] = "Gemma3TextForSequenceClassification"
 # Files copied verbatim from the source directory into an export.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -81,6 +84,7 @@ def architecture(cfg: dict, source: str = "config.json") -> str:
     """The config's architecture, or the one-line error naming the supported ones."""
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else None
+    arch = {v: k for k, v in CLASSIFIERS.items()}.get(arch, arch)  # a classifier is its family's decoder
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UserError(
             f"{source}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -281,6 +285,7 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
             qkv_bias=arch == "Qwen2ForCausalLM" or (arch in ("LlamaForCausalLM", "MistralForCausalLM")
                                                     and bool(cfg.get("attention_bias", False))),
             layer_windows=layer_windows(cfg, arch, nl, source),
+            num_labels=num_labels(cfg),
             **family_rope(cfg, arch),
             **family_switches(cfg, arch, source),
         )
@@ -293,6 +298,26 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
     check_rope_scaling(args.local_rope_scaling, args.rotary_dim, source, per_layer_type)
     check_family_rope(arch, args.rope_scaling, source)
     return args
+
+
+def num_labels(cfg: dict) -> int:
+    """A sequence classifier's label count (0 for a causal LM, whose configs carry num_labels too)."""
+    arch = (cfg.get("architectures") or [""])[0]
+    if not arch.endswith("ForSequenceClassification"):
+        return 0
+    return len(cfg["id2label"]) if cfg.get("id2label") else int(cfg.get("num_labels", 2))
+
+
+def classifier_config(base_cfg: dict, labels: list[str], pad_token_id: int) -> dict:
+    """The HF config of a classifier on `base_cfg`'s decoder: what *ForSequenceClassification reads."""
+    cfg = dict(base_cfg)
+    cfg["architectures"] = [CLASSIFIERS[architecture(base_cfg)]]
+    cfg["num_labels"] = len(labels)
+    cfg["id2label"] = {str(i): name for i, name in enumerate(labels)}
+    cfg["label2id"] = {name: i for i, name in enumerate(labels)}
+    # HF pools the last token that is not pad_token_id; megacpt pads with it after the text.
+    cfg["pad_token_id"] = int(pad_token_id)
+    return cfg
 
 
 def layer_windows(cfg: dict, arch: str, num_layers: int, source: str = "config.json") -> list:
@@ -389,7 +414,7 @@ def hf_config_for(args: ModelArgs, base_cfg: dict) -> dict:
         max_position_embeddings=args.max_position_embeddings,
         tie_word_embeddings=args.tie_word_embeddings,
     )
-    arch = (cfg.get("architectures") or [None])[0]
+    arch = architecture(cfg)
     check_family_rope(arch, args.rope_scaling, "model.rope_scaling")
     scaling, local_scaling = exported_scaling(args.rope_scaling), exported_scaling(args.local_rope_scaling)
     if rope_kind(scaling) == "dynamic":
@@ -430,11 +455,12 @@ def exported_scaling(scaling: dict | None) -> dict | None:
 
 
 def hf_name(name: str) -> str:
-    return name if name.startswith("lm_head.") else f"model.{name}"
+    return name if name.startswith(("lm_head.", "score.")) else f"model.{name}"
 
 
 def our_name(hf: str) -> str:
     return hf[len("model.") :] if hf.startswith("model.") else hf
+
 
 
 class WeightSource:
@@ -483,6 +509,24 @@ class StateDictWeights(WeightSource):
         t = self.state[name]
         t = t if isinstance(t, torch.Tensor) else t.contiguous()
         return t if rows is None else t[rows]
+
+
+class ExtraWeights(WeightSource):
+    """A source plus tensors it lacks (a new classifier head on a causal LM's weights)."""
+
+    def __init__(self, base: WeightSource, extra: dict):
+        self.base, self.extra = base, extra
+
+    def keys(self):
+        return list(self.base.keys()) + [k for k in self.extra if k not in self.base.keys()]
+
+    def shape(self, name) -> tuple:
+        return tuple(self.extra[name].shape) if name in self.extra else self.base.shape(name)
+
+    def get(self, name, rows: slice | None = None) -> torch.Tensor:
+        if name in self.extra:
+            return self.extra[name] if rows is None else self.extra[name][rows]
+        return self.base.get(name, rows)
 
 
 class HFWeights(WeightSource):
@@ -695,10 +739,11 @@ def save_hf(state: dict, args: ModelArgs, base_cfg: dict, out_dir, source_dir=No
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         shards, cur, cur_bytes = [], {}, 0
         items = state.items() if hasattr(state, "items") else state
-        if (cfg.get("architectures") or [None])[0] in FUSED_ARCHITECTURES:
+        if architecture(cfg) in FUSED_ARCHITECTURES:
             items = fuse_parts(items)
         for name, t in items:
-            if args.tie_word_embeddings and name == "lm_head.weight":
+            # A classifier's HF class has no LM head (megacpt keeps it, untrained, for the shapes).
+            if name == "lm_head.weight" and (args.tie_word_embeddings or args.num_labels):
                 continue
             t = t.detach().to("cpu", dtype or t.dtype).contiguous()
             nbytes = t.numel() * t.element_size()

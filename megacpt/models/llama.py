@@ -104,6 +104,9 @@ class ModelArgs:
     local_rope_theta: float | None = None
     local_rope_scaling: dict | None = None
     partial_rotary_factor: float = 1.0  # rotate only the first int(head_dim × this) dims (Phi-3)
+    # > 0: a sequence classifier (HF *ForSequenceClassification): `score` maps the last real
+    # token's final hidden state to this many logits; the LM head stays (unused, for the weights).
+    num_labels: int = 0
 
     def __post_init__(self):
         if not self.layer_windows:
@@ -146,6 +149,7 @@ class ModelArgs:
         body = self.num_layers * per_layer + h  # final norm
         head = v * h
         emb = v * h
+        body += self.num_labels * h
         if embedding:
             return body + emb + (0 if self.tie_word_embeddings else head)
         return body + head
@@ -534,6 +538,7 @@ class Transformer(nn.Module):
         self.lm_head = LMHead(args.hidden_size, args.vocab_size, args.final_logit_softcap)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.score = nn.Linear(args.hidden_size, args.num_labels, bias=False) if args.num_labels else None
         self.init_weights()
 
     @torch.no_grad()
@@ -551,11 +556,14 @@ class Transformer(nn.Module):
         if not self.args.tie_word_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
 
-    def forward(self, input_ids, labels=None, position_ids=None, segment_ids=None):
+    def forward(self, input_ids, labels=None, position_ids=None, segment_ids=None, pool_index=None):
         """input_ids (b, s) → logits (b, s, V), or with labels (b, s) the summed loss (fp32 scalar).
 
         segment_ids (b, s) enables document masking: attention stays inside each document and,
         unless position_ids are given, positions restart at each document start.
+        A classifier (args.num_labels > 0) pools position pool_index (b,) of each row (its last
+        real token; padding follows it, so causal attention never sees it) → logits (b, num_labels),
+        or with labels (b,) the summed cross-entropy.
         """
         b, s = input_ids.shape
         if position_ids is None:
@@ -577,7 +585,16 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, cos, sin, masks[layer.window])
         x = self.norm(x)
+        if self.score is not None:
+            return self.classify(x, pool_index, labels)
         return self.lm_head(x, labels)
+
+    def classify(self, x, pool_index, labels=None):
+        pooled = x[torch.arange(x.shape[0], device=x.device), pool_index]
+        logits = self.score(pooled).float()
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
 
 
 POINTWISE_FNS = ("norm_fn", "rope_fn", "act_fn")

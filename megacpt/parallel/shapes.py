@@ -56,6 +56,8 @@ def param_shapes(args: ModelArgs) -> dict[str, tuple]:
     out["norm.weight"] = (h,)
     if not args.tie_word_embeddings:
         out["lm_head.weight"] = (v, h)
+    if args.num_labels:
+        out["score.weight"] = (args.num_labels, h)  # a classifier's head: whole on every TP rank
     return out
 
 

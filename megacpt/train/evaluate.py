@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from megacpt.eval.sft import evaluate as sft_evaluate
 from megacpt.labels import IGNORE
-from megacpt.train import task_eval
+from megacpt.train import classify, task_eval
 from megacpt.train.state import RunState
 
 SFT_METRICS = ("exact_match", "token_f1", "bleu")
@@ -22,6 +22,9 @@ SFT_METRICS = ("exact_match", "token_f1", "bleu")
 def validation_record(rs: RunState, step: int) -> dict:
     """{"step", "valid/<name>/loss", ".../ppl", ".../ppl_vs_base", SFT metrics}: equal on every rank."""
     out = {"step": step}
+    if rs.classify:
+        out.update(classify.validation_record(rs))
+        return out
     topo, mb, device = rs.topo, rs.cfg.train.micro_batch_size, rs.engine.device
     for name, windows in rs.valid.items():
         if rs.sft:
@@ -43,7 +46,7 @@ def validation_record(rs: RunState, step: int) -> dict:
 def evaluate_base(rs: RunState) -> None:
     """The base model at step 0: the perplexities and task metrics later evaluations are compared with."""
     rec = evaluation_record(rs, 0, bool(rs.valid), rs.task_eval is not None)
-    rs.base_valid = {n: rec[f"valid/{n}/ppl"] for n in rs.valid}
+    rs.base_valid = {n: rec[f"valid/{n}/ppl"] for n in rs.valid if f"valid/{n}/ppl" in rec}
     rs.logger.log(rec)
     if rs.early_stopper is not None:
         rs.early_stopper.after_eval(rec, rs.logger, can_stop=False)  # the base model sets the first best
@@ -62,6 +65,8 @@ def describe(rs: RunState, rec: dict) -> str:
     parts = [f"{n} ppl={rec[f'valid/{n}/ppl']:.3f}" + "".join(
         f" {k}={rec[f'valid/{n}/{k}']:.3f}" for k in SFT_METRICS if f"valid/{n}/{k}" in rec)
         for n in rs.valid if f"valid/{n}/ppl" in rec]
+    parts += [f"{n} loss={rec[f'valid/{n}/loss']:.4f} acc={rec[f'valid/{n}/accuracy']:.3f} "
+              f"macro_f1={rec[f'valid/{n}/macro_f1']:.3f}" for n in rs.valid if f"valid/{n}/accuracy" in rec]
     parts += [f"{k[5:]}={v:.4f}" for k, v in rec.items() if k.startswith("task/") and not k.endswith("_vs_base")]
     return ", ".join(parts)
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megacpt.config import Config, derive
+from megacpt.data import classify as classify_data
 from megacpt.data import sft as sft_data
 from megacpt.errors import ConfigError, UserError
 from megacpt.eval.perplexity import eval_windows
@@ -31,6 +32,7 @@ from megacpt.models.hf import apply_overrides, args_from_hf_config, hf_config_fo
 from megacpt.parallel import Topology, validate_layout
 from megacpt.parallel.shapes import param_shapes
 from megacpt.train import checkpoint as ckpt
+from megacpt.train import classify
 from megacpt.train import dist as mdist
 from megacpt.train import step as step_mod
 from megacpt.train import task_eval
@@ -117,6 +119,9 @@ def describe_run(cfg: Config, derived, start: Start, world: int) -> RunState:
     if rs.sft:
         rs.tokenizer, rs.valid, rs.sft_cut = sft_data.build(cfg, rs.phases, args.vocab_size, start.source_dir)
         return rs
+    if rs.classify:
+        classify.prepare(rs)
+        return rs
     build_datasets(cfg, rs.phases, args.vocab_size)
     for v in cfg.data.valid:
         w = eval_windows(v.path, cfg.data.seq_len, cfg.data.valid_tokens)
@@ -148,9 +153,11 @@ def build(rs: RunState) -> None:
         model, pipe_state = build_pipeline(spec, rs.topo, rs.start.weights)
     else:
         model = build_model(spec, rs.topo, rs.start.weights, rs.ds_config, say=rs.say)
-    n_frozen = freeze(model, cfg.train.freeze)
+    # A classifier never uses an untied LM head: no gradient, no optimizer state for it.
+    head = ["lm_head.weight"] if rs.classify and not rs.args.tie_word_embeddings else []
+    n_frozen = freeze(model, list(cfg.train.freeze) + head)
     if n_frozen:
-        rs.say(f"train.freeze: {n_frozen:,} parameters frozen (no gradients, no optimizer state)")
+        rs.say(f"frozen: {n_frozen:,} parameters (no gradients, no optimizer state)")
     groups, kinds = stage_groups(model, cfg.optim.weight_decay, needs_embedding_group(cfg), cfg.optim.layer_lr_decay)
     rs.stages = Stages(model, kinds, cfg.optim.lr, cfg.optim.embedding_lr)
     rs.group_decay = [g["weight_decay"] for g in groups]
@@ -212,6 +219,8 @@ def one_step(rs: RunState, phase, batch_index: int) -> StepOut:
         step_mod.set_batch_shape(rs.engine, mb, gas)
     if rs.sft:
         batches = sft_data.rank_batches(phase.dataset, batch_index * G, mb, gas, topo.dp_rank, topo.dp_size)
+    elif rs.classify:
+        batches = classify_data.rank_batches(phase.dataset, batch_index * G, mb, gas, topo.dp_rank, topo.dp_size)
     else:
         batches = step_mod.rank_batches(phase.dataset, batch_index * G, mb, gas, topo.dp_rank, topo.dp_size,
                                         cfg.data.mask_eos_loss)

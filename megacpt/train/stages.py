@@ -36,7 +36,9 @@ def frozen_names(names: list[str], patterns: list[str], num_layers: int) -> set[
     out: set[str] = set()
     for pat in patterns:
         m = _LAYER_RANGE.match(pat)
-        if m:
+        if pat == "backbone":  # task: classify: everything but the head, a linear probe
+            hit = {n for n in names if not n.startswith("score.")}
+        elif m:
             lo, hi = int(m.group(1)), int(m.group(2))
             if not 0 <= lo <= hi < num_layers:
                 raise ConfigError(f"train.freeze: layer range {pat!r} is outside the model's layers 0-{num_layers - 1}")

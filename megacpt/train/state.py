@@ -37,6 +37,7 @@ class RunState:
     phases: list = field(default_factory=list)
     valid: dict = field(default_factory=dict)  # name -> eval windows (or SFT eval sets)
     tokenizer: object = None  # SFT only
+    labels: list = field(default_factory=list)  # task: classify: the head's label names
     sft_cut: int = 0
     # built
     topo: object = None
@@ -82,6 +83,10 @@ class RunState:
     @property
     def sft(self) -> bool:
         return self.cfg.task == "sft"
+
+    @property
+    def classify(self) -> bool:
+        return self.cfg.task == "classify"
 
     def say(self, msg: str) -> None:
         """A line on rank 0's console (through the progress bar when there is one)."""

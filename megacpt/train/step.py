@@ -97,6 +97,8 @@ def train_step(engine, topo, zero_stage: int, inputs: StepInputs, where: dict) -
     device = engine.device
     for i, b in enumerate(inputs.batches):
         kwargs = {"segment_ids": b["segments"].to(device)} if inputs.use_segments else {}
+        if "pool_index" in b:  # task: classify
+            kwargs["pool_index"] = b["pool_index"].to(device)
         # Explicit, not DeepSpeed's micro-step counter modulo the accumulation steps: after a phase
         # changes them, the counter is no longer a multiple of the new value.
         engine.set_gradient_accumulation_boundary(i == len(inputs.batches) - 1)
