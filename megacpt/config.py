@@ -626,10 +626,11 @@ def _check_bucket_metric(cfg: Config, metric: str, parts: list[str]) -> None:
     """valid/NAME/pos_START_END/<loss|ppl>: a bucket of a by-position set (whether it holds tokens,
     i.e. whether documents reach it, the trainer checks once it has read them)."""
     v = next((v for v in cfg.data.valid if v.name == parts[1] and v.by_position), None)
-    names = [bucket_name(*s) for s in spans(v.seq_len or cfg.data.seq_len, v.by_position)] if v else []
+    seq_len = (v.seq_len or cfg.data.seq_len) if v else 0
+    names = [bucket_name(*s) for s in spans(seq_len, v.by_position)] if v else []
     if v is None or parts[2] not in names or parts[3] not in BUCKET_METRICS:
-        example = (f"valid/{v.name}/{names[-1]}/loss (buckets {names[0]} … {names[-1]})" if v else
-                   "valid/NAME/pos_0_1024/loss with a data.valid entry NAME that sets by_position: 1024")
+        example = (f"valid/{v.name}/{names[-1]}/loss (buckets of {v.by_position} positions up to {seq_len})" if v
+                   else "valid/NAME/pos_0_1024/loss with a data.valid entry NAME that sets by_position: 1024")
         raise ConfigError(f"train.early_stopping.metric {metric!r} is not a by-position metric of this run; use "
                           f"valid/<name>/pos_START_END/<{'|'.join(BUCKET_METRICS)}>, e.g. {example}")
 
