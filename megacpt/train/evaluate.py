@@ -82,7 +82,7 @@ def validation_record(rs: RunState, step: int) -> dict:
             res = sft_evaluate(rs.engine, windows, rs.tokenizer, rs.cfg.sft, mb, topo, device)
             out.update({f"valid/{name}/{k}": v for k, v in res.items() if k != "tokens"})
         elif isinstance(windows, DocumentWindows):
-            sums, counts = position_losses(rs.engine, windows, mb, topo, device)
+            sums, counts = position_sums(rs.engine, windows, mb, topo, device)
             out.update(loss_and_ppl(f"valid/{name}", float(sums.sum()), int(counts.sum())))
             for b in bucket(sums, counts, windows.width)["buckets"]:
                 key = f"valid/{name}/{bucket_name(b['start'], b['end'])}"
@@ -196,7 +196,7 @@ def window_loss(engine, windows: np.ndarray, mb: int, topo, device) -> tuple[flo
     return float(total[0]), int(total[1])
 
 
-def position_losses(engine, dw: DocumentWindows, mb: int, topo, device) -> tuple[np.ndarray, np.ndarray]:
+def position_sums(engine, dw: DocumentWindows, mb: int, topo, device) -> tuple[np.ndarray, np.ndarray]:
     """Loss sum and token count per input position over a by-position set, split over
     data-parallel ranks like window_loss (every rank makes the same number of forward calls).
 
@@ -205,7 +205,8 @@ def position_losses(engine, dw: DocumentWindows, mb: int, topo, device) -> tuple
     """
     windows = dw.windows
     mine = windows[topo.dp_rank::topo.dp_size]
-    calls = -(-(-(-len(windows) // topo.dp_size)) // mb)
+    per_rank = -(-len(windows) // topo.dp_size)
+    calls = -(-per_rank // mb)
     sums, counts = np.zeros(dw.seq_len, np.float64), np.zeros(dw.seq_len, np.int64)
     multiple = PAD_MULTIPLE * topo.tp_size
     was_training = engine.training
