@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from megacpt.errors import ConfigError
+from megacpt.positions import BUCKET_METRICS, bucket_name, spans
 
 
 def _field(default=MISSING, help: str = "", *, factory=MISSING):
@@ -69,6 +70,10 @@ class TrainSource:
 class ValidSource:
     name: str = _field(help="set name, unique: metrics are valid/NAME/loss, /ppl, /ppl_vs_base, ...")
     path: str = _field(help="held-out shard prefix or directory; task sft: a .jsonl file or a directory of them")
+    seq_len: Optional[int] = _field(None, "this set's window length in tokens (task cpt); null: data.seq_len")
+    by_position: Optional[int] = _field(
+        None, "bucket width in tokens (task cpt): one window per document from its start, and the loss per bucket "
+              "of positions as valid/NAME/pos_START_END/loss and /ppl besides the set's own; null: off")
 
 
 @dataclass(frozen=True)
@@ -467,6 +472,7 @@ def validate(cfg: Config) -> None:
     _check_parallel(cfg)
     _check_batch_and_schedule(cfg)
     _check_sources(cfg)
+    _check_valid(cfg)
     _validate_early_stopping(cfg)
     _check_sft_length(cfg)
     _check_phases(cfg)
@@ -560,6 +566,29 @@ def _check_sources(cfg: Config) -> None:
         names = [s.name for s in items]
         if len(set(names)) != len(names):
             raise ConfigError(f"{group}: source names must be unique, got {names}")
+
+
+def _check_valid(cfg: Config) -> None:
+    """A validation set's own window length and by-position buckets (the model's length limit is
+    checked by the trainer, which knows max_position_embeddings)."""
+    d, par = cfg.data, cfg.parallel
+    for i, v in enumerate(d.valid):
+        for key, value in (("seq_len", v.seq_len), ("by_position", v.by_position)):
+            if value is None:
+                continue
+            what = f"data.valid.{i}.{key} ({v.name})"
+            if value <= 0:
+                raise ConfigError(f"{what} must be a positive number of tokens, got {value}; or null for "
+                                  f"{'data.seq_len' if key == 'seq_len' else 'no buckets'}")
+            if cfg.task != "cpt":
+                raise ConfigError(f"{what} applies to task cpt; {cfg.task} validation sets use data.seq_len: "
+                                  f"remove it")
+            if par.pp > 1 and (key == "by_position" or value != d.seq_len):
+                raise ConfigError(f"{what} is not available with pipeline parallelism (parallel.pp > 1) yet; "
+                                  f"use pp: 1 or remove it")
+        if par.sequence_parallel and v.seq_len and v.seq_len % par.tp:
+            raise ConfigError(f"data.valid.{i}.seq_len ({v.name}) {v.seq_len} is not divisible by parallel.tp "
+                              f"({par.tp}), which parallel.sequence_parallel needs")
 
 
 def _check_sft_length(cfg: Config) -> None:
@@ -689,6 +718,9 @@ def _validate_early_stopping(cfg: Config) -> None:
     if parts[0] == "task":
         _check_task_metric(cfg, es.metric, parts)
         return
+    if len(parts) == 4 and parts[0] == "valid":
+        _check_bucket_metric(cfg, es.metric, parts)
+        return
     names = [v.name for v in cfg.data.valid]
     kinds = CLASSIFY_METRICS if cfg.task == "classify" else VALID_METRICS + (SFT_METRICS if cfg.task == "sft" else ())
     if len(parts) != 3 or parts[0] != "valid" or parts[1] not in names or parts[2] not in kinds:
@@ -702,6 +734,19 @@ def _validate_early_stopping(cfg: Config) -> None:
         raise ConfigError("train.early_stopping.metric is BLEU but sft.bleu is false; enable it or pick another metric")
     if parts[2] in SFT_METRICS and cfg.sft.eval_examples == 0:
         raise ConfigError(f"train.early_stopping.metric {es.metric!r} needs generations: set sft.eval_examples > 0")
+
+
+def _check_bucket_metric(cfg: Config, metric: str, parts: list[str]) -> None:
+    """valid/NAME/pos_START_END/<loss|ppl>: a bucket of a by-position set (whether it holds tokens,
+    i.e. whether documents reach it, the trainer checks once it has read them)."""
+    v = next((v for v in cfg.data.valid if v.name == parts[1] and v.by_position), None)
+    seq_len = (v.seq_len or cfg.data.seq_len) if v else 0
+    names = [bucket_name(*s) for s in spans(seq_len, v.by_position)] if v else []
+    if v is None or parts[2] not in names or parts[3] not in BUCKET_METRICS:
+        example = (f"valid/{v.name}/{names[-1]}/loss (buckets of {v.by_position} positions up to {seq_len})" if v
+                   else "valid/NAME/pos_0_1024/loss with a data.valid entry NAME that sets by_position: 1024")
+        raise ConfigError(f"train.early_stopping.metric {metric!r} is not a by-position metric of this run; use "
+                          f"valid/<name>/pos_START_END/<{'|'.join(BUCKET_METRICS)}>, e.g. {example}")
 
 
 def _check_task_metric(cfg: Config, metric: str, parts: list[str]) -> None:

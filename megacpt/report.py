@@ -11,6 +11,9 @@ Reads each run's metrics.jsonl (and config.resolved.json for the tokens per step
                   domain, forgetting on the original one
 - task_<name>.png one per lm-eval task logged in the loop (eval.tasks): each metric vs tokens
                   seen, the base model's value (step 0) as a dashed line in the run's colour
+- by_position_<name>.png  one per validation set with data.valid[].by_position: loss per bucket of
+                  positions at the base model (step 0, dashed) and at the run's last evaluation
+                  (solid): whether later positions gain from the longer context
 - report.json     the exact series plotted ({plot: {series|panels: {run: {x, y}}}}) and the
                   final values per run
 - index.html      the plots and a table of final values per run
@@ -36,6 +39,7 @@ from pathlib import Path
 from megacpt import atomic
 from megacpt.config import batch_shapes, config_from_dict
 from megacpt.errors import ConfigError, UserError
+from megacpt.positions import parse_bucket
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.resolved.json"
@@ -57,10 +61,30 @@ class Run:
         names = []
         for rec in self.valid.values():
             for k in rec:
-                if k.startswith("valid/") and k.endswith("/ppl"):
-                    d = k[len("valid/") : -len("/ppl")]
-                    if d not in names:
-                        names.append(d)
+                parts = k.split("/")
+                if len(parts) == 3 and parts[0] == "valid" and parts[2] == "ppl" and parts[1] not in names:
+                    names.append(parts[1])  # not valid/NAME/pos_START_END/ppl, a bucket's
+        return names
+
+    def position_curve(self, step: int, name: str) -> dict:
+        """{x: bucket midpoints, y: loss, start, end, step} of a by-position set at one evaluation."""
+        found = []
+        for k, v in self.valid.get(step, {}).items():
+            parts = k.split("/")
+            span = parse_bucket(parts[2]) if len(parts) == 4 and parts[1] == name and parts[3] == "loss" else None
+            if span is not None:
+                found.append((*span, _num(v)))
+        found.sort()
+        return {"x": [(s + e) / 2 for s, e, _ in found], "y": [y for *_, y in found],
+                "start": [s for s, _, _ in found], "end": [e for _, e, _ in found], "step": step}
+
+    def position_sets(self) -> list[str]:
+        names = []
+        for rec in self.valid.values():
+            for k in rec:
+                parts = k.split("/")
+                if len(parts) == 4 and parse_bucket(parts[2]) and parts[1] not in names:
+                    names.append(parts[1])
         return names
 
     def tokens(self, step: int) -> int:
@@ -234,7 +258,26 @@ def build_series(runs: list[Run]) -> dict:
             if len(rel["x"]) > 1 or (rel["x"] and rel["x"] != [0]):
                 plots["valid_ppl_vs_base"]["panels"].setdefault(d, {})[r.name] = rel
     _task_series(runs, plots)
+    _position_series(runs, plots)
     return plots
+
+
+def _position_series(runs: list[Run], plots: dict) -> None:
+    """One plot per by-position set ("by_position:<name>"): each run's bucket losses at step 0
+    (the base model) and at its last evaluation of the set."""
+    for r in runs:
+        for name in r.position_sets():
+            steps = [s for s in sorted(r.valid) if any(k.startswith(f"valid/{name}/pos_") for k in r.valid[s])]
+            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+            spec = plots.setdefault(f"by_position:{name}", {
+                "file": f"by_position_{safe}.png", "title": f"{name}: loss by position (dashed: base model, step 0; "
+                                                            f"solid: last evaluation)",
+                "xlabel": "position in the document (bucket middle)", "ylabel": "loss", "yscale": "linear",
+                "curves": {}})
+            curves = {"last": r.position_curve(steps[-1], name)}
+            if steps[0] == 0 and steps[-1] != 0:
+                curves["base"] = r.position_curve(0, name)
+            spec["curves"][r.name] = curves
 
 
 def _task_series(runs: list[Run], plots: dict) -> None:
@@ -385,7 +428,26 @@ def draw(plots: dict, colors: dict, out: Path) -> list[str]:
         if spec.get("panels"):
             _draw_panels(key, spec, colors, out)
             written.append(key)
+        elif spec.get("curves"):
+            _draw_positions(spec, colors, out)
+            written.append(key)
     return written
+
+
+def _draw_positions(spec: dict, colors: dict, out: Path) -> None:
+    fig = _figure(8, 4.8)
+    ax = fig.add_subplot()
+    nan = float("nan")
+    for run, curves in spec["curves"].items():
+        for which, style in (("base", "--"), ("last", "-")):
+            c = curves.get(which)
+            if c and c["x"]:
+                ax.plot(c["x"], [nan if y is None else y for y in c["y"]], color=colors[run], linestyle=style,
+                        marker="o", markersize=3.5, label=f"{run} (step {c['step']})")
+    _style_axes(ax, spec, token_x=True)  # positions read like token counts: 32k
+    ax.set_title(spec["title"], fontsize="medium")
+    ax.legend(loc="best", fontsize="small")
+    _save(fig, out / spec["file"])
 
 
 def _draw_panels(key: str, spec: dict, colors: dict, out: Path) -> None:

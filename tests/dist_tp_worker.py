@@ -132,6 +132,8 @@ def check_tp_model(model_dir, topo, label: str, steps: int = 3, checkpointing: b
     with torch.no_grad():
         _close(m(ids), ref(ids), f"{label} logits")
         _close(m(ids, labels), ref(ids, labels), f"{label} eval loss")
+        # per-token losses (by-position validation): gathered over the sequence, equal on every rank
+        _close(m(ids, labels, reduction="none"), ref(ids, labels, reduction="none"), f"{label} per-token loss")
 
     m.activation_checkpointing = ref.activation_checkpointing = checkpointing
     m.train(), ref.train()

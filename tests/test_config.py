@@ -75,6 +75,22 @@ def test_task_metrics_for_early_stopping_and_resume():
     assert run_changing_diff(a, b) == []
 
 
+def test_by_position_bucket_metrics_for_early_stopping_and_resume():
+    from megacpt.config import early_stopping_mode
+
+    valid = [{"name": "long", "path": "p", "seq_len": 2500, "by_position": 1024}]
+    for metric in ("valid/long/pos_0_1024/loss", "valid/long/pos_2048_2500/ppl", "valid/long/loss"):
+        cfg = config_from_dict({"data": {"valid": valid}, "train": {"early_stopping": {"metric": metric}}})
+        assert early_stopping_mode(cfg.train.early_stopping) == "min"
+    for metric in ("valid/long/pos_2048_3072/loss", "valid/long/pos_0_1024/tokens", "valid/long/pos_0_1024"):
+        with pytest.raises(ConfigError, match="is not a (by-position|validation) metric of this run"):
+            config_from_dict({"data": {"valid": valid}, "train": {"early_stopping": {"metric": metric}}})
+    # a validation set's length and buckets may change in a running job (its base is then dropped)
+    a = config_from_dict({"data": {"valid": [{"name": "long", "path": "p"}]}}).to_dict()
+    b = config_from_dict({"data": {"valid": valid}}).to_dict()
+    assert run_changing_diff(a, b) == []
+
+
 def test_global_batch_must_divide_by_data_parallel_size():
     cfg = config_from_dict({"train": {"global_batch_size": 6, "micro_batch_size": 1}})
     assert derive(cfg, 2).grad_accum == 3

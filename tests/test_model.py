@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from helpers import tiny_hf_model
+from megacpt.labels import IGNORE
 from megacpt.models.hf import HFWeights, args_from_hf_config, load_full_state, read_hf_config, save_hf
 from megacpt.models.llama import Transformer, positions_from_segments
 
@@ -60,6 +61,27 @@ def test_logits_match_transformers(tmp_path, case):
     torch.manual_seed(1)
     x = torch.randint(0, 128, (2, 24))  # longer than the sliding window
     assert_matches_hf(path, x)
+
+
+def test_per_token_loss_matches_cross_entropy_of_transformers_logits(tmp_path):
+    """reduction="none" (by-position validation): the fused head's loss per token equals
+    cross-entropy on transformers' logits, 0 at ignored labels, and sums to the summed loss."""
+    import torch.nn.functional as F
+
+    path = tiny_hf_model(tmp_path / "m", perturb=True)
+    torch.manual_seed(2)
+    x = torch.randint(0, 128, (2, 17))
+    labels = x[:, 1:].clone()
+    labels[1, 9:] = IGNORE
+    ref = F.cross_entropy(hf_logits(path, x[:, :-1], torch.float64).transpose(1, 2), labels, reduction="none",
+                          ignore_index=IGNORE)
+    model = ours_from(path)
+    with torch.no_grad():
+        got = model(x[:, :-1], labels, reduction="none")
+        total = model(x[:, :-1], labels)
+    assert got.shape == labels.shape and (got[1, 9:] == 0).all()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(), total, rtol=1e-6, atol=1e-6)
 
 
 def test_sliding_window_changes_logits(tmp_path):

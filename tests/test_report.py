@@ -218,3 +218,31 @@ def test_task_metrics_get_a_plot_per_task_with_the_base_marked(tmp_path):
     page = (out / "index.html").read_text()
     assert "probe_de/acc (base → final)" in page and 'src="task_probe_de.png"' in page
     assert len(recs) > 0
+
+
+def test_by_position_sets_get_a_plot_of_base_and_last_bucket_losses(tmp_path):
+    """valid/NAME/pos_START_END/loss (data.valid[].by_position): one PNG per set with the bucket
+    losses at step 0 and at the last evaluation; the buckets are not domains of their own."""
+    fake_run(tmp_path / "run", steps=40, eval_interval=20)
+    losses = {0: [3.0, 2.8, 2.9], 20: [2.9, 2.6, 2.5], 40: [2.8, 2.5, 2.3]}
+    recs = []
+    for step, ys in losses.items():
+        rec = {"step": step, "valid/long/loss": sum(ys) / 3, "valid/long/ppl": math.exp(sum(ys) / 3)}
+        for (s, e), y in zip(((0, 1024), (1024, 2048), (2048, 2500)), ys):
+            rec.update({f"valid/long/pos_{s}_{e}/loss": y, f"valid/long/pos_{s}_{e}/ppl": math.exp(y)})
+        recs.append(rec)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    out = tmp_path / "out"
+    assert main(["report", str(tmp_path / "run"), "--output", str(out)]) == 0
+    h, w = png_size(out / "by_position_long.png")
+    assert h > 200 and w > 200
+    data = json.loads((out / "report.json").read_text())
+    assert set(data["plots"]["valid_ppl"]["panels"]) == {"new", "original", "long"}
+    curves = data["plots"]["by_position:long"]["curves"]["run"]
+    assert curves["base"]["step"] == 0 and curves["last"]["step"] == 40
+    assert curves["base"]["y"] == losses[0] and curves["last"]["y"] == losses[40]
+    assert curves["last"]["start"] == [0, 1024, 2048] and curves["last"]["end"] == [1024, 2048, 2500]
+    assert curves["last"]["x"] == [512, 1536, 2274]
+    assert set(data["runs"][0]["valid"]) == {"new", "original", "long"}
+    assert 'src="by_position_long.png"' in (out / "index.html").read_text()

@@ -173,3 +173,34 @@ def test_bad_eval_tasks_stop_the_start(tmp_path, base, capsys):
     word_tokenizer(tmp_path / "tok")
     rc, err = run_bad(tmp_path, cfg, capsys)
     check(rc, err, "not available offline", tmp_path / "run")
+
+
+VALID_ERRORS = {
+    "unknown key": (["data.valid.0.bucket_width=8"], "unknown config key 'data.valid.0.bucket_width'"),
+    "width 0": (["data.valid.0.by_position=0"], "data.valid.0.by_position (new) must be a positive number"),
+    "width < 0": (["data.valid.1.by_position=-8"], "data.valid.1.by_position (original) must be a positive number"),
+    "seq_len 0": (["data.valid.0.seq_len=0"], "data.valid.0.seq_len (new) must be a positive number"),
+    "seq_len too long": (["data.valid.1.seq_len=65", "data.valid.1.by_position=16"],
+                         "data.valid original: seq_len 65 exceeds the model's max_position_embeddings 64"),
+    "with pipeline": (["data.valid.0.by_position=8", "parallel.pp=2"], "not available with pipeline parallelism"),
+    "with sft": (["data.valid.0.by_position=8", "task=sft"], "data.valid.0.by_position (new) applies to task cpt"),
+    "no such bucket": (["data.valid.0.by_position=16", "train.early_stopping.metric=valid/new/pos_0_8/loss"],
+                       "e.g. valid/new/pos_0_16/loss (buckets of 16 positions up to 16)"),
+    "bucket of a plain set": (["train.early_stopping.metric=valid/new/pos_0_16/loss"],
+                              "is not a by-position metric of this run"),
+    # 20 tokens: the longest window has 20 input tokens, so positions 32-47 are never reached
+    "bucket never reached": (["data.valid.0.seq_len=48", "data.valid.0.by_position=16", "data.valid_tokens=20",
+                              "train.early_stopping.metric=valid/new/pos_32_48/ppl"],
+                             "no document of data.valid new reaches position 32"),
+}
+
+
+@pytest.mark.parametrize("case", VALID_ERRORS)
+def test_bad_by_position_validation_set(tmp_path, base, capsys, case):
+    """data.valid[].seq_len / .by_position and early stopping on a bucket: exit 2, one line, before
+    any rank starts."""
+    _, _, cfg = base
+    cfg = dict(cfg, run_dir=str(tmp_path / "run"))
+    sets, fragment = VALID_ERRORS[case]
+    rc, err = run_bad(tmp_path, cfg, capsys, *[a for s in sets for a in ("--set", s)])
+    check(rc, err, fragment, tmp_path / "run")

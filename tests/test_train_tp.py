@@ -27,6 +27,10 @@ def runs(tmp_path_factory):
         c["parallel"]["tp"] = tp
         c["parallel"]["sequence_parallel"] = name.endswith("_sp")
         c["eval"] = {"tasks": tasks}  # lm-eval tasks at steps 0 and 5 on the TP engine
+        # A by-position set: per-token losses from the vocab-parallel head, windows of 3 to 44
+        # tokens padded per micro-batch (to 48, even for sequence parallelism).
+        c["data"]["valid"].append({"name": "doc", "path": str(tmp / "data" / "old_valid"), "seq_len": 48,
+                                   "by_position": 16})
         cfg = write_config(tmp / f"{name}.yaml", c)
         if name == "tp2_z1":  # also interrupted and resumed in the same layout
             run_ok(nproc, cfg, "train.stop_after=2")
@@ -96,3 +100,19 @@ def test_tp_task_metrics_match_single_process(runs, layout):
         assert a[step].keys() == b[step].keys()
         for k, v in a[step].items():
             assert b[step][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (step, k)
+
+
+@pytest.mark.parametrize("layout", ["tp2_z1", "tp2_z3_sp"])
+def test_tp_by_position_metrics_match_single_process(runs, layout):
+    def bucket_records(run):
+        return {r["step"]: {k: v for k, v in r.items() if k.startswith("valid/doc/")}
+                for r in read_metrics(runs[run]) if "valid/doc/loss" in r}
+
+    a, b = bucket_records("single"), bucket_records(layout)
+    assert sorted(a) == sorted(b) == [0, 5]
+    assert {k for k in a[5] if "/pos_" in k} == {f"valid/doc/pos_{s}_{s + 16}/{m}" for s in (0, 16, 32)
+                                                  for m in ("loss", "ppl")}
+    for step in a:
+        assert a[step].keys() == b[step].keys()
+        for k, v in a[step].items():
+            assert b[step][k] == pytest.approx(v, rel=1e-5), (step, k)

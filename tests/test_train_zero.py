@@ -16,6 +16,11 @@ pytestmark = pytest.mark.slow
 
 ZERO3_SHARDED = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 TASK_NAMES = ["tiny_choice", "tiny_gen", "tiny_roll"]
+# A by-position validation set (data.valid[].by_position) with its own window length, on the
+# single and ZeRO-3 runs: documents of the "original" held-out shard are 11 to 57 tokens long, so
+# within data.valid_tokens (128) the windows have 44, 41, 30, 10 and 3 input tokens (the last cut):
+# three buckets, every micro-batch padded (to 48), and with 2 ranks one dummy forward call.
+BY_POSITION = {"name": "doc", "seq_len": 48, "by_position": 16}
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +36,19 @@ def runs(tmp_path_factory):
                             "batch_size": 2}}
     out = {"model": model, "tasks": tmp / "tasks"}
 
-    def cfg(name, zero, **kw):
+    def cfg(name, zero, by_position=False, **kw):
         c = tiny_run_config(tmp, model, tmp / name, steps=5, zero=zero, gb=4, mb=1,
                             deepspeed=ZERO3_SHARDED if zero == 3 else {}, **kw)
+        if by_position:
+            c["data"]["valid"].append({**BY_POSITION, "path": str(tmp / "data" / "old_valid")})
         return write_config(tmp / f"{name}.yaml", c)
 
     # Reference: one process, no ZeRO, 4 micro-batches accumulated per step.
     out["single"] = tmp / "single"
-    run_ok(1, cfg("single", 0, **tasks))
+    run_ok(1, cfg("single", 0, by_position=True, **tasks))
     # 2 ranks, ZeRO-3 sharding everything, 2 micro-batches per rank per step.
     out["zero3"] = tmp / "zero3"
-    run_ok(2, cfg("zero3", 3, tensorboard=True, **tasks))
+    run_ok(2, cfg("zero3", 3, by_position=True, tensorboard=True, **tasks))
     # The same, stopped after 2 steps and resumed (a second launch).
     out["zero3_resumed"] = tmp / "zero3_resumed"
     c = cfg("zero3_resumed", 3)
@@ -50,9 +57,10 @@ def runs(tmp_path_factory):
     run_ok(2, c)
     # One process, stopped after 3 steps and resumed.
     out["single_resumed"] = tmp / "single_resumed"
-    c = cfg("single_resumed", 0)
+    c = cfg("single_resumed", 0, by_position=True)
     run_ok(1, c, "train.stop_after=3")
-    run_ok(1, c)
+    # The by-position set gets shorter windows on resume: its base perplexity no longer applies.
+    out["single_resumed_stdout"] = run_ok(1, c, "data.valid.2.seq_len=40").stdout
     out["resume_cfg"] = c
     # Start from the ZeRO-3 run's checkpoint (weights only) in a fresh run: one process, ZeRO-0.
     out["from_ckpt"] = tmp / "from_ckpt"
@@ -276,3 +284,48 @@ def test_start_warns_when_a_validation_set_overlaps_the_training_data(runs):
     warned = [ln for ln in out.splitlines() if ln.startswith("warning: eval set valid/")]
     assert len(warned) == 1 and "valid/leak" in warned[0] and "(100.0%)" in warned[0], out[-2000:]
     assert "megacpt contamination" in warned[0]
+
+
+def _bucket_values(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k.startswith("valid/doc/")}
+
+
+def test_by_position_step0_equals_megacpt_eval_and_zero3_equals_single(runs, tmp_path):
+    """The in-loop by-position set at step 0 is `megacpt eval --by-position` on the base model (same
+    windows, buckets and numbers); 2 ZeRO-3 ranks log what one process logs at every evaluation."""
+    from megacpt.cli import main
+
+    out = tmp_path / "base.json"
+    assert main(["eval", "--model", str(runs["model"]), "--data", f"doc={runs['tmp']}/data/old_valid",
+                 "--by-position", str(BY_POSITION["by_position"]), "--seq-len", str(BY_POSITION["seq_len"]),
+                 "--max-tokens", "128", "--json", str(out)]) == 0
+    ref = json.loads(out.read_text())["doc"]
+    buckets = ref["by_position"]["buckets"]
+    assert [(b["start"], b["end"]) for b in buckets] == [(0, 16), (16, 32), (32, 48)]
+    assert ref["tokens"] == 128 and buckets[0]["tokens"] > buckets[1]["tokens"] > buckets[2]["tokens"]
+    want = {"valid/doc/loss": ref["loss"], "valid/doc/ppl": ref["ppl"]}
+    for b in buckets:
+        want.update({f"valid/doc/pos_{b['start']}_{b['end']}/loss": b["loss"],
+                     f"valid/doc/pos_{b['start']}_{b['end']}/ppl": b["ppl"]})
+    single = {r["step"]: _bucket_values(r) for r in _final_valid(runs["single"])}
+    zero3 = {r["step"]: _bucket_values(r) for r in _final_valid(runs["zero3"])}
+    assert sorted(single) == sorted(zero3) == [0, 5]
+    assert single[0].keys() == want.keys()
+    for k, v in want.items():
+        assert single[0][k] == pytest.approx(v, rel=1e-5), k
+    for step in (0, 5):
+        assert zero3[step].keys() == single[step].keys()
+        for k, v in single[step].items():
+            assert zero3[step][k] == pytest.approx(v, rel=1e-5), (step, k)
+    assert single[5]["valid/doc/pos_0_16/loss"] != single[0]["valid/doc/pos_0_16/loss"]  # training moved it
+    assert single[5]["valid/doc/ppl_vs_base"] == pytest.approx(single[5]["valid/doc/ppl"] / ref["ppl"], rel=1e-5)
+
+
+def test_resume_drops_the_base_of_a_validation_set_whose_windows_changed(runs):
+    last = _final_valid(runs["single_resumed"])[-1]
+    assert last["step"] == 5
+    assert "note: the windows of data.valid doc changed" in runs["single_resumed_stdout"]
+    assert "valid/doc/ppl_vs_base" not in last  # the base was measured on 48-token windows
+    assert "valid/new/ppl_vs_base" in last and "valid/original/ppl_vs_base" in last
+    assert {k for k in last if k.startswith("valid/doc/pos_")} == {
+        f"valid/doc/pos_{s}_{e}/{m}" for s, e in ((0, 16), (16, 32), (32, 40)) for m in ("loss", "ppl")}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from megacpt.data.indexed import IndexedDataset, list_shard_prefixes
 from megacpt.errors import DataError, UserError
 from megacpt.eval.perplexity import summarize
+from megacpt.positions import spans
 
 
 def document_tokens(ds: IndexedDataset):
@@ -63,19 +64,24 @@ def position_losses(model, windows: list[np.ndarray], seq_len: int, batch_size: 
             # Right padding: under the causal mask a real position never sees the padding after it.
             logits = model(ids[:, :-1].to(device)).float()
             loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(device), reduction="none").cpu()
-            for r, w in enumerate(batch):
-                k = len(w) - 1
-                sums[:k] += loss[r, :k].double().numpy()
-                counts[:k] += 1
+            real = np.arange(n)[None, :] < np.array([len(w) - 1 for w in batch])[:, None]
+            accumulate(sums, counts, loss.double().numpy(), real)
     return sums, counts
+
+
+def accumulate(sums: np.ndarray, counts: np.ndarray, loss: np.ndarray, real: np.ndarray) -> None:
+    """Add a batch's per-token losses (rows, n) at its real positions (bool, same shape; padding
+    and ignored labels False) into the per-position sums and counts, in place."""
+    n = loss.shape[1]
+    sums[:n] += np.where(real, loss, 0.0).sum(axis=0)
+    counts[:n] += real.sum(axis=0)
 
 
 def bucket(sums: np.ndarray, counts: np.ndarray, width: int) -> dict:
     """{"width": W, "buckets": [{start, end, loss, ppl, tokens}, ...]}; buckets after the longest
     window (no tokens) are left out, the last one ends at seq_len."""
     buckets = []
-    for start in range(0, len(sums), width):
-        end = min(start + width, len(sums))
+    for start, end in spans(len(sums), width):
         tokens = int(counts[start:end].sum())
         if tokens == 0:
             break  # counts never rise with position: every later bucket is empty too

@@ -517,14 +517,12 @@ class LMHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
         self.softcap = softcap
 
-    def forward(self, h, targets=None):
+    def forward(self, h, targets=None, reduction: str = "sum"):
         if targets is None:
             logits = F.linear(h, self.weight)
             return logits if self.softcap is None else soft_cap(logits, self.softcap)
-        return linear_cross_entropy(
-            h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1), ignore_index=IGNORE, reduction="sum",
-            softcap=self.softcap,
-        )
+        return linear_cross_entropy(h, self.weight, targets, ignore_index=IGNORE, reduction=reduction,
+                                    softcap=self.softcap)
 
 
 class Transformer(nn.Module):
@@ -556,8 +554,10 @@ class Transformer(nn.Module):
         if not self.args.tie_word_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
 
-    def forward(self, input_ids, labels=None, position_ids=None, segment_ids=None, pool_index=None):
-        """input_ids (b, s) → logits (b, s, V), or with labels (b, s) the summed loss (fp32 scalar).
+    def forward(self, input_ids, labels=None, position_ids=None, segment_ids=None, pool_index=None,
+                reduction="sum"):
+        """input_ids (b, s) → logits (b, s, V), or with labels (b, s) the summed loss (fp32 scalar);
+        with reduction="none" the loss per token instead ((b, s), 0 at ignored labels).
 
         segment_ids (b, s) enables document masking: attention stays inside each document and,
         unless position_ids are given, positions restart at each document start.
@@ -587,7 +587,7 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if self.score is not None:
             return self.classify(x, pool_index, labels)
-        return self.lm_head(x, labels)
+        return self.lm_head(x, labels, reduction)
 
     def classify(self, x, pool_index, labels=None):
         pooled = x[torch.arange(x.shape[0], device=x.device), pool_index]

@@ -323,19 +323,18 @@ class VocabParallelLMHead(_TPModule):
         self.softcap = softcap  # final-logit soft-cap (Gemma 2), as in the plain LMHead
         self._mark()
 
-    def forward(self, h, targets=None):
+    def forward(self, h, targets=None, reduction: str = "sum"):
         if targets is None:
             local = F.linear(copy_to_tp_region(h, self.group), self.weight)
             logits = gather_from_tp_region(local, self.group)
             return logits if self.softcap is None else soft_cap(logits, self.softcap)
 
-        h2, t1 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         if _size(self.group) == 1:
-            return linear_cross_entropy(h2, self.weight, t1, ignore_index=IGNORE, reduction="sum",
+            return linear_cross_entropy(h, self.weight, targets, ignore_index=IGNORE, reduction=reduction,
                                         softcap=self.softcap)
         return vocab_parallel_linear_cross_entropy(
-            h2, self.weight, t1, self.group, vocab_start=self.vocab_start, vocab_size=self.vocab_size,
-            ignore_index=IGNORE, reduction="sum", softcap=self.softcap)
+            h, self.weight, targets, self.group, vocab_start=self.vocab_start, vocab_size=self.vocab_size,
+            ignore_index=IGNORE, reduction=reduction, softcap=self.softcap)
 
     def extra_repr(self):
         s = self.tp_shards["weight"]

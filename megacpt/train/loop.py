@@ -26,8 +26,7 @@ from tqdm import tqdm
 from megacpt.config import Config, derive
 from megacpt.data import classify as classify_data
 from megacpt.data import sft as sft_data
-from megacpt.errors import ConfigError, UserError
-from megacpt.eval.perplexity import eval_windows
+from megacpt.errors import ConfigError
 from megacpt.models.hf import apply_overrides, args_from_hf_config, hf_config_for
 from megacpt.parallel import Topology, validate_layout
 from megacpt.parallel.shapes import param_shapes
@@ -39,7 +38,7 @@ from megacpt.train import task_eval
 from megacpt.train.cpu_alloc import use_caching_malloc
 from megacpt.train.engine import deepspeed_config, resolve_precision
 from megacpt.train.evaluate import (evaluate_base, evaluate_now, latest_perplexities, latest_task_metrics,
-                                    summary_table)
+                                    summary_table, valid_windows)
 from megacpt.train.metrics import MetricsLogger, device_name, format_console, peak_flops, peak_memory_mb, throughput
 from megacpt.train.parallelize import BuildSpec, build_model, build_pipeline, initialize
 from megacpt.train.phases import (build_datasets, consumed_samples, data_batch_index, lr_for, phase_at, plan_phases,
@@ -124,11 +123,11 @@ def describe_run(cfg: Config, derived, start: Start, world: int) -> RunState:
         return rs
     build_datasets(cfg, rs.phases, args.vocab_size)
     for v in cfg.data.valid:
-        w = eval_windows(v.path, cfg.data.seq_len, cfg.data.valid_tokens)
-        if w.max() >= args.vocab_size:
-            raise UserError(f"data.valid {v.name}: token id {int(w.max())} ≥ model vocab {args.vocab_size}; "
-                            f"re-run megacpt prepare with the model's tokenizer")
-        rs.valid[v.name] = w
+        seq_len = v.seq_len or cfg.data.seq_len
+        if seq_len > args.max_position_embeddings:
+            raise ConfigError(f"data.valid {v.name}: seq_len {seq_len} exceeds the model's max_position_embeddings "
+                              f"{args.max_position_embeddings}; lower it, or extend the model (model.max_seq_len)")
+        rs.valid[v.name] = valid_windows(cfg, v, seq_len, args.vocab_size)
     return rs
 
 

@@ -20,6 +20,7 @@ from megacpt.train import task_eval
 from megacpt.train.consolidate import checkpoint_weights
 from megacpt.train.early_stop import EarlyStopper
 from megacpt.train.engine import resolve_precision
+from megacpt.train.evaluate import restore_base
 from megacpt.train.relayout import apply_moments, read_layout_free
 from megacpt.train.stages import needs_embedding_group
 from megacpt.train.state import RunState, Start
@@ -168,7 +169,7 @@ def restore(rs: RunState, rename=None) -> None:
     ckpt.restore_rng(start.resume_dir, rs.rank)
     rs.step = int(state["step"])
     rs.last_saved = rs.step
-    rs.base_valid = state.get("base_valid", {})
+    restore_base(rs, state)
     task_eval.restore_base(rs, state)
     rs.skips = {k: list(v) for k, v in state.get("skipped_batches", {}).items()}
     rs.say(f"resuming from {start.resume_dir} at step {rs.step}")
