@@ -2,6 +2,7 @@
 process with ZeRO-0, through the real trainer, with and without document masking.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/cp_equality.py --json bench/results/cp-equality-4ranks-cpu-DATE.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cp_equality.py --tp 2 --json ...   # CP=2 × TP=2 instead (DP=1)
 
 Tiny Llama-style model (4 heads, 2 KV heads) from tests/helpers.py, fp32, 5 steps, global batch 4 of
 seq_len 32. Prints and writes the largest absolute and relative differences of the per-step loss
@@ -47,21 +48,29 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--tp", type=int, default=1, choices=[1, 2], help="2: the 4 ranks are CP=2 × TP=2 (DP=1)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="cp_equality_"))
     model = tiny_hf_model(tmp / "model", max_pos=256)
-    result = {"command": "OMP_NUM_THREADS=1 .venv/bin/python bench/cp_equality.py" + (f" --json {a.json}" if a.json else ""),
+    multi = "cp2_tp2_zero3" if a.tp == 2 else "cp2_dp2_zero3"
+    result = {"layout": multi, "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/cp_equality.py " + " ".join(sys.argv[1:]),
               "seq_len": a.seq_len, "steps": 5, "global_batch": 4, "runs": {}}
     for doc in (False, True):
         runs = {}
-        for name, nproc, zero, cp in (("single_zero0", 1, 0, 1), ("cp2_dp2_zero3", 4, 3, 2)):
+        for name, nproc, zero, cp, tp in (("single_zero0", 1, 0, 1, 1), (multi, 4, 3, 2, a.tp)):
             run = tmp / f"{name}_doc{int(doc)}"
             c = tiny_run_config(tmp, model, run, steps=5, zero=zero, gb=4, mb=1, seq=a.seq_len,
-                                **{"parallel.cp": cp, "data.document_mask": doc, "train.eval_at_start": True})
+                                **{"parallel.cp": cp, "parallel.tp": tp, "data.document_mask": doc,
+                                   "train.eval_at_start": True,
+                                   # ZeRO-3 partitions even these tiny parameters (none kept whole).
+                                   "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}})
             t = time.time()
             run_ok(nproc, write_config(tmp / f"{run.name}.yaml", c))
             runs[name] = (run, time.time() - t)
-        cmp = _compare(_series(runs["single_zero0"][0]), _series(runs["cp2_dp2_zero3"][0]))
+        cmp = _compare(_series(runs["single_zero0"][0]), _series(runs[multi][0]))
+        layout = json.loads((runs[multi][0] / "layout.json").read_text())
+        cmp["ranks"] = layout["ranks"]
+        cmp["q_proj_per_rank"] = layout["params"]["layers.0.self_attn.q_proj.weight"]
         cmp["seconds"] = {n: round(t, 1) for n, (_, t) in runs.items()}
         result["runs"]["document_mask" if doc else "no_document_mask"] = cmp
         print(f"document_mask={doc}: {cmp}", flush=True)

@@ -171,7 +171,9 @@ RUNS = {
 
 def _ds_config(mb: int, gas: int, ranks: int, zero: int) -> dict:
     return {"train_batch_size": mb * gas * ranks, "train_micro_batch_size_per_gpu": mb,
-            "gradient_accumulation_steps": gas, "gradient_clipping": CLIP, "zero_optimization": {"stage": zero},
+            "gradient_accumulation_steps": gas, "gradient_clipping": CLIP,
+            # Persistence threshold 0: ZeRO-3 partitions even these tiny parameters.
+            "zero_optimization": {"stage": zero, "stage3_param_persistence_threshold": 0},
             "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": WD,
                                                        "torch_adam": True}},
             "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1,
@@ -228,6 +230,8 @@ def cp2_run(rank: int, world: int, out: Path, label: str, model_dir: str, zero: 
     model = build_model(spec, topo, weights=model_dir, ds_config=ds_config)
     cp = context_parallel(args, topo)
     engine = initialize(model, param_groups(model, WD), ds_config, topo)
+    if zero == 3:  # partitioned over the cp ranks, which hold the same parameters
+        assert all(p.ds_tensor.numel() == -(-p.ds_numel // 2) for p in engine.module.parameters())
     shapes = set()
     engine.module.layers[0].register_forward_hook(lambda m, i, o: shapes.add(tuple(o.shape)))
     ref = reference(model_dir)
