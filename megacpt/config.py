@@ -189,6 +189,8 @@ class ParallelConfig:
                                            "counted) or layers")
     sequence_parallel: bool = _field(False, "Megatron sequence parallelism inside the tensor group (norms and "
                                             "residuals on seq_len/tp positions)")
+    cp: int = _field(1, "context-parallel size: each training sequence split over cp ranks (DeepSpeed-Ulysses: "
+                        "seq_len/cp positions per rank, attention by heads); data-parallel size = world / (tp × pp × cp)")
 
 
 @dataclass(frozen=True)
@@ -493,6 +495,7 @@ def _check_numbers(cfg: Config) -> None:
         ("checkpoint.keep", cfg.checkpoint.keep),
         ("parallel.tp", cfg.parallel.tp),
         ("parallel.pp", cfg.parallel.pp),
+        ("parallel.cp", cfg.parallel.cp),
         ("optim.lr", o.lr),
     ]:
         _positive(v, name)
@@ -544,6 +547,28 @@ def _check_parallel(cfg: Config) -> None:
                           "set sft.eval_examples: 0 or turn sequence_parallel off")
     if par.pp_balance not in ("parameters", "layers"):
         raise ConfigError(f"parallel.pp_balance must be parameters or layers, got {par.pp_balance!r}")
+    _check_cp(cfg)
+
+
+def _check_cp(cfg: Config) -> None:
+    """Context parallelism: what it does not combine with, and sequence lengths it can split
+    (model-dependent checks, the heads, are parallel/layouts.py's)."""
+    cp = cfg.parallel.cp
+    if cp == 1:
+        return
+    works = "context parallelism works with tp, ZeRO 0-3, document masking, activation checkpointing and eval.tasks"
+    for on, what in ((cfg.parallel.pp > 1, "pipeline parallelism (parallel.pp > 1)"),
+                     (cfg.parallel.sequence_parallel, "parallel.sequence_parallel"), (cfg.task == "sft", "task: sft"),
+                     (cfg.task == "classify", "task: classify")):
+        if on:
+            raise ConfigError(f"parallel.cp={cp} is not available with {what}; use cp: 1 or drop it ({works})")
+    lengths = [("data.seq_len", cfg.data.seq_len)]
+    # PhaseConfig.seq_len (a phase's own sequence length) where the schema has it.
+    lengths += [(f"phases.{i}.seq_len", getattr(p, "seq_len", None)) for i, p in enumerate(cfg.phases)]
+    for name, n in lengths:
+        if n is not None and n % cp:
+            raise ConfigError(f"parallel.cp={cp} splits each sequence into {cp} equal blocks: {name} ({n}) is not "
+                              f"divisible by it; use a multiple of {cp}")
 
 
 def _check_batch_and_schedule(cfg: Config) -> None:
@@ -778,17 +803,17 @@ class Derived:
     """Values that follow from the config and the launch (never written back into Config)."""
 
     world_size: int = _field(help="ranks in the launch")
-    dp_size: int = _field(help="data-parallel ranks: world_size / (parallel.tp × parallel.pp)")
+    dp_size: int = _field(help="data-parallel ranks (reading different samples): world_size / (parallel.tp × "
+                               "parallel.pp × parallel.cp)")
     grad_accum: int = _field(help="micro-batches each rank accumulates per optimizer step")
 
 
 def derive(cfg: Config, world_size: int) -> Derived:
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if world_size % (tp * pp):
-        raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {tp * pp}"
-        )
-    dp = world_size // (tp * pp)
+    tp, pp, cp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp
+    if world_size % (tp * pp * cp):
+        names = "parallel.tp × parallel.pp" + (" × parallel.cp" if cp > 1 else "")
+        raise ConfigError(f"world size {world_size} is not divisible by {names} = {tp * pp * cp}")
+    dp = world_size // (tp * pp * cp)
     for i, b in enumerate(batch_shapes(cfg)):
         mb, gb = b.micro_batch_size, b.global_batch_size
         if gb % (mb * dp):
@@ -830,6 +855,9 @@ RESUME_SAFE_KEYS = (
     "parallel.tp",
     "parallel.pp",
     "parallel.pp_balance",
+    # Context-parallel ranks are data-parallel ranks to ZeRO: at the same world size (and tp, pp)
+    # its partitions and files are the same for every cp; a world size change reshards as usual.
+    "parallel.cp",
 )
 
 

@@ -81,7 +81,7 @@ def test_pp_export_matches_single_process(runs, layout):
 
 def test_each_rank_holds_only_its_stage(runs):
     lay = json.loads((runs["tp2pp2_z0"] / "layout.json").read_text())
-    assert lay["ranks"] == [{"pp": p, "dp": 0, "tp": t} for p in (0, 1) for t in (0, 1)]
+    assert lay["ranks"] == [{"pp": p, "dp": 0, "cp": 0, "tp": t} for p in (0, 1) for t in (0, 1)]
     single = json.loads((runs["single"] / "layout.json").read_text())["params"]
     p = lay["params"]
     # 3 layers balanced by parameters (embedding 4,096, layers 9,344 each, norm + head 4,128):
@@ -116,7 +116,7 @@ def test_resumed_in_another_layout(runs):
     files = {p.name for p in (runs["relayout"] / "checkpoints" / "step_00000005").glob("*.pt")}
     assert "mp_rank_01_model_states.pt" in files and not any(f.startswith("layer_") for f in files)
     lay = json.loads((runs["relayout"] / "layout.json").read_text())
-    assert lay["ranks"] == [{"pp": 0, "dp": 0, "tp": 0}, {"pp": 0, "dp": 0, "tp": 1}]
+    assert lay["ranks"] == [{"pp": 0, "dp": 0, "cp": 0, "tp": 0}, {"pp": 0, "dp": 0, "cp": 0, "tp": 1}]
 
 
 def test_golden_numbers(runs):

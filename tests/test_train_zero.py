@@ -55,6 +55,13 @@ def runs(tmp_path_factory):
     r1 = run_ok(2, c, "train.stop_after=2")
     out["zero3_first_stdout"] = r1.stdout
     run_ok(2, c)
+    # Context parallelism: the same 2 ranks splitting each sequence (cp=2, so dp=1) under ZeRO-3, with
+    # the tasks in the loop (whole sequences, CP off), stopped after 3 steps and resumed with cp=1
+    # (dp=2): at one world size ZeRO's partitions span the same dp × cp ranks for every cp.
+    out["cp2"] = tmp / "cp2"
+    c = cfg("cp2", 3, **tasks, **{"parallel.cp": 2})
+    run_ok(2, c, "train.stop_after=3")
+    run_ok(2, c, "parallel.cp=1")
     # One process, stopped after 3 steps and resumed.
     out["single_resumed"] = tmp / "single_resumed"
     c = cfg("single_resumed", 0, by_position=True)
@@ -85,6 +92,31 @@ def test_zero3_matches_single_process(runs):
     assert (ga > 0).all() and la.std() > 0  # the comparison is not vacuous
     # clipping is on (grad_clip 1.0) and these norms exceed it at least once
     assert (ga > 1.0).any()
+
+
+def test_cp2_then_cp1_matches_single_process(runs):
+    """Steps 1-3 with each sequence split over 2 ranks, 4-5 after resuming with cp=1: losses, clipped
+    grad norms, samples, validation and task metrics as one process."""
+    a, b = train_losses(runs["single"]), train_losses(runs["cp2"])
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for key in ("loss", "grad_norm"):
+        ta = torch.tensor([a[s][key] for s in range(1, 6)], dtype=torch.float64)
+        tb = torch.tensor([b[s][key] for s in range(1, 6)], dtype=torch.float64)
+        torch.testing.assert_close(tb, ta, rtol=1e-5, atol=1e-6)
+    assert [a[s]["samples_fingerprint"] for s in range(1, 6)] == [b[s]["samples_fingerprint"] for s in range(1, 6)]
+    valid = [{r["step"]: r for r in read_metrics(runs[n]) if "valid/new/loss" in r} for n in ("single", "cp2")]
+    assert sorted(valid[0]) == sorted(valid[1]) == [0, 5]
+    for step in (0, 5):
+        for name in ("new", "original"):
+            assert valid[1][step][f"valid/{name}/loss"] == pytest.approx(valid[0][step][f"valid/{name}/loss"],
+                                                                          rel=1e-5)
+    single, cp2 = _task_records(runs["single"]), _task_records(runs["cp2"])
+    assert sorted(single) == sorted(cp2) == [0, 3, 5]
+    for step in single:
+        assert cp2[step].keys() == single[step].keys()
+        for k, v in single[step].items():
+            assert cp2[step][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (step, k)
+    assert sorted(p.name for p in (runs["cp2"] / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000005"]
 
 
 def test_zero3_really_shards(runs):

@@ -454,7 +454,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d if per_head else args.num_kv_heads * d, args.rms_norm_eps, args.norm_form)
         self.rope_fn = rope_qk  # compile_pointwise swaps in a compiled copy
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cp=None):
         b, s, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (b, s, nh·d), (b, s, nkv·d) ×2
         if self.qk_norm == "full":  # OLMo 2: over the whole projection
@@ -465,7 +465,8 @@ class Attention(nn.Module):
         if self.qk_norm == "head":  # Qwen3, Gemma 3: each head over d
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope_fn(q, k, cos, sin)
-        out = sdpa_attention(q, k, v, mask, self.scale, self.softcap)
+        attend = sdpa_attention if cp is None else cp.attention  # cp: over the whole sequence
+        out = attend(q, k, v, mask, self.scale, self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -499,8 +500,8 @@ class DecoderLayer(nn.Module):
         name = self.norm_names[i]
         return x if name is None else getattr(self, name)(x)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self._norm(1, self.self_attn(self._norm(0, x), cos, sin, mask))
+    def forward(self, x, cos, sin, mask, cp=None):
+        x = x + self._norm(1, self.self_attn(self._norm(0, x), cos, sin, mask, cp))
         return x + self._norm(3, self.mlp(self._norm(2, x)))
 
 
@@ -555,7 +556,7 @@ class Transformer(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=std)
 
     def forward(self, input_ids, labels=None, position_ids=None, segment_ids=None, pool_index=None,
-                reduction="sum"):
+                reduction="sum", cp=None):
         """input_ids (b, s) → logits (b, s, V), or with labels (b, s) the summed loss (fp32 scalar);
         with reduction="none" the loss per token instead ((b, s), 0 at ignored labels).
 
@@ -564,26 +565,35 @@ class Transformer(nn.Module):
         A classifier (args.num_labels > 0) pools position pool_index (b,) of each row (its last
         real token; padding follows it, so causal attention never sees it) → logits (b, num_labels),
         or with labels (b,) the summed cross-entropy.
+        cp (context parallelism, megacpt/parallel/cp.py): input_ids and labels are this rank's
+        block cp.rank of cp.size contiguous blocks of the sequence, position_ids and segment_ids
+        (when given) cover the whole sequence (b, s · cp.size), and attention runs through
+        cp.attention, which sees the whole sequence.
         """
         b, s = input_ids.shape
+        n = s * cp.size if cp is not None else s  # the whole sequence
         if position_ids is None:
             position_ids = (
                 positions_from_segments(segment_ids)
                 if segment_ids is not None
-                else torch.arange(s, device=input_ids.device).expand(b, s)
+                else torch.arange(n, device=input_ids.device).expand(b, n)
             )
         x = scale_embeddings(self.embed_tokens(input_ids), self.args.embed_scale)  # (b, s, h)
         masks, ropes = {}, {}
         for layer in self.layers:
             if layer.window not in masks:
-                masks[layer.window] = attention_mask(s, layer.window, segment_ids, x.device)
+                masks[layer.window] = attention_mask(n, layer.window, segment_ids, x.device)
             if layer.local_rope not in ropes:
-                ropes[layer.local_rope] = rope_cos_sin(self.args, position_ids, x.dtype, layer.local_rope)
+                # Over the whole sequence, then this rank's block: dynamic and longrope RoPE
+                # depend on the longest position of the batch, which must be the same everywhere.
+                cos, sin = rope_cos_sin(self.args, position_ids, x.dtype, layer.local_rope)
+                ropes[layer.local_rope] = (cos, sin) if cp is None else (cos[:, cp.rank * s:(cp.rank + 1) * s],
+                                                                         sin[:, cp.rank * s:(cp.rank + 1) * s])
             cos, sin = ropes[layer.local_rope]
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, masks[layer.window], use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, masks[layer.window], cp, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, masks[layer.window])
+                x = layer(x, cos, sin, masks[layer.window], cp)
         x = self.norm(x)
         if self.score is not None:
             return self.classify(x, pool_index, labels)

@@ -1,14 +1,17 @@
-"""Which (tp, pp, zero_stage) layouts a model and world size allow, checked at config time.
+"""Which (tp, pp, cp, zero_stage) layouts a model and world size allow, checked at config time.
 
-Rules (each rejection names the rule and lists the (tp, pp) pairs that would work):
-- tp × pp divides the world size (dp = world / (tp × pp));
+Rules (each rejection names the rule and lists the (tp, pp) pairs, or the cp values, that would work):
+- tp × pp × cp divides the world size (dp = world / (tp × pp × cp));
 - tensor parallel splits query heads, the MLP's intermediate size and the vocabulary evenly, so
   num_heads, intermediate_size and vocab_size are multiples of tp;
 - KV heads are split when num_kv_heads is a multiple of tp, and replicated (each rank keeps the
   KV head its query heads use) when tp is a multiple of num_kv_heads; anything else is rejected;
 - pipeline stages hold at least one layer each: pp ≤ num_layers;
 - DeepSpeed's pipeline engine supports only ZeRO-0/1: pp > 1 needs zero_stage ≤ 1;
-- OLMo 2's full-width q/k norm cannot be split by tensor parallelism (family_problems).
+- OLMo 2's full-width q/k norm cannot be split by tensor parallelism (family_problems);
+- context parallelism (Ulysses, parallel/cp.py) splits each rank's num_heads / tp query heads
+  over cp, and its KV heads likewise or, when there are fewer than cp, replicates them up to cp
+  (cp a multiple of them); it does not run with pipeline parallelism (cp_problems).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 from megacpt.errors import ConfigError
 from megacpt.models.llama import ModelArgs
 
-__all__ = ["validate_layout", "valid_layouts", "tp_problems", "family_problems"]
+__all__ = ["validate_layout", "valid_layouts", "tp_problems", "family_problems", "cp_problems"]
 
 
 def _divisors(n: int) -> list[int]:
@@ -58,6 +61,32 @@ def pp_problems(args: ModelArgs, pp: int, zero_stage: int) -> list[str]:
     return out
 
 
+def cp_problems(args: ModelArgs, tp: int, pp: int, cp: int) -> list[str]:
+    """Why sequences cannot be split over `cp` context-parallel ranks in this layout (empty when
+    they can). Each rank holds num_heads / tp query heads after tensor parallelism."""
+    if cp == 1:
+        return []
+    out = []
+    if pp > 1:
+        out.append(f"context parallelism (cp={cp}) does not run with pipeline parallelism (pp={pp})")
+    heads = args.num_heads // tp
+    if heads % cp:
+        out.append(f"{heads} query heads per rank (num_heads {args.num_heads} / tp={tp}) are not divisible by "
+                   f"cp={cp} (Ulysses splits heads)")
+    nkv = args.num_kv_heads
+    kv = nkv // tp if nkv % tp == 0 else 1  # tp > nkv replicates: one KV head per rank
+    if kv % cp and cp % kv:
+        out.append(f"{kv} KV heads per rank are neither divisible by cp={cp} nor a divisor of it (replicated)")
+    return out
+
+
+def valid_cps(args: ModelArgs, world_size: int, tp: int, pp: int) -> list[int]:
+    """Every cp that fits next to (tp, pp) on world_size ranks."""
+    if world_size % (tp * pp):
+        return []
+    return [cp for cp in _divisors(world_size // (tp * pp)) if not cp_problems(args, tp, pp, cp)]
+
+
 def valid_layouts(args: ModelArgs, world_size: int, zero_stage: int) -> list[tuple[int, int]]:
     """Every (tp, pp) with tp × pp dividing world_size that the model and ZeRO stage allow."""
     return [(tp, pp) for tp in _divisors(world_size) for pp in _divisors(world_size // tp)
@@ -71,9 +100,9 @@ def _format_pairs(pairs, world_size) -> str:
     return ", ".join(f"tp={tp} pp={pp} (dp={world_size // (tp * pp)})" for tp, pp in pairs)
 
 
-def validate_layout(args: ModelArgs, world_size: int, tp: int, pp: int, zero_stage: int) -> None:
-    """Raise ConfigError when (tp, pp, zero_stage) does not fit this model on `world_size` ranks."""
-    for name, v in (("parallel.tp", tp), ("parallel.pp", pp), ("world size", world_size)):
+def validate_layout(args: ModelArgs, world_size: int, tp: int, pp: int, zero_stage: int, cp: int = 1) -> None:
+    """Raise ConfigError when (tp, pp, cp, zero_stage) does not fit this model on `world_size` ranks."""
+    for name, v in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp), ("world size", world_size)):
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")
     if zero_stage not in (0, 1, 2, 3):
@@ -82,6 +111,8 @@ def validate_layout(args: ModelArgs, world_size: int, tp: int, pp: int, zero_sta
     if world_size % (tp * pp):
         problems.append(f"tp × pp = {tp}×{pp} = {tp * pp} does not divide the world size {world_size}")
     problems += tp_problems(args, tp) + pp_problems(args, pp, zero_stage) + family_problems(args, tp, pp)
+    if not problems and cp > 1:
+        _validate_cp(args, world_size, tp, pp, cp)
     if not problems:
         return
     ok = valid_layouts(args, world_size, zero_stage)
@@ -93,3 +124,16 @@ def validate_layout(args: ModelArgs, world_size: int, tp: int, pp: int, zero_sta
             hint += f"; with zero_stage 0 or 1 also: {_format_pairs(lower, world_size)}"
     raise ConfigError(f"parallel layout tp={tp} pp={pp} zero_stage={zero_stage} is not possible: "
                       f"{'; '.join(problems)}. {hint}")
+
+
+def _validate_cp(args: ModelArgs, world_size: int, tp: int, pp: int, cp: int) -> None:
+    """The cp checks, once (tp, pp) fit: their message lists the cp values that would."""
+    problems = cp_problems(args, tp, pp, cp)
+    if world_size % (tp * pp * cp):
+        problems.insert(0, f"tp × pp × cp = {tp}×{pp}×{cp} = {tp * pp * cp} does not divide the world size "
+                           f"{world_size}")
+    if not problems:
+        return
+    ok = ", ".join(str(c) for c in valid_cps(args, world_size, tp, pp))
+    raise ConfigError(f"parallel.cp={cp} is not possible with tp={tp} pp={pp} on {world_size} ranks: "
+                      f"{'; '.join(problems)}. cp values that work there: {ok}")

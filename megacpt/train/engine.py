@@ -34,7 +34,9 @@ def deepspeed_config(cfg: Config, derived: Derived, dtype: torch.dtype) -> dict:
         # Gather whole-model state at save time is not needed: we export from the shards.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     ds = {
-        "train_batch_size": cfg.train.global_batch_size,
+        # DeepSpeed counts context-parallel ranks as data-parallel ones (they average gradients
+        # like them), so to it a batch holds cp sequence blocks per sequence.
+        "train_batch_size": cfg.train.global_batch_size * cfg.parallel.cp,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": derived.grad_accum,
         "gradient_clipping": o.grad_clip,

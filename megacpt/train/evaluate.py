@@ -174,10 +174,11 @@ def window_loss(engine, windows: np.ndarray, mb: int, topo, device) -> tuple[flo
     """Sum of token losses and token count over all windows, split over data-parallel ranks.
 
     Every rank runs the same number of forward calls (ZeRO-3 gathers parameters collectively),
-    padding with fully ignored batches when it runs out of windows.
+    padding with fully ignored batches when it runs out of windows. Context-parallel ranks run
+    whole windows here (no cp in the forward), so the grad group (dp × cp) splits the windows.
     """
-    mine = windows[topo.dp_rank::topo.dp_size]
-    per_rank = -(-len(windows) // topo.dp_size)
+    mine = windows[topo.grad_rank::topo.grad_size]
+    per_rank = -(-len(windows) // topo.grad_size)
     calls = -(-per_rank // mb)
     total = torch.zeros(2, dtype=torch.float64)
     was_training = engine.training
@@ -197,7 +198,7 @@ def window_loss(engine, windows: np.ndarray, mb: int, topo, device) -> tuple[flo
             total[1] += float((labels != IGNORE).sum())
     if was_training:
         engine.train()
-    dist.all_reduce(total, group=topo.dp_group)
+    dist.all_reduce(total, group=topo.grad_group)
     return float(total[0]), int(total[1])
 
 
@@ -209,8 +210,8 @@ def position_sums(engine, dw: DocumentWindows, mb: int, topo, device) -> tuple[n
     padded positions carry IGNORE labels, and under the causal mask real positions never see them.
     """
     windows = dw.windows
-    mine = windows[topo.dp_rank::topo.dp_size]
-    per_rank = -(-len(windows) // topo.dp_size)
+    mine = windows[topo.grad_rank::topo.grad_size]  # context-parallel ranks too: CP is off here
+    per_rank = -(-len(windows) // topo.grad_size)
     calls = -(-per_rank // mb)
     sums, counts = np.zeros(dw.seq_len, np.float64), np.zeros(dw.seq_len, np.int64)
     multiple = PAD_MULTIPLE * topo.tp_size
@@ -234,7 +235,7 @@ def position_sums(engine, dw: DocumentWindows, mb: int, topo, device) -> tuple[n
     if was_training:
         engine.train()
     total = torch.from_numpy(np.concatenate([sums, counts.astype(np.float64)]))
-    dist.all_reduce(total, group=topo.dp_group)
+    dist.all_reduce(total, group=topo.grad_group)
     return total[: dw.seq_len].numpy(), total[dw.seq_len :].numpy().astype(np.int64)
 
 

@@ -40,7 +40,7 @@ from megacpt.train.engine import deepspeed_config, resolve_precision
 from megacpt.train.evaluate import (evaluate_base, evaluate_now, latest_perplexities, latest_task_metrics,
                                     summary_table, valid_windows)
 from megacpt.train.metrics import MetricsLogger, device_name, format_console, peak_flops, peak_memory_mb, throughput
-from megacpt.train.parallelize import BuildSpec, build_model, build_pipeline, initialize
+from megacpt.train.parallelize import BuildSpec, build_model, build_pipeline, context_parallel, initialize
 from megacpt.train.phases import (build_datasets, consumed_samples, data_batch_index, lr_for, phase_at, plan_phases,
                                   tokens_per_source)
 from megacpt.train.pipeline import PipelineRun, ds_config_for, rename
@@ -103,7 +103,7 @@ def describe_run(cfg: Config, derived, start: Start, world: int) -> RunState:
     args = apply_overrides(args, cfg.model.max_seq_len, cfg.model.rope_theta, cfg.model.rope_scaling,
                            cfg.model.local_rope_theta)
     rs = RunState(cfg=cfg, derived=derived, start=start, args=args, hf_cfg=hf_config_for(args, start.base_cfg))
-    validate_layout(args, world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage)
+    validate_layout(args, world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage, cfg.parallel.cp)
     check_layout_change(start, cfg, world)
     if cfg.train.freeze:
         names = list(param_shapes(args)) + (["lm_head.weight"] if args.tie_word_embeddings else [])
@@ -134,7 +134,7 @@ def describe_run(cfg: Config, derived, start: Start, world: int) -> RunState:
 def build(rs: RunState) -> None:
     """Process groups, seeds, the DeepSpeed config, then the model and engine (parallelize.py)."""
     cfg = rs.cfg
-    rs.topo = Topology.from_dist(cfg.parallel.tp, cfg.parallel.pp)
+    rs.topo = Topology.from_dist(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
     rs.rank, rs.world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.seed + rs.rank)
     np.random.seed((cfg.seed + rs.rank) % 2**32)
@@ -152,6 +152,7 @@ def build(rs: RunState) -> None:
         model, pipe_state = build_pipeline(spec, rs.topo, rs.start.weights)
     else:
         model = build_model(spec, rs.topo, rs.start.weights, rs.ds_config, say=rs.say)
+        rs.cp = context_parallel(rs.args, rs.topo)
     # A classifier never uses an untied LM head: no gradient, no optimizer state for it.
     head = ["lm_head.weight"] if rs.classify and not rs.args.tie_word_embeddings else []
     n_frozen = freeze(model, list(cfg.train.freeze) + head)
@@ -224,7 +225,7 @@ def one_step(rs: RunState, phase, batch_index: int) -> StepOut:
         batches = step_mod.rank_batches(phase.dataset, batch_index * G, mb, gas, topo.dp_rank, topo.dp_size,
                                         cfg.data.mask_eos_loss)
     inputs = StepInputs(batches, gas, rs.stopper.flag, use_segments=cfg.data.document_mask or rs.sft,
-                        poison=os.environ.get("MEGACPT_FAULT") == f"nan:{phase.name}:{batch_index}")
+                        poison=os.environ.get("MEGACPT_FAULT") == f"nan:{phase.name}:{batch_index}", cp=rs.cp)
     try:
         if rs.pipe_run is not None:
             return rs.pipe_run.train_step(inputs, rs.where)
@@ -357,7 +358,7 @@ def write_layout(rs: RunState) -> None:
         "params": {n: {"numel": f, "per_rank": [held.get(n, (0, 0))[1] for held in every]} for n, f in names.items()},
         "per_rank_total": [sum(v[1] for v in held.values()) for held in every],
         "total": sum(names.values()),
-        "ranks": [dict(zip(("pp", "dp", "tp"), rs.topo.layout.coords(r))) for r in range(rs.world)],
+        "ranks": [rs.topo.layout.named_coords(r) for r in range(rs.world)],
     }
     with open(rs.run_dir / "layout.json", "w") as fh:
         json.dump(layout, fh, indent=1)

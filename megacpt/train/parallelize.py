@@ -22,6 +22,10 @@ and why it is this one:
    (one graph reused by every block), or under ZeRO-3, whose gather hooks on each linear would
    break a compiled block, only the pointwise code between the linears.
 8. `deepspeed.initialize` with the generated config and the optimizer's parameter groups.
+
+Context parallelism (parallel.cp) changes no module: `context_parallel` makes the object the
+training forward takes (parallel/cp.py), and ZeRO treats the cp ranks as data-parallel ones
+(the topology's grad group, dp × cp, given to zero.Init and to DeepSpeed through the mpu).
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megacpt.errors import UserError
+from megacpt.errors import ConfigError, UserError
 from megacpt.models.hf import as_weights, check_weights, load_full_state
 from megacpt.models.llama import ModelArgs, Transformer, compile_pointwise
-from megacpt.parallel import DeepSpeedMPU, apply_tp, init_tp_weights, load_tp_weights
+from megacpt.parallel import DeepSpeedMPU, UlyssesAttention, apply_tp, init_tp_weights, load_tp_weights
+from megacpt.parallel.layouts import cp_problems
 from megacpt.parallel.pp import cut_stages, item_bounds, mark_norm_counting, stage_bounds
 from megacpt.train.pipeline import staged_pipeline
 
@@ -75,7 +80,7 @@ def build_model(spec: BuildSpec, topology=None, weights=None, ds_config: dict | 
             apply_tp(model, topology, sequence_parallel=spec.sequence_parallel)  # 2
             _load_tp(model, weights, spec)  # 4
             if spec.zero_stage == 3:  # 5
-                deepspeed.zero.Init(module=model, data_parallel_group=topology.dp_group, mpu=DeepSpeedMPU(topology),
+                deepspeed.zero.Init(module=model, data_parallel_group=topology.grad_group, mpu=DeepSpeedMPU(topology),
                                     config_dict_or_path=ds_config, mem_efficient_linear=False)
             model = model.to(device)
         else:
@@ -102,9 +107,21 @@ def build_pipeline(spec: BuildSpec, topology, weights=None):
     return module, state
 
 
+def context_parallel(args: ModelArgs, topology) -> UlyssesAttention | None:
+    """The context-parallel attention of this rank's cp group, or None without context parallelism."""
+    if topology is None or topology.cp_size == 1:
+        return None
+    problems = cp_problems(args, topology.tp_size, topology.pp_size, topology.cp_size)
+    if problems:
+        raise ConfigError(f"cannot split sequences over cp={topology.cp_size}: {'; '.join(problems)}")
+    return UlyssesAttention(topology.cp_group)
+
+
 def initialize(model: nn.Module, groups: list[dict], ds_config: dict, topology):
     """Step 8: the DeepSpeed engine. Pipeline modules carry their own topology; otherwise the
-    `mpu` adapter tells ZeRO which group is data-parallel when tensor parallelism splits the model."""
+    `mpu` adapter tells ZeRO which group is data-parallel (dp × cp) when tensor parallelism splits
+    the model. Without it (tp = 1, pp = 1) that group is the whole world, DeepSpeed's default,
+    which is also the group zero.Init partitioned over while building."""
     pipelined = topology is not None and topology.pp_size > 1
     mpu = DeepSpeedMPU(topology) if topology is not None and topology.tp_size > 1 and not pipelined else None
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config, mpu=mpu)

@@ -93,7 +93,8 @@ def check_resume_compatible(old: dict, new: Config) -> None:
 
 def layout_of(state: dict) -> str:
     par = state["config"].get("parallel", {})
-    return f"tp={par.get('tp', 1)} pp={par.get('pp', 1)} on {state.get('world_size')} ranks"
+    cp = f" cp={par['cp']}" if par.get("cp", 1) != 1 else ""
+    return f"tp={par.get('tp', 1)} pp={par.get('pp', 1)}{cp} on {state.get('world_size')} ranks"
 
 
 def layout_changed(state: dict, cfg: Config, world: int) -> bool:

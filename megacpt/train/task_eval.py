@@ -82,7 +82,9 @@ def attach(rs: RunState) -> None:
 
     te, topo = rs.task_eval, rs.topo
     sp = rs.cfg.parallel.sequence_parallel
-    spread = Spread(topo.dp_rank, topo.dp_size, topo.dp_group, distributed=True,
+    # Whole sequences on every rank (no cp in lm-eval's forwards): context-parallel ranks take
+    # requests as data-parallel ones do.
+    spread = Spread(topo.grad_rank, topo.grad_size, topo.grad_group, distributed=True,
                     seq_multiple=topo.tp_size if sp else 1)
     te.lm = MegacptLM(rs.engine, te.tokenizer, rs.args.max_position_embeddings,
                       batch_size=rs.cfg.eval.tasks.batch_size, spread=spread, device=rs.engine.device,
