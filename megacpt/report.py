@@ -259,7 +259,28 @@ def build_series(runs: list[Run]) -> dict:
                 plots["valid_ppl_vs_base"]["panels"].setdefault(d, {})[r.name] = rel
     _task_series(runs, plots)
     _position_series(runs, plots)
+    _classify_series(runs, plots)
     return plots
+
+
+def _classify_series(runs: list[Run], plots: dict) -> None:
+    """task: classify: per held-out set its loss beside the training sample's (the generalisation
+    gap is the distance between them), the gap itself, accuracy and macro-F1."""
+    spec = {"file": "classify.png", "title": "Classification: held-out vs training-sample loss, gap, accuracy",
+            "xlabel": "tokens seen", "ylabel": "value", "yscale": "linear", "panels": {}}
+    for r in runs:
+        sets = sorted({k.split("/")[1] for rec in r.valid.values() for k in rec
+                       if k.startswith("valid/") and k.endswith("/accuracy")})
+        for d in sets:
+            for panel, key in ((f"{d}: held-out loss", f"valid/{d}/loss"),
+                               (f"{d}: training-sample loss", "train_sample/loss"),
+                               (f"{d}: gap (held-out − training)", f"valid/{d}/gap"),
+                               (f"{d}: accuracy", f"valid/{d}/accuracy"), (f"{d}: macro-F1", f"valid/{d}/macro_f1")):
+                sr = _series(r.valid, key, r.tokens)
+                if sr["x"]:
+                    spec["panels"].setdefault(panel, {})[r.name] = sr
+    if spec["panels"]:
+        plots["classify"] = spec
 
 
 def _position_series(runs: list[Run], plots: dict) -> None:

@@ -157,3 +157,15 @@ def test_bad_labels_stop_with_one_line(runs, bad, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_report_plots_the_gap(runs, tmp_path):
+    from megacpt.cli import main
+
+    assert main(["report", str(runs["single"]), str(runs["probe"]), "--output", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "classify.png").stat().st_size > 0
+    plots = json.loads((tmp_path / "rep" / "report.json").read_text())["plots"]
+    gap = plots["classify"]["panels"]["held: gap (held-out − training)"]["single"]
+    logged = _valid_records(runs["single"])
+    assert gap["y"] == [logged[s]["valid/held/gap"] for s in (0, 2, 4)]
