@@ -49,6 +49,10 @@ class ModelConfig:
     # their own base, which a long context does not reach through the window).
     local_rope_theta: Optional[float] = _field(None, "override of the RoPE base of the sliding-window layers "
                                                      "(Gemma 3: 10k); null: the model's")
+    dropout: Optional[float] = _field(None, "dropout in training (never in evaluation) on the attention "
+                                            "probabilities and on each block's attention and MLP outputs; exported "
+                                            "as attention_dropout (Phi-3: also resid_pdrop); null: the HF config's "
+                                            "(usually 0)")
     activation_checkpointing: bool = _field(False, "recompute each decoder block's activations in the backward "
                                                    "instead of keeping them")
     # After TP and activation checkpointing, before the engine (train/parallelize.py). Under ZeRO-3
@@ -481,6 +485,12 @@ def validate(cfg: Config) -> None:
     _check_tasks(cfg)
 
 
+# Model-parallel ranks would draw different masks for activations they must agree on (Megatron
+# keeps a separate RNG stream per region for this); not built yet.
+DROPOUT_LAYOUTS = ("dropout is not available with tensor, pipeline or context parallelism yet; use ZeRO data "
+                   "parallelism, or set model.dropout: 0")
+
+
 def _check_numbers(cfg: Config) -> None:
     t, d, o = cfg.train, cfg.data, cfg.optim
     for name, v in [
@@ -509,6 +519,11 @@ def _check_numbers(cfg: Config) -> None:
         _positive(v, name, allow_zero=True)
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr})")
+    if cfg.model.dropout is not None and not 0 <= cfg.model.dropout < 1:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout} (0.1 drops 10 %)")
+    par = cfg.parallel
+    if cfg.model.dropout and max(par.tp, par.pp, par.cp) > 1:
+        raise ConfigError(DROPOUT_LAYOUTS)
     if o.layer_lr_decay is not None and not 0 < o.layer_lr_decay <= 1:
         raise ConfigError(f"optim.layer_lr_decay must be in (0, 1], got {o.layer_lr_decay} (0.8 lowers each layer's "
                           f"LR by 20 % going down from the top)")

@@ -286,6 +286,8 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
                                                     and bool(cfg.get("attention_bias", False))),
             layer_windows=layer_windows(cfg, arch, nl, source),
             num_labels=num_labels(cfg),
+            attention_dropout=float(cfg.get("attention_dropout") or 0.0),
+            residual_dropout=float(cfg.get("resid_pdrop") or 0.0) if arch == "Phi3ForCausalLM" else 0.0,
             **family_rope(cfg, arch),
             **family_switches(cfg, arch, source),
         )
@@ -436,6 +438,9 @@ def hf_config_for(args: ModelArgs, base_cfg: dict) -> dict:
         # transformers lets a top-level original_max_position_embeddings (Phi3Config always has
         # one) win over the one in rope_parameters: both say the same.
         cfg["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
+    cfg["attention_dropout"] = args.attention_dropout
+    if arch == "Phi3ForCausalLM":
+        cfg["resid_pdrop"] = args.residual_dropout
     # Older transformers read the split keys; keep them consistent with rope_parameters.
     cfg["rope_theta"] = args.rope_theta
     cfg["rope_scaling"] = scaling

@@ -107,6 +107,10 @@ class ModelArgs:
     # > 0: a sequence classifier (HF *ForSequenceClassification): `score` maps the last real
     # token's final hidden state to this many logits; the LM head stays (unused, for the weights).
     num_labels: int = 0
+    # Training only (0 in eval mode): on the attention probabilities (HF's attention_dropout) and on
+    # each block's attention and MLP outputs before the residual add (Phi-3's resid_pdrop).
+    attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
 
     def __post_init__(self):
         if not self.layer_windows:
@@ -221,18 +225,20 @@ def scale_embeddings(x, scale: float | None):
     return x * torch.tensor(scale, dtype=torch.float32, device=x.device).to(x.dtype)
 
 
-def sdpa_attention(q, k, v, mask, scale: float | None = None, softcap: float | None = None):
+def sdpa_attention(q, k, v, mask, scale: float | None = None, softcap: float | None = None, dropout: float = 0.0):
     """Causal attention of (b, h, s, d) q and (b, kv, s, d) k/v; mask: None or bool, True = attend.
     scale None: d ** -0.5. A soft-cap needs the scores themselves, which SDPA never exposes, so
-    capped attention (Gemma 2) takes the explicit path."""
+    capped attention (Gemma 2) takes the explicit path. dropout: on the probabilities."""
     if softcap is not None:
-        return softcapped_attention(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5, softcap)
+        return softcapped_attention(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5, softcap,
+                                    dropout)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+        dropout_p=dropout,
     )
 
 
-def softcapped_attention(q, k, v, mask, scale: float, softcap: float):
+def softcapped_attention(q, k, v, mask, scale: float, softcap: float, dropout: float = 0.0):
     """HF's eager Gemma 2 attention: scores × scale, capped, masked, softmax in fp32."""
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (b, nh, s, d)
@@ -242,6 +248,8 @@ def softcapped_attention(q, k, v, mask, scale: float, softcap: float):
         mask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout:
+        probs = F.dropout(probs, dropout)
     return torch.matmul(probs, v)
 
 
@@ -453,6 +461,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d if per_head else args.num_heads * d, args.rms_norm_eps, args.norm_form)
             self.k_norm = RMSNorm(d if per_head else args.num_kv_heads * d, args.rms_norm_eps, args.norm_form)
         self.rope_fn = rope_qk  # compile_pointwise swaps in a compiled copy
+        self.dropout = args.attention_dropout
 
     def forward(self, x, cos, sin, mask, cp=None):
         b, s, _ = x.shape
@@ -465,8 +474,10 @@ class Attention(nn.Module):
         if self.qk_norm == "head":  # Qwen3, Gemma 3: each head over d
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope_fn(q, k, cos, sin)
-        attend = sdpa_attention if cp is None else cp.attention  # cp: over the whole sequence
-        out = attend(q, k, v, mask, self.scale, self.softcap)
+        if cp is not None:  # over the whole sequence (dropout is refused with cp)
+            out = cp.attention(q, k, v, mask, self.scale, self.softcap)
+        else:
+            out = sdpa_attention(q, k, v, mask, self.scale, self.softcap, self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -492,6 +503,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args)
         # Norms are looked up by name at each call, so tensor parallelism may swap them.
         self.norm_names = NORM_PLACEMENTS[args.norm_placement]
+        self.residual_dropout = args.residual_dropout
         for name in self.norm_names:
             if name is not None:
                 setattr(self, name, RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_form))
@@ -501,8 +513,9 @@ class DecoderLayer(nn.Module):
         return x if name is None else getattr(self, name)(x)
 
     def forward(self, x, cos, sin, mask, cp=None):
-        x = x + self._norm(1, self.self_attn(self._norm(0, x), cos, sin, mask, cp))
-        return x + self._norm(3, self.mlp(self._norm(2, x)))
+        p = self.residual_dropout if self.training else 0.0
+        x = x + F.dropout(self._norm(1, self.self_attn(self._norm(0, x), cos, sin, mask, cp)), p)
+        return x + F.dropout(self._norm(3, self.mlp(self._norm(2, x))), p)
 
 
 class LMHead(nn.Module):

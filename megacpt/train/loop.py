@@ -11,6 +11,7 @@ RunState (state.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megacpt.config import Config, derive
+from megacpt.config import DROPOUT_LAYOUTS, Config, derive
 from megacpt.data import classify as classify_data
 from megacpt.data import sft as sft_data
 from megacpt.errors import ConfigError
@@ -102,6 +103,7 @@ def describe_run(cfg: Config, derived, start: Start, world: int) -> RunState:
     args = args_from_hf_config(start.base_cfg, source=str(cfg.model.init_from or start.resume_dir))
     args = apply_overrides(args, cfg.model.max_seq_len, cfg.model.rope_theta, cfg.model.rope_scaling,
                            cfg.model.local_rope_theta)
+    args = with_dropout(cfg, args)
     rs = RunState(cfg=cfg, derived=derived, start=start, args=args, hf_cfg=hf_config_for(args, start.base_cfg))
     validate_layout(args, world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage, cfg.parallel.cp)
     check_layout_change(start, cfg, world)
@@ -129,6 +131,16 @@ def describe_run(cfg: Config, derived, start: Start, world: int) -> RunState:
                               f"{args.max_position_embeddings}; lower it, or extend the model (model.max_seq_len)")
         rs.valid[v.name] = valid_windows(cfg, v, seq_len, args.vocab_size)
     return rs
+
+
+def with_dropout(cfg: Config, args):
+    if cfg.model.dropout is not None:
+        args = dataclasses.replace(args, attention_dropout=cfg.model.dropout, residual_dropout=cfg.model.dropout)
+    par = cfg.parallel
+    if (args.attention_dropout or args.residual_dropout) and max(par.tp, par.pp, par.cp) > 1:
+        raise ConfigError(f"the model's config asks for dropout (attention {args.attention_dropout}, residual "
+                          f"{args.residual_dropout}): {DROPOUT_LAYOUTS}")
+    return args
 
 
 def build(rs: RunState) -> None:
