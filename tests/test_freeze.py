@@ -161,6 +161,7 @@ def test_two_zero3_ranks_equal_one_process(runs):
 @pytest.mark.parametrize("sets, message", [
     (["train.freeze=[layers.0-1]"], "config differs from the checkpoint's in keys that change the run: train.freeze"),
     (["optim.layer_lr_decay=0.9"], "optim.layer_lr_decay"),
+    (["model.dropout=0.1"], "keys that change the run: model.dropout"),
     (["run_dir=NEW", "train.freeze=[nothing.here]"], "'nothing.here' matches no parameter"),
     (["run_dir=NEW", "optim.layer_lr_decay=1.5"], "optim.layer_lr_decay must be in (0, 1]"),
 ])
