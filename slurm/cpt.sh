@@ -14,8 +14,8 @@
 #   3. optionally runs `megacpt preflight` as its own srun step (--preflight or MEGACPT_PREFLIGHT=1);
 #   4. runs `srun python -m megacpt.train CONFIG ...`: every task is one rank; rank, world size and
 #      local rank come from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (megacpt/train/dist.py);
-#   5. preemption / time limit: USR1 (from --signal=B:USR1@T, or `scancel --signal=USR1 --batch`)
-#      reaches only this shell; it is forwarded to the step, the ranks agree to stop after the
+#   5. preemption / time limit: USR1 (sent by this shell to itself MEGACPT_STOP_LEAD seconds before
+#      the job's end time, or `scancel --signal=USR1 --batch`, or an sbatch --signal) reaches only this shell; it is forwarded to the step, the ranks agree to stop after the
 #      current step, write a checkpoint and exit 0; the job is then requeued (`scontrol requeue`)
 #      if the run is unfinished and this attempt moved the checkpoint forward, and the requeued
 #      job resumes from RUN_DIR/checkpoints/latest. TERM sent to this shell alone is forwarded the
@@ -38,6 +38,11 @@
 #   MEGACPT_REQUEUE=0   never requeue (default 1: requeue after a USR1 stop of an unfinished run)
 #   MEGACPT_LOG_DIR     where the job log goes (default RUN_DIR/logs; empty: keep Slurm's --output)
 #   MEGACPT_MASTER_PORT override the derived port
+#   MEGACPT_STOP_LEAD   seconds before the job's end time at which the run checkpoints and stops
+#                       (default 600). Not `#SBATCH --signal`: Slurm fixes that at submission, so a
+#                       job whose --time is at or under the lead would be signalled at once and
+#                       requeue itself every minute; this shell instead refuses a job too short
+#                       for the lead plus a minute (exit 2, one line, no requeue).
 #   NCCL_*, TORCH_NCCL_*, GLOO_SOCKET_IFNAME, ... pass through to every rank unchanged.
 #
 #SBATCH --job-name=megacpt
@@ -46,7 +51,6 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8
 #SBATCH --time=24:00:00
-#SBATCH --signal=B:USR1@600
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
@@ -140,6 +144,22 @@ if [[ -n "$log_dir" ]]; then
     say "log: $log_file"
     exec >>"$log_file" 2>&1
 fi
+
+# ---- time limit: USR1 to this shell MEGACPT_STOP_LEAD seconds before the job's end ----------------
+lead="${MEGACPT_STOP_LEAD:-600}"
+[[ "$lead" =~ ^[0-9]+$ ]] || die "MEGACPT_STOP_LEAD must be a whole number of seconds, got '$lead'"
+timer_pid=""
+end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null | head -n 1)
+if end_s=$(date -d "$end" +%s 2>/dev/null); then  # no end time (UNLIMITED): no timer
+    left=$((end_s - $(date +%s)))
+    if ((left <= lead + 60)); then
+        die "the job has ${left}s left, at or under the ${lead}s stop lead + 60s, so it would stop at once and requeue in a loop; submit with a longer --time, or set MEGACPT_STOP_LEAD below $((left - 60 > 0 ? left - 60 : 0))"
+    fi
+    (sleep $((left - lead)) && kill -s USR1 $$) &
+    timer_pid=$!
+    say "stop lead ${lead}s: USR1 in $((left - lead))s"
+fi
+trap '[[ -n "$timer_pid" ]] && { pkill -P "$timer_pid" 2>/dev/null; kill "$timer_pid" 2>/dev/null; }' EXIT
 
 # ---- rendezvous -------------------------------------------------------------------------------
 mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")

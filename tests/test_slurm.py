@@ -196,3 +196,18 @@ def test_bad_config_fails_before_any_rank_starts(tiny):
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", info
     assert "no_such_key" in out and "nothing was started" in out, out
     assert not (tiny["tmp"] / "badcfg").exists()
+
+
+def test_job_shorter_than_the_stop_lead_is_refused_not_requeued(tiny):
+    """--time=5 (300 s) is under the 600 s stop lead: one line and exit 2, instead of a USR1 at once
+    and a requeue every minute (what an `#SBATCH --signal=B:USR1@600` did)."""
+    cfg = tiny["config"]("short")
+    job = slurm_env.sbatch([*CPU_JOB[:-1], "--time=5", "--job-name=short", f"--chdir={tiny['tmp']}", str(CPT),
+                            str(cfg)], job_env(), tiny["tmp"])
+    info = slurm_env.wait_job(job, JOB_TIMEOUT)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", info
+    assert info.get("Restarts", "0") == "0", info
+    out = (tiny["tmp"] / "short" / "logs" / f"short-{job}.out").read_text()
+    errors = [ln for ln in out.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "at or under the 600s stop lead" in errors[0] and "longer --time" in errors[0], out
+    assert not (tiny["tmp"] / "short" / "checkpoints").exists()
