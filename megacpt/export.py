@@ -87,7 +87,9 @@ def _number(x):
 
 def export_adapter(src, output, dtype: str | None = None) -> Path:
     """A run's (or checkpoint's) LoRA adapter as a PEFT adapter directory, written whole or not at all."""
-    found = ckpt.resolve_checkpoint(src) if Path(src).exists() else None
+    if not Path(src).exists():
+        raise UserError(f"{src} does not exist; pass the run dir or checkpoint dir of an adapter run")
+    found = ckpt.resolve_checkpoint(src)
     adapter = adapter_of(found) if found is not None else None
     if adapter is None:
         raise UserError(f"{src} is not an adapter run or checkpoint (no adapter: in its config); export it "
