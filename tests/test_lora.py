@@ -111,6 +111,22 @@ def test_adapter_is_not_resume_safe():
         check_resume_compatible(_cfg().to_dict(), _cfg(adapter={}))
 
 
+@pytest.mark.parametrize("old_par,new_tp,new_world", [({"zero_stage": 1}, 1, 4),  # universal checkpoint
+                                                      ({"zero_stage": 0, "tp": 2}, 1, 2)])  # relayout
+def test_adapter_resume_in_another_layout_is_refused(old_par, new_tp, new_world):
+    """Re-slicing (relayout.py) and DeepSpeed's universal checkpoint expect the whole model in the
+    optimizer: an adapter run resumes in its own layout and world size only."""
+    from megacpt.errors import ConfigError
+    from megacpt.train.resume import check_layout_change
+    from megacpt.train.state import Start
+
+    old = _cfg(adapter={}, parallel=old_par).to_dict()
+    start = Start(base_cfg={}, resume_dir=Path("ckpt"), state={"config": old, "world_size": 2})
+    new = _cfg(adapter={}, parallel={**old_par, "tp": new_tp})
+    with pytest.raises(ConfigError, match="adapter run in another layout or world size"):
+        check_layout_change(start, new, new_world)
+
+
 # ---- the adapted linear against PEFT's LoRA layer ---------------------------------------------------
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
