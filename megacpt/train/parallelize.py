@@ -106,6 +106,8 @@ def build_model(spec: BuildSpec, topology=None, weights=None, ds_config: dict | 
 def build_pipeline(spec: BuildSpec, topology, weights=None):
     """Steps 1 to 4 and 6 for pipeline parallelism: the PipelineModule for this rank (only its own
     stage materialised and loaded) and the state its stages share. ZeRO-0/1 only (validated)."""
+    if spec.adapter is not None:  # config.py refuses it first; the stages are built elsewhere
+        raise UserError("adapter is not available with pipeline parallelism (parallel.pp > 1); use pp: 1")
     with torch.device("meta"):
         model = Transformer(spec.args)  # 1
     apply_tp(model, topology)  # 2 (a no-op split at tp 1, which keeps one code path for the stages)
