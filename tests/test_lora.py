@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -218,13 +220,16 @@ def launch_together(jobs, timeout: float = 600) -> None:
             env = cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
             cmd = [sys.executable, "-m", "megacpt.train", str(cfg_path)] + [a for s in sets for a in ("--set", s)]
-            procs.append((cfg_path, rank, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                                           stderr=subprocess.STDOUT, text=True)))
+            # A log file, not a pipe: a rank blocked on a full pipe would stall its peers' collectives.
+            fd, log = tempfile.mkstemp(dir=Path(cfg_path).parent, prefix=f"{Path(cfg_path).stem}.rank{rank}.",
+                                       suffix=".log")
+            with os.fdopen(fd, "w") as out:
+                procs.append((Path(log), subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)))
     failed = []
-    for cfg_path, rank, proc in procs:
-        out, _ = proc.communicate(timeout=timeout)
+    for log, proc in procs:
+        proc.wait(timeout=timeout)
         if proc.returncode != 0:
-            failed.append(f"--- {Path(cfg_path).name} rank {rank}: exit {proc.returncode}\n{out[-3000:]}")
+            failed.append(f"--- {log.name}: exit {proc.returncode}\n{log.read_text(errors='replace')[-3000:]}")
     assert not failed, "\n".join(failed)
 
 
