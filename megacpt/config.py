@@ -243,6 +243,27 @@ class EvalConfig:
                                                 "logged as task/<name>/<metric> and task/<name>/<metric>_vs_base")
 
 
+# The decoder-block projections, by their last name component (PEFT's target_modules style).
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    kind: Literal["lora"] = _field("lora", "lora: each targeted linear learns a low-rank update y = W x + B A x · "
+                                           "alpha/r, its own weight frozen (PEFT's LoRA)")
+    r: int = _field(8, "rank of the update: A is r × in_features, B out_features × r")
+    alpha: float = _field(16.0, "the update is scaled by alpha / r")
+    dropout: float = _field(0.0, "dropout on the input of the update, in training only")
+    targets: list[str] = _field(help="module-name patterns (fnmatch) over megacpt's names, which are HF's without "
+                                     "the model. prefix (layers.3.self_attn.q_proj); a pattern also matches the "
+                                     "name's tail after a dot, so q_proj matches every layer's; only the decoder "
+                                     "blocks' projections are eligible",
+                                factory=lambda: list(LORA_PROJECTIONS))
+    modules_to_save: list[Literal["embed_tokens", "lm_head"]] = _field(
+        help="modules trained whole next to the adapter and exported as PEFT's modules_to_save (e.g. after "
+             "megacpt extend-vocab, for the new rows)", factory=list)
+
+
 @dataclass(frozen=True)
 class Config:
     run_dir: str = _field("runs/demo", "the run's directory: checkpoints, metrics.jsonl, config.resolved.json; "
@@ -268,6 +289,8 @@ class Config:
                                       factory=ClassifyConfig)
     eval: EvalConfig = _field(help="downstream task evaluation during training (lm-evaluation-harness)",
                               factory=EvalConfig)
+    adapter: Optional[AdapterConfig] = _field(None, "train a LoRA adapter instead of the whole model (the base "
+                                                    "weights stay frozen); null: full fine-tuning")
     tensorboard: bool = _field(True, "also write TensorBoard event files into run_dir/tensorboard")
     deepspeed: dict = _field(help="merged last into the generated DeepSpeed config (offload, bucket sizes, ...)",
                              factory=dict)
@@ -483,6 +506,7 @@ def validate(cfg: Config) -> None:
     _check_sft_length(cfg)
     _check_phases(cfg)
     _check_tasks(cfg)
+    _check_adapter(cfg)
 
 
 # Model-parallel ranks would draw different masks for activations they must agree on (Megatron
@@ -740,6 +764,33 @@ def _check_tasks(cfg: Config) -> None:
     if cfg.parallel.pp > 1:
         raise ConfigError("eval.tasks is not available with pipeline parallelism (parallel.pp > 1) yet; use pp: 1 "
                           "(tensor parallelism and ZeRO work), or evaluate checkpoints with megacpt eval --tasks")
+
+
+def _check_adapter(cfg: Config) -> None:
+    """What can be checked without the model (the patterns are matched in megacpt/models/lora.py)."""
+    a = cfg.adapter
+    if a is None:
+        return
+    _positive(a.r, "adapter.r")
+    _positive(a.alpha, "adapter.alpha")
+    if not 0 <= a.dropout < 1:
+        raise ConfigError(f"adapter.dropout must be in [0, 1), got {a.dropout}")
+    if not a.targets:
+        raise ConfigError(f"adapter.targets is empty: list module-name patterns, e.g. {list(LORA_PROJECTIONS)}")
+    if len(set(a.modules_to_save)) != len(a.modules_to_save):
+        raise ConfigError(f"adapter.modules_to_save repeats a module: {a.modules_to_save}")
+    if cfg.parallel.pp > 1:
+        raise ConfigError("adapter is not available with pipeline parallelism (parallel.pp > 1); use pp: 1 (tensor "
+                          "parallelism and ZeRO work)")
+    if a.dropout > 0 and cfg.parallel.tp > 1:
+        # A column-parallel layer's input is replicated over the tensor group: each rank would
+        # draw its own mask for the same activations, which one process never does.
+        raise ConfigError("adapter.dropout > 0 is not available with tensor parallelism (each rank would draw its "
+                          "own dropout mask); set adapter.dropout: 0 or parallel.tp: 1")
+    embedding_stage = cfg.train.trainable == "embeddings" or any(p.trainable == "embeddings" for p in cfg.phases)
+    if (embedding_stage or cfg.optim.embedding_lr is not None) and "embed_tokens" not in a.modules_to_save:
+        raise ConfigError("optim.embedding_lr and trainable: embeddings act on embed_tokens, which an adapter run "
+                          "freezes; add embed_tokens to adapter.modules_to_save or drop them")
 
 
 SFT_METRICS = ("exact_match", "token_f1", "bleu")

@@ -67,6 +67,7 @@ def runs(tmp_path_factory):
     run_ok(1, cfg("single", 0))
     run_ok(2, cfg("zero3", 3))
     run_ok(1, cfg("probe", 0, **{"train.freeze": ["backbone"], "optim.lr": 1e-2}))
+    run_ok(1, cfg("lora", 0, adapter={"kind": "lora", "r": 4, "alpha": 8}))
     return out
 
 
@@ -100,6 +101,33 @@ def test_export_is_a_transformers_classifier_with_the_same_logits(runs, tmp_path
     m = predictions_metrics(logits.argmax(-1).numpy(), gold.numpy())
     assert m["accuracy"] == last["valid/held/accuracy"] and m["macro_f1"] == pytest.approx(last["valid/held/macro_f1"])
     assert last["valid/held/gap"] == pytest.approx(last["valid/held/loss"] - last["train_sample/loss"])
+
+
+@pytest.mark.slow
+def test_lora_classifier_trains_the_adapter_and_the_head(runs, tmp_path):
+    """LoRA on a classifier: the head trains whole beside the factors (PEFT's SEQ_CLS does the same);
+    the merged export is a transformers classifier with the run's held-out loss."""
+    import transformers
+
+    from megacpt.cli import main
+    from megacpt.models.hf import HFWeights
+
+    assert main(["export", str(runs["lora"]), "--output", str(tmp_path / "hf")]) == 0
+    init = torch.empty(3, 32).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(7))
+    after = HFWeights(tmp_path / "hf")
+    assert (after.get("score.weight") - init).abs().max() > 1e-4
+    before = HFWeights(runs["model"])
+    q = "layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(before.get(q), after.get(q))  # merged: W + B·A·alpha/r
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(runs["model"])
+    rows = [json.loads(x) for x in runs["valid"].read_text().splitlines()]
+    ids = [tok(r["text"])["input_ids"][:12] for r in rows]
+    with torch.no_grad():
+        logits = model(torch.tensor([x + [0] * (12 - len(x)) for x in ids])).logits.double()
+    gold = torch.tensor([LABELS.index(r["label"]) for r in rows])
+    loss = float(torch.nn.functional.cross_entropy(logits, gold))
+    assert loss == pytest.approx(_valid_records(runs["lora"])[4]["valid/held/loss"], rel=1e-5)
 
 
 @pytest.mark.slow

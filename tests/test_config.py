@@ -198,7 +198,10 @@ def _expected_default(f) -> str:
         return repr(f.default)
     if f.default_factory is dataclasses.MISSING:
         return "required"
-    return "[]" if f.default_factory is list else "{}"
+    value = f.default_factory()
+    if isinstance(value, list):  # e.g. adapter.targets' default projections
+        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
+    return "{}"
 
 
 def test_describe_config_lists_every_key_with_type_default_and_description():

@@ -17,7 +17,12 @@ optimizer step on random tokens, and then adds up, from the engine's own objects
   adam            every tensor in the inner optimizer's state (exp_avg, exp_avg_sq, step)
 
 model_state = the sum; expected = 16 · P / W bytes (fp32: 4 parameter/master + 4 gradient + 8
-Adam moments). With --precision bf16 the parts are 2-byte parameters and gradients next to
+Adam moments). optimizer_state = fp32_master + grads + adam: what training adds to the weights.
+
+--lora-r R[,R...] repeats every world size with a LoRA adapter of rank R on the attention and MLP
+projections (R = 0: full fine-tuning), built as the trainer builds it (parallelize.py step 4b):
+the frozen base keeps its (partitioned) parameters, and only the T adapter parameters get masters,
+gradients and Adam moments, so expected = 4 · (P + T) / W + 12 · T / W. With --precision bf16 the parts are 2-byte parameters and gradients next to
 4-byte masters, so compare against the breakdown rather than 16 · P / W. Buffers that are not model
 state (the reduce bucket, allocated with torch.empty: on CPU untouched pages are not resident) and the
 process RSS after the step (VmRSS, VmHWM) are reported next to it for context.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -40,8 +46,9 @@ import torch.distributed as dist
 from megacpt.bench.launch import bench_env, fail, free_port, launcher, run_launcher
 from megacpt.bench.report import bench_command, versions, write_json
 from megacpt.bench.shapes import resolve_model
-from megacpt.config import config_from_dict, derive
+from megacpt.config import AdapterConfig, config_from_dict, derive
 from megacpt.errors import UserError
+from megacpt.models import lora
 from megacpt.models.hf import args_from_hf_config, read_hf_config
 from megacpt.train import dist as mdist
 from megacpt.train.engine import deepspeed_config, param_groups, resolve_precision
@@ -101,7 +108,7 @@ def measure_engine(engine) -> dict:
             buffers += _nbytes(buf)
     return {"params": params, "persistent": persistent, "fp32_master": master, "fp32_master_shared": shared,
             "grads": grads, "adam": adam, "model_state": params + persistent + master + grads + adam,
-            "reduce_bucket_allocated": buffers}
+            "optimizer_state": master + grads + adam, "reduce_bucket_allocated": buffers}
 
 
 def worker(spec: dict) -> int:
@@ -119,10 +126,12 @@ def worker(spec: dict) -> int:
     derived = derive(cfg, info.world_size)
     mdist.init()
     rank, world = dist.get_rank(), dist.get_world_size()
-    args = args_from_hf_config(read_hf_config(hf_dir))
+    hf_cfg = read_hf_config(hf_dir)
+    args = args_from_hf_config(hf_cfg)
     dtype = resolve_precision(cfg.precision)
     ds = deepspeed_config(cfg, derived, dtype)
-    model = build_model(BuildSpec(args, dtype=dtype, zero_stage=3), weights=hf_dir, ds_config=ds)
+    adapter = lora.resolve(AdapterConfig(r=spec["lora_r"]), args, hf_cfg) if spec.get("lora_r") else None
+    model = build_model(BuildSpec(args, dtype=dtype, zero_stage=3, adapter=adapter), weights=hf_dir, ds_config=ds)
     engine = initialize(model, param_groups(model, 0.1), ds, topology=None)
     rng = np.random.default_rng(rank)
     x = torch.from_numpy(rng.integers(0, args.vocab_size, (1, spec["seq_len"] + 1)).astype(np.int64))
@@ -142,38 +151,22 @@ def worker(spec: dict) -> int:
 
 def run_memory_bench(a) -> int:
     """`megacpt bench memory` (a: its parsed arguments)."""
-    try:
-        worlds = [int(w) for w in a.world_sizes.split(",") if w.strip()]
-    except ValueError:
-        raise UserError(f"--world-sizes {a.world_sizes!r}: expected comma-separated integers like 1,2,4") from None
-    if not worlds or min(worlds) < 1:
-        raise UserError("--world-sizes: give positive integers, e.g. 1,2,4")
+    worlds = _int_list(a.world_sizes, "--world-sizes", "1,2,4", minimum=1)
+    ranks_r = _int_list(a.lora_r, "--lora-r", "0,8", minimum=0)
     hf_dir, shape = resolve_model(a.model, "bfloat16" if a.precision == "bf16" else "float32", a.cache_dir)
-    margs = args_from_hf_config(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))
+    hf_cfg = read_hf_config(hf_dir)
+    margs = args_from_hf_config(hf_cfg, source=str(hf_dir / "config.json"))
     P = margs.num_params()
     work = Path(tempfile.mkdtemp(prefix="megacpt-bench-memory-"))
     env = bench_env(a.threads)
     rows = []
     try:
-        for W in worlds:
-            out = work / f"w{W}"
-            spec = {"hf_dir": str(hf_dir), "seq_len": a.seq_len, "precision": a.precision, "out": str(out),
-                    "persistence_threshold": a.persistence_threshold}
-            spec_path = work / f"w{W}.json"
-            spec_path.write_text(json.dumps(spec))
-            cmd = [launcher(), "--num_gpus", str(W), "--master_port", str(free_port()), "--module",
-                   "megacpt.bench.memory", "worker", str(spec_path)]
-            print(f"world {W}: {' '.join(cmd)}", flush=True)
-            log = work / f"w{W}.log"
-            rc, wall, _ = run_launcher(cmd, env, log, a.timeout)
-            if rc != 0:
-                fail(f"memory bench at world size {W}", rc, log)
-            ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(W)]
-            expected = 16 * P / W
-            rows.append({"world_size": W, "expected_bytes_per_rank": expected,
-                         "model_state_bytes_per_rank": [r["model_state"] for r in ranks],
-                         "ratio_to_expected_max": max(r["model_state"] for r in ranks) / expected,
-                         "ranks": ranks, "wall_s": wall, "command": cmd})
+        for r in ranks_r:
+            T = _adapter_params(margs, hf_cfg, r)
+            for W in worlds:
+                spec = {"hf_dir": str(hf_dir), "seq_len": a.seq_len, "precision": a.precision,
+                        "out": str(work / f"r{r}w{W}"), "persistence_threshold": a.persistence_threshold, "lora_r": r}
+                rows.append(_measure_world(spec, W, work, env, a.timeout, P, T))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = {
@@ -186,7 +179,8 @@ def run_memory_bench(a) -> int:
         "precision": a.precision,
         "persistence_threshold": a.persistence_threshold,
         "expectation": "16 · params / world_size bytes per rank (fp32: 4 param, shared with the fp32 master, "
-                       "+ 4 gradient + 8 Adam moments)",
+                       "+ 4 gradient + 8 Adam moments); with a LoRA adapter of T parameters (lora_r > 0) "
+                       "(4 · (params + T) + 12 · T) / world_size",
         "measured": "per rank after one step: parameter partitions + persistent whole parameters + fp32 master "
                     "partitions not shared with them + the gradient-partition buffer + Adam state tensors",
         "rows": rows,
@@ -197,18 +191,60 @@ def run_memory_bench(a) -> int:
     return 0
 
 
+def _adapter_params(margs, hf_cfg: dict, r: int) -> int:
+    """Parameters of a rank-r LoRA adapter on the default targets (0 for r = 0: full fine-tuning)."""
+    if not r:
+        return 0
+    spec = lora.resolve(AdapterConfig(r=r), margs, hf_cfg)
+    return sum(math.prod(shape) for shape in lora.factor_shapes(margs, spec).values())
+
+
+def _int_list(text: str, flag: str, example: str, minimum: int) -> list[int]:
+    try:
+        values = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated integers like {example}") from None
+    if not values or min(values) < minimum:
+        raise UserError(f"{flag}: give integers ≥ {minimum}, e.g. {example}")
+    return values
+
+
+def _measure_world(spec: dict, W: int, work: Path, env: dict, timeout: float, P: int, T: int) -> dict:
+    """One launch of W ranks (LoRA rank spec["lora_r"], T adapter parameters; 0: full fine-tuning)."""
+    name = Path(spec["out"]).name
+    spec_path = work / f"{name}.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [launcher(), "--num_gpus", str(W), "--master_port", str(free_port()), "--module",
+           "megacpt.bench.memory", "worker", str(spec_path)]
+    print(f"world {W}, lora r {spec['lora_r']}: {' '.join(cmd)}", flush=True)
+    log = work / f"{name}.log"
+    rc, wall, _ = run_launcher(cmd, env, log, timeout)
+    if rc != 0:
+        fail(f"memory bench at world size {W} (lora r {spec['lora_r']})", rc, log)
+    ranks = [json.loads((Path(spec["out"]) / f"rank{r}.json").read_text()) for r in range(W)]
+    expected = 16 * P / W if not T else (4 * (P + T) + 12 * T) / W
+    return {"world_size": W, "lora_r": spec["lora_r"], "trainable_params": T or P, "expected_bytes_per_rank": expected,
+            "model_state_bytes_per_rank": [r["model_state"] for r in ranks],
+            "optimizer_state_bytes_per_rank": [r["optimizer_state"] for r in ranks],
+            "ratio_to_expected_max": max(r["model_state"] for r in ranks) / expected,
+            "ranks": ranks, "wall_s": wall, "command": cmd}
+
+
 def format_memory_table(out: dict) -> str:
     mb = 2**20
     lines = ["", f"ZeRO-3 model state per rank · {out['model']['arg']} ({out['model']['params'] / 1e6:.2f}M params) · "
                  f"{out['precision']} · persistence threshold {out['persistence_threshold']}",
-             f"{'world':>5} {'expected MiB':>13} {'measured MiB (max)':>19} {'ratio':>6}  "
-             f"{'params':>8} {'master':>8} {'grads':>8} {'adam':>8} {'persist':>8}  {'RSS MiB (max)':>13}"]
+             f"{'lora r':>6} {'world':>5} {'expected MiB':>13} {'measured MiB (max)':>19} {'ratio':>6}  "
+             f"{'params':>8} {'master':>8} {'grads':>8} {'adam':>8} {'persist':>8}  {'optim MiB':>9}  "
+             f"{'RSS MiB (max)':>13}"]
     for r in out["rows"]:
         worst = max(r["ranks"], key=lambda x: x["model_state"])
         lines.append(
-            f"{r['world_size']:>5} {r['expected_bytes_per_rank'] / mb:>13.2f} {worst['model_state'] / mb:>19.2f} "
+            f"{r.get('lora_r', 0) or 'full':>6} {r['world_size']:>5} {r['expected_bytes_per_rank'] / mb:>13.2f} "
+            f"{worst['model_state'] / mb:>19.2f} "
             f"{r['ratio_to_expected_max']:>6.3f}  {worst['params'] / mb:>8.2f} {worst['fp32_master'] / mb:>8.2f} "
             f"{worst['grads'] / mb:>8.2f} {worst['adam'] / mb:>8.2f} {worst['persistent'] / mb:>8.2f}  "
+            f"{max(x['optimizer_state'] for x in r['ranks']) / mb:>9.3f}  "
             f"{max(x['vm_rss_mb'] or 0 for x in r['ranks']):>13.1f}")
     return "\n".join(lines)
 

@@ -105,6 +105,9 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
                    help="stage3_param_persistence_threshold (default 0: every parameter is partitioned; "
                         "DeepSpeed's own default 100000 keeps small ones whole on every rank)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
+    p.add_argument("--lora-r", default="0", metavar="R[,R...]",
+                   help="also measure with a LoRA adapter of each rank R on the attention and MLP projections "
+                        "(0: full fine-tuning; default 0); e.g. 0,8 compares the two")
     p.add_argument("--json", metavar="OUT.json", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--timeout", type=float, default=1200)

@@ -16,6 +16,8 @@ the two equal:
   norms                 whole on every rank (absent from the dict): the block's norms of its
                         placement, the final norm, and per-head q/k norms (Qwen3, Gemma 3);
                         a full-width q/k norm (OLMo 2) is refused for tp > 1
+  LoRA factors          (`factor_shards`) of a column-parallel linear: B's rows as the weight's,
+                        A whole; of a row-parallel one: A's columns as the weight's, B whole
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from megacpt.models.llama import NORM_PLACEMENTS, ModelArgs
 from megacpt.parallel.layouts import family_problems, tp_problems
 from megacpt.parallel.tp import Shard
 
-__all__ = ["param_shapes", "tp_shards_for", "local_shapes", "local_numels"]
+__all__ = ["param_shapes", "tp_shards_for", "local_shapes", "local_numels", "factor_shards", "adapter_shards"]
 
 
 def param_shapes(args: ModelArgs) -> dict[str, tuple]:
@@ -119,3 +121,26 @@ def local_shapes(args: ModelArgs, tp: int, tp_rank: int) -> dict[str, tuple]:
 def local_numels(args: ModelArgs, tp: int, tp_rank: int) -> dict[str, int]:
     """Element count of every parameter on tensor-parallel rank `tp_rank` (see local_shapes)."""
     return {name: math.prod(shape) for name, shape in local_shapes(args, tp, tp_rank).items()}
+
+
+def factor_shards(module: str, weight: Shard, r: int) -> dict[str, Shard]:
+    """Name → Shard of the split LoRA factor of `module` whose weight is split as `weight`: a
+    column-parallel linear (rows) splits B's rows the same way, a row-parallel one (columns) A's
+    columns; the other factor is whole on every rank (absent)."""
+    rows, cols = weight.full_shape
+    if weight.dim == 0:
+        return {f"{module}.lora_B.weight": Shard(0, weight.start, weight.stop, (rows, r), weight.counted)}
+    return {f"{module}.lora_A.weight": Shard(1, weight.start, weight.stop, (r, cols), weight.counted)}
+
+
+def adapter_shards(shards: dict[str, Shard], names, r: int) -> dict[str, Shard]:
+    """`shards` (tp_shards_for's) plus the split factors among parameter `names` (those of a
+    checkpoint: the adapted modules are the ones with a lora_A)."""
+    out = dict(shards)
+    for name in names:
+        if name.endswith(".lora_A.weight"):
+            module = name[: -len(".lora_A.weight")]
+            weight = shards.get(f"{module}.weight")
+            if weight is not None:
+                out.update(factor_shards(module, weight, r))
+    return out

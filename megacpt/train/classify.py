@@ -37,6 +37,9 @@ def prepare(rs: RunState) -> None:
                               f"classify.labels to the model's, or start from its causal LM")
     rs.labels = labels
     rs.args = dataclasses.replace(rs.args, num_labels=len(labels))
+    if rs.adapter is not None and "score" not in rs.adapter.modules_to_save:
+        # The new head trains whole beside the adapter (PEFT's SEQ_CLS does the same).
+        rs.adapter = dataclasses.replace(rs.adapter, modules_to_save=(*rs.adapter.modules_to_save, "score"))
     base = classifier_config(base, labels, pad)
     rs.hf_cfg = hf_config_for(rs.args, base)
     start.base_cfg = base

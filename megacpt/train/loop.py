@@ -28,6 +28,7 @@ from megacpt.config import DROPOUT_LAYOUTS, Config, derive
 from megacpt.data import classify as classify_data
 from megacpt.data import sft as sft_data
 from megacpt.errors import ConfigError
+from megacpt.models import lora
 from megacpt.models.hf import apply_overrides, args_from_hf_config, hf_config_for
 from megacpt.parallel import Topology, validate_layout
 from megacpt.parallel.shapes import param_shapes
@@ -105,6 +106,8 @@ def describe_run(cfg: Config, derived, start: Start, world: int) -> RunState:
                            cfg.model.local_rope_theta)
     args = with_dropout(cfg, args)
     rs = RunState(cfg=cfg, derived=derived, start=start, args=args, hf_cfg=hf_config_for(args, start.base_cfg))
+    if cfg.adapter is not None:
+        rs.adapter = lora.resolve(cfg.adapter, args, start.base_cfg, cfg.seed)
     validate_layout(args, world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage, cfg.parallel.cp)
     check_layout_change(start, cfg, world)
     if cfg.train.freeze:
@@ -158,7 +161,7 @@ def build(rs: RunState) -> None:
     spec = BuildSpec(args=rs.args, dtype=rs.dtype, zero_stage=cfg.parallel.zero_stage,
                      sequence_parallel=cfg.parallel.sequence_parallel,
                      activation_checkpointing=cfg.model.activation_checkpointing, compile=cfg.model.compile,
-                     pp_balance=cfg.parallel.pp_balance, seed=cfg.seed)
+                     pp_balance=cfg.parallel.pp_balance, seed=cfg.seed, adapter=rs.adapter)
     if rs.topo.pp_size > 1:
         rs.ds_config, own_clip = ds_config_for(rs.ds_config, cfg.parallel.zero_stage, rs.dtype)
         model, pipe_state = build_pipeline(spec, rs.topo, rs.start.weights)

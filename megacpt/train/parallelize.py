@@ -15,6 +15,13 @@ and why it is this one:
 4. Load: each rank reads only its tensor-parallel slice of the weights (or draws the
    layout-independent init when a checkpoint is loaded over it later); under ZeRO-3 without TP
    only its flat partition of each parameter.
+   4b. Adapter (`adapter:` in the config, megacpt/models/lora.py): every base parameter stops
+   learning (modules_to_save aside), and each targeted linear gets its LoRA factors, split like
+   the linear under TP (parallel/lora.py). After the load, so the base is loaded by its own names
+   and the factors come from the run's seed (or from the weights when they hold factors); before
+   ZeRO-3 partitioning, which then cuts the factors like any parameter (ZeRO-3 without TP: a
+   second `zero.Init(module=...)` partitions just the new factors, the rest already is).
+   Frozen parameters get no gradient and no optimizer state; ZeRO-3 still partitions them.
 5. ZeRO-3 partitioning of a TP-split model: `zero.Init(module=...)` cuts each rank's slice over
    the data-parallel group.
 6. Activation checkpointing: a flag the blocks read, so it wraps whatever the blocks became.
@@ -38,9 +45,11 @@ import torch.distributed as dist
 from torch import nn
 
 from megacpt.errors import ConfigError, UserError
-from megacpt.models.hf import as_weights, check_weights, load_full_state
+from megacpt.models import lora
+from megacpt.models.hf import WeightSource, as_weights, check_weights, load_full_state
 from megacpt.models.llama import ModelArgs, Transformer, compile_pointwise
 from megacpt.parallel import DeepSpeedMPU, UlyssesAttention, apply_tp, init_tp_weights, load_tp_weights
+from megacpt.parallel import lora as tp_lora
 from megacpt.parallel.layouts import cp_problems
 from megacpt.parallel.pp import cut_stages, item_bounds, mark_norm_counting, stage_bounds
 from megacpt.train.pipeline import staged_pipeline
@@ -57,6 +66,7 @@ class BuildSpec:
     compile: bool = False
     pp_balance: str = "parameters"
     seed: int = 0  # the layout-independent random init when no weights are given
+    adapter: lora.LoRASpec | None = None  # train a LoRA adapter on the frozen model (step 4b)
 
 
 def default_device() -> torch.device:
@@ -73,18 +83,25 @@ def build_model(spec: BuildSpec, topology=None, weights=None, ds_config: dict | 
         model = _partitioned_while_built(spec.args, ds_config, spec.dtype)  # 1 + 5
         if weights is not None:
             load_partitioned(model, weights)  # 4
+        if spec.adapter is not None:  # 4b, then 5 for the factors
+            add_adapter(model, spec, weights, tp=False, device=torch.device("cpu"))
+            deepspeed.zero.Init(module=model, config_dict_or_path=ds_config, mem_efficient_linear=False)
     else:
         with torch.device("meta"):
             model = Transformer(spec.args)  # 1
         if tp:
             apply_tp(model, topology, sequence_parallel=spec.sequence_parallel)  # 2
             _load_tp(model, weights, spec)  # 4
+            if spec.adapter is not None:
+                add_adapter(model, spec, weights, tp=True, device=torch.device("cpu"))  # 4b
             if spec.zero_stage == 3:  # 5
                 deepspeed.zero.Init(module=model, data_parallel_group=topology.grad_group, mpu=DeepSpeedMPU(topology),
                                     config_dict_or_path=ds_config, mem_efficient_linear=False)
             model = model.to(device)
         else:
             model = _load_whole(model, weights, spec).to(device=device, dtype=spec.dtype)  # 4
+            if spec.adapter is not None:
+                add_adapter(model, spec, weights, tp=False, device=device)  # 4b
     model.activation_checkpointing = spec.activation_checkpointing  # 6
     if spec.compile:
         _compile(model, spec.zero_stage, say)  # 7
@@ -94,6 +111,8 @@ def build_model(spec: BuildSpec, topology=None, weights=None, ds_config: dict | 
 def build_pipeline(spec: BuildSpec, topology, weights=None):
     """Steps 1 to 4 and 6 for pipeline parallelism: the PipelineModule for this rank (only its own
     stage materialised and loaded) and the state its stages share. ZeRO-0/1 only (validated)."""
+    if spec.adapter is not None:  # config.py refuses it first; the stages are built elsewhere
+        raise UserError("adapter is not available with pipeline parallelism (parallel.pp > 1); use pp: 1")
     with torch.device("meta"):
         model = Transformer(spec.args)  # 1
     apply_tp(model, topology)  # 2 (a no-op split at tp 1, which keeps one code path for the stages)
@@ -137,6 +156,31 @@ def _partitioned_while_built(args: ModelArgs, ds_config: dict, dtype: torch.dtyp
     if wrong:
         raise RuntimeError(f"zero.Init created parameters in {wrong}, expected {dtype}")
     return model
+
+
+def add_adapter(model: Transformer, spec: BuildSpec, weights, tp: bool, device) -> None:
+    """Step 4b: freeze the base and give each targeted linear its LoRA factors (this rank's
+    slices under TP): from `weights` when they hold factors (an adapter checkpoint read unmerged),
+    else PEFT's init from the run's seed, drawn whole so every layout starts from the same values."""
+    spec_lora = spec.adapter
+    lora.freeze_base(model, spec_lora.modules_to_save)
+    shapes = lora.factor_shapes(spec.args, spec_lora)
+    source = weights if isinstance(weights, WeightSource) and next(iter(shapes)) in weights else None
+    if source is not None:
+        lora.check_factor_shapes(source, spec.args, spec_lora, getattr(source, "dir", "checkpoint"))
+    for name in spec_lora.targets:
+        module = model.get_submodule(name)
+        a_name, b_name = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        if source is not None:
+            a, b = source.get(a_name), source.get(b_name)
+        else:
+            a, b = lora.init_factors(name, shapes[a_name], shapes[b_name], spec_lora.seed)
+        if tp:
+            a, b = tp_lora.split(module, a, b, name)
+        lora.attach(module, a.to(device=device, dtype=spec.dtype).contiguous(),
+                    b.to(device=device, dtype=spec.dtype).contiguous(), spec_lora)
+        if tp:
+            tp_lora.wire(module, name, spec.sequence_parallel)
 
 
 def _load_whole(model: Transformer, weights, spec: BuildSpec) -> Transformer:

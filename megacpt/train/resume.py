@@ -63,6 +63,13 @@ def check_layout_change(start: Start, cfg: Config, world: int) -> None:
         raise ConfigError(f"resuming a ZeRO-3 run in another layout (tp/pp, or world size with tp/pp > 1) is not "
                           f"supported; relaunch with its own layout ({layout_of(state)}), or start a new run_dir "
                           f"with model.init_from pointing at this run")
+    resharded = int(state.get("world_size", world)) != world and cfg.parallel.zero_stage > 0
+    if cfg.adapter is not None and (start.relayout or resharded):
+        # Both re-slicing paths (relayout.py, DeepSpeed's universal checkpoint) expect every
+        # parameter in the optimizer; an adapter run keeps the frozen base out of it.
+        raise ConfigError(f"resuming an adapter run in another layout or world size is not supported; relaunch "
+                          f"with its own ({layout_of(state)}), or start a new run_dir with model.init_from "
+                          f"pointing at this run (its merged weights)")
     if start.relayout:
         check_relayout_supported(state["config"], cfg, layout_of(state))
 

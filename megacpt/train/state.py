@@ -30,6 +30,7 @@ class RunState:
     start: Start
     args: ModelArgs
     hf_cfg: dict
+    adapter: object = None  # models/lora.py LoRASpec: the adapter resolved against the model (None: full FT)
     rank: int = 0
     world: int = 1
     caching_malloc: bool = False
