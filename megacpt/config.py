@@ -782,6 +782,9 @@ def _check_adapter(cfg: Config) -> None:
     if cfg.parallel.pp > 1:
         raise ConfigError("adapter is not available with pipeline parallelism (parallel.pp > 1); use pp: 1 (tensor "
                           "parallelism and ZeRO work)")
+    if cfg.parallel.cp > 1:
+        raise ConfigError("adapter is not available with context parallelism (parallel.cp > 1) yet (untested); use "
+                          "cp: 1")
     if a.dropout > 0 and cfg.parallel.tp > 1:
         # A column-parallel layer's input is replicated over the tensor group: each rank would
         # draw its own mask for the same activations, which one process never does.

@@ -72,7 +72,8 @@ def peft_targets(adapted: list[str], args) -> list[str]:
 
 def adapter_config(adapter: dict, adapted: list[str], saved: list[str], base, args) -> dict:
     """adapter_config.json: PEFT's LoraConfig keys (the others take PEFT's defaults)."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(adapter["r"]),
+    task = "SEQ_CLS" if args.num_labels else "CAUSAL_LM"
+    return {"peft_type": "LORA", "task_type": task, "r": int(adapter["r"]),
             "lora_alpha": _number(adapter["alpha"]), "lora_dropout": float(adapter["dropout"]),
             "target_modules": peft_targets(adapted, args), "modules_to_save": saved or None,
             "base_model_name_or_path": base, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
