@@ -8,6 +8,7 @@ Idempotent: does nothing when OUT_DIR already holds a converted model.
 """
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -40,10 +41,17 @@ def convert(out: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
+    # A temp dir of this process's own: test workers may convert at the same time; the first
+    # rename wins and the others drop their copy.
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not (out / "model.safetensors").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
