@@ -11,13 +11,12 @@ base_model.model.lm_head.weight), which `peft.PeftModel.from_pretrained(base, DI
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from megacpt import atomic
 from megacpt.errors import UserError
 from megacpt.models.hf import args_from_hf_config, as_weights, hf_name, read_hf_config, save_hf
 from megacpt.models.lora import SAVED_PARAMS, PROJECTIONS, is_factor, projection_names
@@ -118,34 +117,13 @@ def export_adapter(src, output, dtype: str | None = None) -> Path:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    _write_dir(Path(output), fill)
+    atomic.write_dir(Path(output), fill)
     if init_from and ckpt.resolve_checkpoint(init_from) is not None:
         print(f"note: the base ({init_from}) is a megacpt checkpoint: export it with `megacpt export` and set "
               f"base_model_name_or_path in {Path(output) / 'adapter_config.json'} to that directory")
     return Path(output)
 
 
-def _write_dir(out: Path, fill) -> None:
-    """Fill a temporary directory next to `out`, then put it in place of `out` (nothing half written)."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        fill(tmp)
-        umask = os.umask(0)  # safetensors writes 0600 files; an export is meant to be shared
-        os.umask(umask)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run(args) -> int:

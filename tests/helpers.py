@@ -269,3 +269,40 @@ def word_tasks(out_dir, vocab=128, seed=0, n=8) -> Path:
         "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
         "metric_list:\n  - metric: word_perplexity\n")
     return out
+
+
+def checkpoint_tensors(ckpt_dir) -> dict:
+    """Every tensor of a checkpoint's .pt files, by file/key path (for bit-identity checks)."""
+    import torch
+
+    from megacpt.safe_load import _allowlist
+
+    out = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            out[prefix] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(f"{prefix}/{i}", v)
+
+    for f in sorted(Path(ckpt_dir).glob("*.pt")):
+        with torch.serialization.safe_globals(_allowlist()):
+            walk(f.name, torch.load(f, map_location="cpu", weights_only=True))
+    return out
+
+
+def assert_refused(capsys, argv: list, message: str, not_created=None) -> None:
+    """`megacpt ARGV` in-process exits 2 with one line containing `message`, and writes nothing at
+    `not_created`."""
+    from megacpt.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    if not_created is not None:
+        assert not Path(not_created).exists()
+

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from conftest_data import hf_tokenizer_dir  # noqa: F401 (fixture)
-from helpers import REPO, cpu_env, free_port, tiny_hf_model, tiny_run_config, train_losses, write_config
+from helpers import (REPO, checkpoint_tensors, cpu_env, free_port, tiny_hf_model, tiny_run_config, train_losses,
+                     write_config)
 from megacpt.cli import main
 
 ADAPTER = {"r": 4, "alpha": 8, "modules_to_save": ["embed_tokens", "lm_head"]}
@@ -272,34 +273,13 @@ def test_tp_splits_the_factors(runs):
     assert {n: layout[n]["per_rank"] for n in expect} == expect
 
 
-def _checkpoint_tensors(ckpt_dir: Path) -> dict:
-    from megacpt.safe_load import _allowlist
-
-    out = {}
-
-    def walk(prefix, obj):
-        if isinstance(obj, torch.Tensor):
-            out[prefix] = obj
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}/{k}", v)
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(f"{prefix}/{i}", v)
-
-    for f in sorted(ckpt_dir.glob("*.pt")):
-        with torch.serialization.safe_globals(_allowlist()):
-            walk(f.name, torch.load(f, map_location="cpu", weights_only=True))
-    return out
-
-
 @pytest.mark.slow
 def test_resume_is_bit_identical(runs):
     a, b = train_losses(runs["single"]), train_losses(runs["resumed"])
     for key in ("loss", "grad_norm", "samples_fingerprint"):
         assert [a[s][key] for s in range(1, 6)] == [b[s][key] for s in range(1, 6)], key
-    ta = _checkpoint_tensors(runs["single"] / "checkpoints" / "step_00000005")
-    tb = _checkpoint_tensors(runs["resumed"] / "checkpoints" / "step_00000005")
+    ta = checkpoint_tensors(runs["single"] / "checkpoints" / "step_00000005")
+    tb = checkpoint_tensors(runs["resumed"] / "checkpoints" / "step_00000005")
     assert ta.keys() == tb.keys() and any("frozen" in k for k in ta)  # ZeRO-3 keeps the frozen base there
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
@@ -332,7 +312,7 @@ def test_optimizer_state_only_for_trained_parameters(runs, base):
                                                                                  "lm_head.weight"))
     base_only = sum(p["numel"] for p in layout.values()) - trained
     assert base_only > 0.3 * trained  # enough frozen elements that state for them would show
-    tensors = _checkpoint_tensors(runs["zero3"] / "checkpoints" / "step_00000005")
+    tensors = checkpoint_tensors(runs["zero3"] / "checkpoints" / "step_00000005")
     for rank in range(2):
         mine = [t for k, t in tensors.items() if k.startswith(f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
                 and t.is_floating_point()]

@@ -3,13 +3,12 @@ and stop/resume against uninterrupted runs. All runs are made once per module (l
 expensive part) and then compared."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import (read_metrics, run_ok, tiny_hf_model, tiny_run_config, train_losses, word_tasks, word_tokenizer,
-                     write_config)
+from helpers import (checkpoint_tensors, read_metrics, run_ok, tiny_hf_model, tiny_run_config, train_losses,
+                     word_tasks, word_tokenizer, write_config)
 from golden import check_golden
 
 pytestmark = pytest.mark.slow
@@ -146,27 +145,6 @@ def test_metrics_fields(runs):
     assert events and events[0].stat().st_size > 0
 
 
-def _checkpoint_tensors(ckpt_dir: Path) -> dict:
-    from megacpt.safe_load import _allowlist
-
-    out = {}
-
-    def walk(prefix, obj):
-        if isinstance(obj, torch.Tensor):
-            out[prefix] = obj
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}/{k}", v)
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(f"{prefix}/{i}", v)
-
-    for f in sorted(ckpt_dir.glob("*.pt")):
-        with torch.serialization.safe_globals(_allowlist()):
-            walk(f.name, torch.load(f, map_location="cpu", weights_only=True))
-    return out
-
-
 @pytest.mark.parametrize("pair", [("zero3", "zero3_resumed"), ("single", "single_resumed")])
 def test_resume_is_bit_identical(runs, pair):
     full, resumed = runs[pair[0]], runs[pair[1]]
@@ -174,8 +152,8 @@ def test_resume_is_bit_identical(runs, pair):
     assert [a[s]["loss"] for s in range(1, 6)] == [b[s]["loss"] for s in range(1, 6)]
     assert [a[s]["grad_norm"] for s in range(1, 6)] == [b[s]["grad_norm"] for s in range(1, 6)]
     assert [a[s]["tokens/new"] for s in range(1, 6)] == [b[s]["tokens/new"] for s in range(1, 6)]
-    ta = _checkpoint_tensors(full / "checkpoints" / "step_00000005")
-    tb = _checkpoint_tensors(resumed / "checkpoints" / "step_00000005")
+    ta = checkpoint_tensors(full / "checkpoints" / "step_00000005")
+    tb = checkpoint_tensors(resumed / "checkpoints" / "step_00000005")
     assert ta.keys() == tb.keys() and len(ta) > 0
     weights = [k for k in ta if ta[k].is_floating_point() and ta[k].numel() > 100]
     assert weights, "no weight tensors found in the checkpoint"

@@ -8,7 +8,6 @@ tensor it keeps. Writing produces safetensors shards plus an index, and a config
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megacpt import atomic
 from megacpt.errors import UserError
 from megacpt.models.llama import ACTIVATIONS, SUPPORTED_ROPE_TYPES, ModelArgs, rope_kind
 from megacpt.safe_load import refusal_reason
@@ -727,66 +727,54 @@ def load_full_state(model: torch.nn.Module, source) -> None:
 
 def save_hf(state: dict, args: ModelArgs, base_cfg: dict, out_dir, source_dir=None,
             dtype: torch.dtype | None = None, max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Write an HF directory atomically (into a temp dir, renamed at the end).
+    """Write an HF directory atomically (megacpt.atomic.write_dir: a temp dir, renamed at the end).
 
     `state` maps megacpt names to full tensors (or is an iterable of (name, tensor) pairs, read
     one at a time); with tied embeddings lm_head.weight is omitted.
     """
-    out = Path(out_dir)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        cfg = hf_config_for(args, base_cfg)
-        if dtype is not None:
-            cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        shards, cur, cur_bytes = [], {}, 0
-        items = state.items() if hasattr(state, "items") else state
-        if architecture(cfg) in FUSED_ARCHITECTURES:
-            items = fuse_parts(items)
-        for name, t in items:
-            # A classifier's HF class has no LM head (megacpt keeps it, untrained, for the shapes).
-            if name == "lm_head.weight" and (args.tie_word_embeddings or args.num_labels):
-                continue
-            t = t.detach().to("cpu", dtype or t.dtype).contiguous()
-            nbytes = t.numel() * t.element_size()
-            if cur and cur_bytes + nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, cur_bytes = {}, 0
-            cur[hf_name(name)] = t
-            cur_bytes += nbytes
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                for k, t in shard.items():
-                    weight_map[k] = fname
-                    total += t.numel() * t.element_size()
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if source_dir is not None:
-            for fname in TOKENIZER_FILES:
-                src = Path(source_dir) / fname
-                if src.is_file():
-                    shutil.copy2(src, tmp / fname)
-        # safetensors writes 0600 files; an exported model is meant to be shared (umask decides).
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    atomic.write_dir(Path(out_dir), lambda tmp: _fill_hf(tmp, state, args, base_cfg, source_dir, dtype,
+                                                         max_shard_bytes))
+
+
+def _fill_hf(tmp: Path, state, args: ModelArgs, base_cfg: dict, source_dir, dtype, max_shard_bytes: int) -> None:
+    cfg = hf_config_for(args, base_cfg)
+    if dtype is not None:
+        cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    shards, cur, cur_bytes = [], {}, 0
+    items = state.items() if hasattr(state, "items") else state
+    if architecture(cfg) in FUSED_ARCHITECTURES:
+        items = fuse_parts(items)
+    for name, t in items:
+        # A classifier's HF class has no LM head (megacpt keeps it, untrained, for the shapes).
+        if name == "lm_head.weight" and (args.tie_word_embeddings or args.num_labels):
+            continue
+        t = t.detach().to("cpu", dtype or t.dtype).contiguous()
+        nbytes = t.numel() * t.element_size()
+        if cur and cur_bytes + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = {}, 0
+        cur[hf_name(name)] = t
+        cur_bytes += nbytes
+    shards.append(cur)
+    _write_shards(tmp, shards)
+    if source_dir is not None:
+        for fname in TOKENIZER_FILES:
+            src = Path(source_dir) / fname
+            if src.is_file():
+                shutil.copy2(src, tmp / fname)
+
+
+def _write_shards(tmp: Path, shards: list[dict]) -> None:
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+        for k, t in shard.items():
+            weight_map[k] = fname
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
