@@ -29,6 +29,7 @@ from megacpt.models.hf import StateDictWeights, args_from_hf_config
 from megacpt.parallel.shapes import tp_shards_for
 from megacpt.safe_load import check_torch_file, safe_load
 from megacpt.train.checkpoint import HF_CONFIG_FILE
+from megacpt.train.manifest import require_intact
 
 _LAYER = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 _MP = re.compile(r"mp_rank_(\d+)")
@@ -36,6 +37,7 @@ _MP = re.compile(r"mp_rank_(\d+)")
 
 def checkpoint_weights(ckpt_dir) -> StateDictWeights:
     ckpt_dir = Path(ckpt_dir)
+    require_intact(ckpt_dir)  # a damaged or truncated file is named here, not met half-way through a load
     files = sorted(ckpt_dir.glob("*.pt"))
     for f in files:
         check_torch_file(f)  # before DeepSpeed unpickles anything with weights_only=False
