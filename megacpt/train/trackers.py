@@ -102,7 +102,7 @@ class MlflowTracker:
         _save_id(run_dir, "mlflow", {"run_id": self.run_id, "tracking_uri": uri})
 
     def _log_params(self, config: dict) -> None:
-        from mlflow.entities import Param  # the package is there: __init__ imported it
+        from mlflow.entities import Param  # optional package, imported only when MLflow is in use
 
         # Params are set once, when the run is created: MLflow refuses a changed value later (a
         # resume may change resume-safe keys), and MLflow caps a value at 6000 characters.
@@ -112,7 +112,7 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, params=params[i:i + 100])
 
     def log(self, step: int, values: dict) -> None:
-        from mlflow.entities import Metric  # as above
+        from mlflow.entities import Metric  # optional package, imported only when MLflow is in use
 
         now = int(time.time() * 1000)
         metrics = [Metric(_MLFLOW_BAD.sub("_", k), float(v), now, int(step)) for k, v in values.items()]
