@@ -85,6 +85,7 @@ class MlflowTracker:
 
     def __init__(self, run_dir: Path, config: dict, project: str, tags: list[str]):
         # Optional (mlflow-skinny + SQLAlchemy) and slow to import: only runs that ask for MLflow pay for it.
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
@@ -92,8 +93,11 @@ class MlflowTracker:
         saved = _read_ids(run_dir).get("mlflow") or {}
         self.run_id = saved.get("run_id") if saved.get("tracking_uri") == uri else None
         if self.run_id is not None:
-            self.client.update_run(self.run_id, status="RUNNING")
-            return
+            try:
+                self.client.update_run(self.run_id, status="RUNNING")
+                return
+            except MlflowException:  # not in this store any more (e.g. mlflow.db deleted): start a new run
+                warn(f"MLflow run {self.run_id} is not in {uri}; logging to a new run")
         exp = self.client.get_experiment_by_name(project)
         exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(project)
         run = self.client.create_run(exp_id, run_name=run_dir.name, tags={t: "true" for t in tags})
