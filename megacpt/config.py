@@ -265,6 +265,16 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    backends: Optional[list[Literal["tensorboard", "wandb", "mlflow"]]] = _field(
+        None, "experiment trackers beside metrics.jsonl: tensorboard (run_dir/tensorboard), wandb (offline in "
+              "run_dir/wandb unless WANDB_MODE), mlflow (sqlite:///run_dir/mlflow.db unless MLFLOW_TRACKING_URI); "
+              "null: [tensorboard] (none with tensorboard: false)")
+    project: str = _field("megacpt", "W&B project and MLflow experiment the run is logged under")
+    tags: list[str] = _field(help="tags of the W&B and MLflow runs (the task is added)", factory=list)
+
+
+@dataclass(frozen=True)
 class Config:
     run_dir: str = _field("runs/demo", "the run's directory: checkpoints, metrics.jsonl, config.resolved.json; "
                                        "a run with a checkpoint there resumes")
@@ -291,7 +301,10 @@ class Config:
                               factory=EvalConfig)
     adapter: Optional[AdapterConfig] = _field(None, "train a LoRA adapter instead of the whole model (the base "
                                                     "weights stay frozen); null: full fine-tuning")
-    tensorboard: bool = _field(True, "also write TensorBoard event files into run_dir/tensorboard")
+    logging: LoggingConfig = _field(help="experiment trackers (TensorBoard, Weights & Biases, MLflow)",
+                                    factory=LoggingConfig)
+    tensorboard: Optional[bool] = _field(None, "older spelling of tensorboard in logging.backends; null: as "
+                                               "logging.backends says")
     deepspeed: dict = _field(help="merged last into the generated DeepSpeed config (offload, bucket sizes, ...)",
                              factory=dict)
 
@@ -507,6 +520,26 @@ def validate(cfg: Config) -> None:
     _check_phases(cfg)
     _check_tasks(cfg)
     _check_adapter(cfg)
+    _check_logging(cfg)
+
+
+def tracker_backends(cfg: Config) -> list[str]:
+    """The trackers a run writes to: logging.backends, or the top-level `tensorboard:` alias."""
+    if cfg.logging.backends is not None:
+        return list(cfg.logging.backends)
+    return [] if cfg.tensorboard is False else ["tensorboard"]
+
+
+def _check_logging(cfg: Config) -> None:
+    backends = cfg.logging.backends
+    if backends is None:
+        return
+    twice = sorted({b for b in backends if backends.count(b) > 1})
+    if twice:
+        raise ConfigError(f"logging.backends lists {twice[0]} twice; name each tracker once")
+    if cfg.tensorboard is not None and cfg.tensorboard != ("tensorboard" in backends):
+        raise ConfigError(f"tensorboard: {str(cfg.tensorboard).lower()} contradicts logging.backends {backends}; "
+                          f"drop the top-level tensorboard key (logging.backends replaces it)")
 
 
 # Model-parallel ranks would draw different masks for activations they must agree on (Megatron
@@ -913,6 +946,8 @@ RESUME_SAFE_KEYS = (
     "data.valid_tokens",
     "checkpoint.",
     "tensorboard",
+    # Where metrics are mirrored to: trackers can be added to (or dropped from) a running job.
+    "logging.",
     "phases",
     "sft.eval_examples",
     "sft.max_new_tokens",

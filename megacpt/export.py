@@ -34,9 +34,10 @@ def load_model_source(path):
         raise UserError(f"{path} does not exist; pass an HF model dir, a run dir or a checkpoint dir")
     found = ckpt.resolve_checkpoint(p)
     if found is not None:
+        weights = checkpoint_weights(found)  # first: it verifies the manifest before any file is read
         cfg = json.loads((found / ckpt.HF_CONFIG_FILE).read_text())
         source_dir = ckpt.read_state(found).get("source_dir")
-        return args_from_hf_config(cfg, str(found)), cfg, checkpoint_weights(found), source_dir
+        return args_from_hf_config(cfg, str(found)), cfg, weights, source_dir
     if (p / "config.json").is_file():
         cfg = read_hf_config(p)
         return args_from_hf_config(cfg, str(p)), cfg, as_weights(p), p

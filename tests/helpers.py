@@ -116,6 +116,9 @@ def cpu_env(**extra) -> dict:
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     env.pop("LOCAL_RANK", None)
+    # Trackers a test turns on stay local: W&B offline, MLflow in the run dir.
+    env.pop("WANDB_MODE", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
     env.update(extra)
     return env
 

@@ -139,3 +139,34 @@ def test_golden_numbers(runs):
     from 2 ranks to 1, as recorded before the restructure."""
     check_golden("two_phase_resumed", runs["phased_split"])
     check_golden("zero3_2_then_1", runs["z3_two_then_one"])
+
+
+def test_universal_checkpoint_has_its_own_manifest(runs, tmp_path, capsys):
+    """The universal/ folder made for the 2 → 1 rank resume, after step 2 was published, gets a
+    manifest of its own; a damaged one is converted again from the (intact) checkpoint."""
+    import json
+    import shutil
+
+    from megacpt.cli import main
+    from megacpt.train import checkpoint as ckpt
+    from megacpt.train import manifest
+
+    step2 = runs["z3_two_then_one"] / "checkpoints" / "step_00000002"
+    universal = step2 / ckpt.UNIVERSAL
+    assert (universal / manifest.MANIFEST).is_file()
+    listed = json.loads((step2 / manifest.MANIFEST).read_text())["files"]
+    assert listed and not any(n.startswith(ckpt.UNIVERSAL) for n in listed)
+    capsys.readouterr()
+    assert main(["verify", str(runs["z3_two_then_one"])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[:2] for ln in lines] == [["intact", "step_00000002:"], ["intact", "step_00000002/universal:"],
+                                                ["intact", "step_00000005:"]]
+    copy = tmp_path / "step_00000002"
+    shutil.copytree(step2, copy)
+    victim = max((p for p in (copy / ckpt.UNIVERSAL).rglob("*") if p.is_file() and p.name != manifest.MANIFEST),
+                 key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:-1])
+    assert manifest.check(copy / ckpt.UNIVERSAL).problem.endswith("(truncated)")
+    assert ckpt.make_universal(copy) == copy / ckpt.UNIVERSAL
+    assert manifest.check(copy / ckpt.UNIVERSAL).intact
+    assert manifest.file_digest(victim) == manifest.file_digest(universal / victim.relative_to(copy / ckpt.UNIVERSAL))

@@ -3,12 +3,17 @@ and stop/resume against uninterrupted runs. All runs are made once per module (l
 expensive part) and then compared."""
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from helpers import (checkpoint_tensors, read_metrics, run_ok, tiny_hf_model, tiny_run_config, train_losses,
-                     word_tasks, word_tokenizer, write_config)
+from helpers import (checkpoint_tensors, cpu_env, launch, read_metrics, run_ok, tiny_hf_model, tiny_run_config,
+                     train_losses, word_tasks, word_tokenizer, write_config)
 from golden import check_golden
 
 pytestmark = pytest.mark.slow
@@ -61,9 +66,9 @@ def runs(tmp_path_factory):
     c = cfg("cp2", 3, **tasks, **{"parallel.cp": 2})
     run_ok(2, c, "train.stop_after=3")
     run_ok(2, c, "parallel.cp=1")
-    # One process, stopped after 3 steps and resumed.
+    # One process, stopped after 3 steps and resumed, logging to W&B (offline) and MLflow (sqlite).
     out["single_resumed"] = tmp / "single_resumed"
-    c = cfg("single_resumed", 0, by_position=True)
+    c = cfg("single_resumed", 0, by_position=True, **{"logging.backends": ["wandb", "mlflow"]})
     run_ok(1, c, "train.stop_after=3")
     # The by-position set gets shorter windows on resume: its base perplexity no longer applies.
     out["single_resumed_stdout"] = run_ok(1, c, "data.valid.2.seq_len=40").stdout
@@ -339,3 +344,161 @@ def test_resume_drops_the_base_of_a_validation_set_whose_windows_changed(runs):
     assert "valid/new/ppl_vs_base" in last and "valid/original/ppl_vs_base" in last
     assert {k for k in last if k.startswith("valid/doc/pos_")} == {
         f"valid/doc/pos_{s}_{e}/{m}" for s, e in ((0, 16), (16, 32), (32, 40)) for m in ("loss", "ppl")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment trackers (logging.backends) and checkpoint manifests, on the single_resumed run.
+
+
+def _numeric_series(run_dir) -> dict:
+    """{key: {step: value}} of every number metrics.jsonl holds (event records aside)."""
+    out = {}
+    for r in read_metrics(run_dir):
+        if "event" in r:
+            continue
+        for k, v in r.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                out.setdefault(k, {})[r["step"]] = v
+    return out
+
+
+def _wandb_log(path: Path) -> list[dict]:
+    """The records of a W&B transaction log, read by wandb's own reader."""
+    wandb_cli = Path(sys.executable).parent / "wandb"
+    r = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(path)], capture_output=True, text=True,
+                       timeout=120, check=True)
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+def test_trackers_log_what_metrics_jsonl_holds_and_a_resume_continues_their_runs(runs):
+    from mlflow.tracking import MlflowClient
+
+    run = runs["single_resumed"]
+    want = _numeric_series(run)
+    assert {"loss", "lr", "grad_norm", "valid/new/loss", "valid/doc/pos_0_16/loss"} <= want.keys()
+    assert sorted(want["loss"]) == [1, 2, 3, 4, 5] and sorted(want["valid/new/loss"]) == [0, 5]
+    ids = json.loads((run / "trackers.json").read_text())
+    # W&B, offline: one transaction log per launch, both of the same run (the id kept in run_dir).
+    logs = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 2 and {p.name for p in logs} == {f"run-{ids['wandb']}.wandb"}
+    got = {}
+    for path in logs:
+        records = _wandb_log(path)
+        (head,) = [r["run"] for r in records if r["type"] == "run"]
+        assert head["run_id"] == ids["wandb"] and head["display_name"] == "single_resumed"
+        assert head["config"]["update"]["seed"] == 7 and "cpt" in head["tags"]
+        for r in records:
+            if r["type"] == "history":
+                step = r["history"]["step"]["num"]
+                for k, v in r["history"]["item"].items():
+                    if not k.startswith("_"):
+                        got.setdefault(k, {})[step] = v
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-12), k
+    # MLflow in run_dir/mlflow.db: one run, continued by the second launch, finished.
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    found = client.search_runs([client.get_experiment_by_name("megacpt").experiment_id])
+    assert [r.info.run_id for r in found] == [ids["mlflow"]["run_id"]]
+    assert found[0].info.run_name == "single_resumed" and found[0].info.status == "FINISHED"
+    assert found[0].data.params["seed"] == "7"
+    assert found[0].data.metrics.keys() == want.keys()
+    for k in want:
+        history = client.get_metric_history(ids["mlflow"]["run_id"], k)
+        assert len(history) == len(want[k]) and {m.step: m.value for m in history} == pytest.approx(want[k], rel=1e-12)
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def fallback(runs):
+    """A copy of single_resumed (checkpoints at steps 3 and 5) with one byte of step 5 flipped,
+    resumed: from step 3, with MLflow pointed at a tracking URI that cannot work."""
+    run = runs["tmp"] / "fallback"
+    shutil.copytree(runs["single_resumed"] / "checkpoints", run / "checkpoints")
+    shutil.copy(runs["single_resumed"] / "metrics.jsonl", run / "metrics.jsonl")
+    _flip_byte(run / "checkpoints" / "step_00000005" / "mp_rank_00_model_states.pt")
+    c = yaml.safe_load(Path(runs["resume_cfg"]).read_text())
+    c["run_dir"], c["logging"] = str(run), {"backends": ["mlflow"]}
+    path = write_config(runs["tmp"] / "fallback.yaml", c)
+    r = launch(1, [str(path), "--set", "data.valid.2.seq_len=40"],
+               env=cpu_env(MLFLOW_TRACKING_URI="bogus-scheme://nowhere"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return run, r
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(runs, fallback, capsys):
+    from megacpt.cli import main
+
+    run, r = fallback
+    said = [ln for ln in r.stdout.splitlines() if "damaged" in ln]
+    assert said == ["warning: checkpoint step_00000005 is damaged: mp_rank_00_model_states.pt does not match its "
+                    "BLAKE2b checksum: changed since it was written; resuming from step_00000003, the newest intact "
+                    "checkpoint"], r.stdout[-2000:]
+    assert f"resuming from {run / 'checkpoints' / 'step_00000003'} at step 3" in r.stdout
+    # Steps 4 and 5 trained again from step 3: as the uninterrupted run, bit for bit.
+    again = [x for x in read_metrics(run) if "loss" in x and x["step"] >= 4]
+    assert [x["step"] for x in again] == [4, 5, 4, 5]
+    single = train_losses(runs["single"])
+    assert [x["loss"] for x in again[2:]] == [single[4]["loss"], single[5]["loss"]]
+    # The tracker that could not start: one warning, and the run finished.
+    warned = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: mlflow")]
+    assert len(warned) == 1 and "could not start" in warned[0] and "bogus-scheme" in warned[0]
+    assert not (run / "mlflow.db").exists()
+    capsys.readouterr()
+    assert main(["verify", str(run)]) == 0  # step 5 rewritten whole
+    assert [ln.split()[0] for ln in capsys.readouterr().out.splitlines()] == ["intact", "intact"]
+
+
+def test_damaged_or_truncated_checkpoint_is_named_by_export_eval_and_verify(runs, tmp_path, capsys):
+    from megacpt.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["single_resumed"] / "checkpoints", run / "checkpoints")
+    step3, step5 = run / "checkpoints" / "step_00000003", run / "checkpoints" / "step_00000005"
+    _flip_byte(step5 / "mp_rank_00_model_states.pt")
+    rng = step3 / "rng" / "rank_00000.pt"
+    size = rng.stat().st_size
+    with open(rng, "r+b") as f:
+        f.truncate(size - 7)
+    capsys.readouterr()
+    assert main(["verify", str(run)]) == 2
+    cap = capsys.readouterr()
+    assert cap.out.splitlines() == [
+        f"DAMAGED     step_00000003: rng/rank_00000.pt has {size - 7} bytes, the manifest says {size} (truncated)",
+        "DAMAGED     step_00000005: mp_rank_00_model_states.pt does not match its BLAKE2b checksum: changed since "
+        "it was written"]
+    valid = f"new={runs['tmp']}/data/new_valid"
+    for argv, named in ((["export", str(run), "--output", str(tmp_path / "hf")], step5 / "mp_rank_00_model_states.pt"),
+                        (["export", str(step3), "--output", str(tmp_path / "hf")], step3 / "rng"),
+                        (["eval", "--model", str(step5), "--data", valid, "--json", str(tmp_path / "e.json")],
+                         step5 / "mp_rank_00_model_states.pt")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: checkpoint {named.parent} is damaged: ") \
+            and named.name in err[0], err
+        assert not (tmp_path / "hf").exists() and not (tmp_path / "e.json").exists()
+
+
+def test_checkpoint_without_manifest_loads_with_a_warning(runs, tmp_path, capsys):
+    """Checkpoints written before manifests existed: export and verify read them, saying so once."""
+    from megacpt.cli import main
+    from megacpt.models.hf import HFWeights
+
+    old = tmp_path / "old"
+    shutil.copytree(runs["single_resumed"] / "checkpoints" / "step_00000005", old)
+    (old / "manifest.json").unlink()
+    capsys.readouterr()
+    assert main(["export", str(old), "--output", str(tmp_path / "hf")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {old} has no manifest.json (written before checkpoints had one): loading it unverified"]
+    assert main(["export", str(runs["single_resumed"]), "--output", str(tmp_path / "ref")]) == 0
+    a, b = HFWeights(tmp_path / "hf"), HFWeights(tmp_path / "ref")
+    assert all(torch.equal(a.get(k), b.get(k)) for k in b.keys())
+    capsys.readouterr()
+    assert main(["verify", str(old)]) == 0
+    assert capsys.readouterr().out.startswith("unverified  old: no manifest.json")

@@ -20,6 +20,7 @@ import pytest
 
 from helpers import REPO, cpu_env, tiny_hf_model, tiny_run_config, write_config
 from megacpt.cli import main
+from megacpt.train import manifest
 
 
 class Payload:
@@ -44,6 +45,10 @@ def plant(path: Path, marker: Path, keep_real: bool = True) -> None:
     tmp = path.with_name(path.name + ".planting")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+    if (path.parent / manifest.MANIFEST).is_file():
+        # An attacker who can plant a file can rewrite the checksums too (a manifest is no
+        # signature): the pickle allowlist has to stop the payload on its own.
+        manifest.write(path.parent)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ _PARSERS = [
     "megacpt.cli.contamination",
     "megacpt.cli.make_task",
     "megacpt.cli.export",
+    "megacpt.cli.verify",
     "megacpt.cli.bench",
     "megacpt.cli.preflight",
     "megacpt.cli.report",

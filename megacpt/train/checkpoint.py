@@ -5,9 +5,11 @@ Layout of RUN/checkpoints:
         megacpt_state.json    step, phase, consumed samples, tokens per source, the run's config
         hf_config.json        the model's HF config (what `export` writes)
         rng/rank_00000.pt     per-rank RNG states (tensors only: loads with weights_only=True)
+        manifest.json         every file above: size and BLAKE2b checksum (manifest.py)
+        universal/            DeepSpeed's universal checkpoint, when a resume needed one (own manifest)
     latest                    name of the newest complete checkpoint
-Every rank writes into `.tmp-step_…`; after a barrier rank 0 writes the metadata, renames the
-directory and only then replaces `latest` (write-to-temp + os.replace). A crash at any point
+Every rank writes into `.tmp-step_…`; after a barrier rank 0 writes the metadata and the manifest,
+renames the directory and only then replaces `latest` (write-to-temp + os.replace). A crash at any point
 leaves the previous checkpoint complete and still named by `latest`; stray temp dirs are
 removed at the next start.
 """
@@ -28,11 +30,11 @@ import torch.distributed as dist
 from deepspeed.checkpoint import ds_to_universal
 
 from megacpt.safe_load import check_torch_file
+from megacpt.train import manifest
+from megacpt.train.manifest import STATE_FILE, UNIVERSAL
 
-STATE_FILE = "megacpt_state.json"
 HF_CONFIG_FILE = "hf_config.json"
 LATEST = "latest"
-UNIVERSAL = "universal"
 
 
 def tag_for(step: int) -> str:
@@ -81,6 +83,35 @@ def latest_checkpoint(ckpt_root) -> Path | None:
     if not (path / STATE_FILE).is_file():
         raise RuntimeError(f"{latest} names {tag}, which is incomplete or missing; the checkpoint dir was edited by hand")
     return path
+
+
+def newest_intact(ckpt_root) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume (or roll back) from: the one `latest` names when its files match its
+    manifest, else the newest older one that does, and the lines that say why. A checkpoint without
+    a manifest (older runs) is used with a warning; when none is intact, CheckpointDamaged names the file."""
+    latest = latest_checkpoint(ckpt_root)
+    if latest is None:
+        return None, []
+    older = sorted((p for p in Path(ckpt_root).glob("step_*") if is_checkpoint(p) and p.name < latest.name),
+                   reverse=True)
+    damaged = []
+    for cand in [latest, *older]:
+        v = manifest.check(cand)
+        if v.problem is None:
+            break
+        damaged.append(v)
+    else:
+        raise manifest.CheckpointDamaged(
+            f"checkpoint {latest} is damaged: {damaged[0].problem}, and no older checkpoint in {ckpt_root} is "
+            f"intact ({', '.join(d.path.name for d in damaged)} checked); restore the files or start a new run_dir")
+    notes = []
+    if damaged:
+        also = f" (as are {', '.join(d.path.name for d in damaged[1:])})" if len(damaged) > 1 else ""
+        notes.append(f"warning: checkpoint {latest.name} is damaged: {damaged[0].problem}{also}; resuming from "
+                     f"{cand.name}, the newest intact checkpoint")
+    if v.unverified:
+        notes.append(f"warning: {manifest.unverified_note(cand)}")
+    return cand, notes
 
 
 def read_state(ckpt_dir) -> dict:
@@ -142,11 +173,13 @@ def save(engine, ckpt_root, step: int, state: dict, hf_config: dict, keep: int, 
         engine.checkpoint_engine = writes.inner
     error = writes.error or error
     _fault_point("save", step, rank)
+    dist.barrier()  # every rank's files (DeepSpeed's and its RNG state) are written: the manifest sees them all
     final = root / tag
     if rank == 0 and error is None:
         try:
             write_json_atomic(root / tmp_tag / HF_CONFIG_FILE, hf_config)
             write_json_atomic(root / tmp_tag / STATE_FILE, state)
+            manifest.write(root / tmp_tag)  # last: it covers every file above
             _fsync_dir(root / tmp_tag)
         except _WRITE_ERRORS as e:
             error = e
@@ -215,7 +248,10 @@ def _fault_point(where: str, step: int, rank: int) -> None:
 
 
 def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
+    # Checkpoints newer than `latest` are left from before a resume that fell back past a damaged
+    # one (newest_intact): they neither count towards `keep` nor push out the checkpoint just written.
+    latest = (root / LATEST).read_text().strip()
+    done = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file() and p.name <= latest)
     for p in done[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
 
@@ -252,7 +288,9 @@ def make_universal(ckpt_dir) -> Path:
     ckpt_dir = Path(ckpt_dir)
     out = ckpt_dir / UNIVERSAL
     if (out / "zero").is_dir():
-        return out
+        if manifest.check(out).problem is None:
+            return out
+        shutil.rmtree(out)  # damaged since: convert again from the checkpoint (verified by the resume)
     for f in ckpt_dir.glob("*.pt"):
         check_torch_file(f)
     tmp = ckpt_dir / f".{UNIVERSAL}.tmp-{os.getpid()}"
@@ -260,5 +298,6 @@ def make_universal(ckpt_dir) -> Path:
     args = argparse.Namespace(input_folder=str(ckpt_dir), output_folder=str(tmp), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
     ds_to_universal.main(args)
+    manifest.write(tmp)
     os.replace(tmp, out)
     return out

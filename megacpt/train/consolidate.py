@@ -37,6 +37,7 @@ from megacpt.models.lora import MergedLoRAWeights
 from megacpt.parallel.shapes import adapter_shards, tp_shards_for
 from megacpt.safe_load import check_torch_file, safe_load
 from megacpt.train.checkpoint import HF_CONFIG_FILE, STATE_FILE
+from megacpt.train.manifest import require_intact
 
 _LAYER = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 _MP = re.compile(r"mp_rank_(\d+)")
@@ -53,6 +54,7 @@ def adapter_of(ckpt_dir) -> dict | None:
 def checkpoint_weights(ckpt_dir, merge_adapter: bool = True) -> WeightSource:
     """The model's full tensors by megacpt name; an adapter run's merged unless merge_adapter=False."""
     ckpt_dir = Path(ckpt_dir)
+    require_intact(ckpt_dir)  # a damaged or truncated file is named here, not met half-way through a load
     adapter = adapter_of(ckpt_dir)
     raw = StateDictWeights(_stored_state(ckpt_dir, adapter))
     if adapter is not None and merge_adapter:

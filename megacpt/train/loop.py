@@ -187,7 +187,7 @@ def build(rs: RunState) -> None:
 def open_outputs(rs: RunState) -> None:
     """metrics.jsonl / TensorBoard, layout.json, config.resolved.json, the progress bar."""
     cfg = rs.cfg
-    rs.logger = MetricsLogger(rs.run_dir, enabled=rs.rank == 0, tensorboard=cfg.tensorboard)
+    rs.logger = MetricsLogger(rs.run_dir, enabled=rs.rank == 0, cfg=cfg)
     rs.peak_flops = peak_flops(device_name())
     write_layout(rs)
     if rs.rank == 0:

@@ -1,4 +1,5 @@
-"""Metrics: FLOPs/MFU accounting and the rank-0 sinks (console, metrics.jsonl, TensorBoard).
+"""Metrics: FLOPs/MFU accounting and the rank-0 sinks (console, metrics.jsonl, TensorBoard, and the
+W&B/MLflow trackers of trackers.py).
 
 MFU = (6 × non-embedding params + 12 × layers × hidden × seq_len) × tokens/s per device
       ÷ the device's dense bf16 peak. The output head counts as non-embedding. On devices with
@@ -15,6 +16,9 @@ import sys
 from pathlib import Path
 
 import torch
+
+from megacpt.config import Config, tracker_backends
+from megacpt.train.trackers import Trackers, open_trackers
 
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, by a substring of the device name.
 # Ordered most specific first.
@@ -73,16 +77,20 @@ def throughput(tokens: int, seconds: float, world_size: int, flops_per_token: fl
 class MetricsLogger:
     """Writes on rank 0 only; other ranks get a logger that drops everything."""
 
-    def __init__(self, run_dir, enabled: bool, tensorboard: bool):
+    def __init__(self, run_dir, enabled: bool, cfg: Config):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
+        self._trackers = Trackers([])
         if not enabled:
             return
         run = Path(run_dir)
         run.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(run / "metrics.jsonl", "a", buffering=1)
-        if tensorboard:
+        backends = tracker_backends(cfg)
+        self._trackers = Trackers(open_trackers(backends, run, cfg.to_dict(), cfg.logging.project,
+                                                [*cfg.logging.tags, cfg.task]))
+        if "tensorboard" in backends:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard: false runs lack it
 
@@ -102,8 +110,10 @@ class MetricsLogger:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
                     self._tb.add_scalar(k, v, step)
+        self._trackers.log(record)
 
     def close(self) -> None:
+        self._trackers.close()
         if self._jsonl:
             self._jsonl.close()
         if self._tb:

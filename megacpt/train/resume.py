@@ -28,15 +28,17 @@ from megacpt.train.state import RunState, Start
 
 def resolve_start(cfg: Config, world: int) -> Start:
     """Resume when the run dir holds a checkpoint, else start from model.init_from (an HF dir or
-    a megacpt checkpoint, weights only). Checks everything that can be checked before ranks start."""
+    a megacpt checkpoint, weights only). Checks everything that can be checked before ranks start:
+    every rank verifies the checkpoint's manifest (the same files, so the same choice everywhere)
+    and falls back to the newest intact checkpoint when the latest is damaged."""
     ckpt_root = Path(cfg.run_dir) / "checkpoints"
-    resume_dir = ckpt.latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
+    resume_dir, notes = ckpt.newest_intact(ckpt_root) if ckpt_root.is_dir() else (None, [])
     if resume_dir is None:
         return _start_from_weights(cfg)
     state = ckpt.read_state(resume_dir)
     check_resume_compatible(state["config"], cfg)
     start = Start(base_cfg=json.loads((resume_dir / ckpt.HF_CONFIG_FILE).read_text()),
-                  source_dir=state.get("source_dir"), resume_dir=resume_dir, state=state)
+                  source_dir=state.get("source_dir"), resume_dir=resume_dir, state=state, notes=notes)
     start.finished = (state.get("early_stopping") or {}).get("stopped_at") is not None
     return start
 
@@ -48,8 +50,9 @@ def _start_from_weights(cfg: Config) -> Start:
     if init_ckpt is None:
         return Start(base_cfg=read_hf_config(cfg.model.init_from), source_dir=cfg.model.init_from,
                      weights=cfg.model.init_from)
+    weights = checkpoint_weights(init_ckpt)  # first: it verifies the manifest before any file is read
     return Start(base_cfg=json.loads((init_ckpt / ckpt.HF_CONFIG_FILE).read_text()),
-                 source_dir=ckpt.read_state(init_ckpt).get("source_dir"), weights=checkpoint_weights(init_ckpt))
+                 source_dir=ckpt.read_state(init_ckpt).get("source_dir"), weights=weights)
 
 
 def check_layout_change(start: Start, cfg: Config, world: int) -> None:
@@ -169,6 +172,8 @@ def restore(rs: RunState, rename=None) -> None:
                                                     state.get("early_stopping") if state else None)
     if start.resume_dir is None:
         return
+    for note in start.notes:
+        rs.say(note)
     secure_load_check(start.resume_dir)
     if rs.moments is not None:
         apply_moments(rs.engine, rs.engine.module, rs.topo, *rs.moments, rename=rename)

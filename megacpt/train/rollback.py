@@ -21,7 +21,7 @@ def roll_back(rs: RunState, out: StepOut, phase_name: str, batch_index: int) -> 
     """Load the last checkpoint and mark the batch skipped, or raise when that is not allowed."""
     cfg = rs.cfg
     rs.logger.log({"step": rs.step + 1, "event": "nonfinite", "loss": out.loss, "grad_norm": out.grad_norm})
-    last = ckpt.latest_checkpoint(rs.ckpt_root) if rs.ckpt_root.is_dir() else None
+    last, notes = ckpt.newest_intact(rs.ckpt_root) if rs.ckpt_root.is_dir() else (None, [])
     if last is not None and rs.layout_changed_at is not None and int(ckpt.read_state(last)["step"]) <= rs.layout_changed_at:
         # That checkpoint is in the old layout: loading it into this engine would mix layouts.
         raise RuntimeError(f"non-finite loss/gradient at step {rs.step + 1}, before the first checkpoint in "
@@ -33,6 +33,8 @@ def roll_back(rs: RunState, out: StepOut, phase_name: str, batch_index: int) -> 
         raise RuntimeError(f"non-finite loss/gradient at step {rs.step + 1} ({why}); last good checkpoint: "
                            f"{last or 'none'}; lower optim.lr or check the data, then rerun to resume")
     rs.rollbacks += 1
+    for note in notes:
+        rs.say(note)
     rs.skips.setdefault(phase_name, []).append(batch_index)
     secure_load_check(last)
     load_engine_state(rs, last.name)

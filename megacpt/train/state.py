@@ -21,6 +21,7 @@ class Start:
     weights: object = None  # HF dir or WeightSource this rank loads; None: a checkpoint loads over the init
     relayout: bool = False  # resumed in another tp/pp layout: weights and moments re-sliced by us
     finished: bool = False  # the run stopped early before: nothing to do
+    notes: list = field(default_factory=list)  # lines rank 0 says at the resume (a damaged checkpoint skipped)
 
 
 @dataclass
