@@ -309,3 +309,18 @@ def assert_refused(capsys, argv: list, message: str, not_created=None) -> None:
     if not_created is not None:
         assert not Path(not_created).exists()
 
+
+def assert_runs_match(reference, other, steps, fingerprints: bool = True) -> None:
+    """Two runs' losses and clipped grad norms agree at every step (rtol 1e-5, atol 1e-6, the
+    tolerance of every layout-vs-one-process check), and they saw the same samples."""
+    import torch
+
+    a, b = train_losses(reference), train_losses(other)
+    steps = list(steps)
+    for key in ("loss", "grad_norm"):
+        ta = torch.tensor([a[s][key] for s in steps], dtype=torch.float64)
+        tb = torch.tensor([b[s][key] for s in steps], dtype=torch.float64)
+        torch.testing.assert_close(tb, ta, rtol=1e-5, atol=1e-6)
+    if fingerprints:
+        assert [a[s]["samples_fingerprint"] for s in steps] == [b[s]["samples_fingerprint"] for s in steps]
+
