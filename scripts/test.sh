@@ -4,6 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-# Two workers, each taking whole test files (module fixtures run once; launches are per file).
 # The real-Slurm tests (minutes of sbatch jobs) are .ci/run's own stage: tests/test_slurm.py.
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests --ignore=tests/test_slurm.py "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/test_slurm.py "$@"

@@ -15,18 +15,6 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA")
 
 
-# The longest files (many launches each) first: the two test workers take whole files in this
-# order, so the long ones do not end up running alone at the end.
-FIRST = ("test_faults.py", "test_train_zero.py", "test_train_pp.py", "test_lora.py", "test_train_tp.py",
-         "test_bench.py", "test_sft_train.py", "test_train_data.py", "test_launchers.py", "test_classify.py",
-         "test_train_seq_phases.py", "test_families_parallel.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: the rest keep their order
-
-
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real SmolLM2-135M as an HF dir (converted once from the offline GGUF)."""
