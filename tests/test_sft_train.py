@@ -159,7 +159,7 @@ def test_embedding_and_body_lrs_against_adam(runs):
 
 
 def test_resume_across_the_stage_boundary_is_bit_identical(runs):
-    from test_train_zero import _checkpoint_tensors
+    from helpers import checkpoint_tensors
 
     assert "stopped at step 2/4 (train.stop_after)" in runs["first_stdout"]
     a, b = steps(runs["zero3"]), steps(runs["zero3_split"])
@@ -167,8 +167,8 @@ def test_resume_across_the_stage_boundary_is_bit_identical(runs):
         assert [a[s][key] for s in range(1, 5)] == [b[s][key] for s in range(1, 5)], key
     assert [v["valid/sft/loss"] for v in valid_lines(runs["zero3"])] == \
         [v["valid/sft/loss"] for v in valid_lines(runs["zero3_split"])]
-    ta = _checkpoint_tensors(runs["zero3"] / "checkpoints" / "step_00000004")
-    tb = _checkpoint_tensors(runs["zero3_split"] / "checkpoints" / "step_00000004")
+    ta = checkpoint_tensors(runs["zero3"] / "checkpoints" / "step_00000004")
+    tb = checkpoint_tensors(runs["zero3_split"] / "checkpoints" / "step_00000004")
     assert ta.keys() == tb.keys() and ta
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
