@@ -131,6 +131,40 @@ def test_lora_classifier_trains_the_adapter_and_the_head(runs, tmp_path):
 
 
 @pytest.mark.slow
+def test_eval_of_a_classifier_is_its_backbone_as_a_language_model(runs, tmp_path, capsys):
+    """The forgetting measure: `megacpt eval --data` of a classify run reads its backbone with the LM
+    head the run kept (untied here, frozen) — the same as transformers' causal LM of the base model
+    carrying the exported classifier's backbone."""
+    import transformers
+
+    from megacpt.cli import main
+
+    shard = runs["tmp"] / "data" / "old_valid"
+
+    def loss(model, name):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", "--model", str(model), "--data", f"orig={shard}", "--seq-len", "8", "--json", str(out)]) == 0
+        return json.loads(out.read_text())["orig"]["loss"]
+
+    base = loss(runs["model"], "base")
+    assert loss(runs["probe"], "probe") == base  # a linear probe forgets nothing
+    assert main(["export", str(runs["single"]), "--output", str(tmp_path / "cls")]) == 0
+    lm = transformers.AutoModelForCausalLM.from_pretrained(runs["model"])
+    backbone = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls").model
+    lm.model.load_state_dict(backbone.state_dict())  # strict: every backbone tensor
+    lm.save_pretrained(tmp_path / "lm")
+    tuned = loss(runs["single"], "single")
+    assert tuned == pytest.approx(loss(tmp_path / "lm", "reference"), rel=1e-6) and tuned != base
+    capsys.readouterr()
+    # The untied classifier's export has no LM head to read the backbone with.
+    assert main(["eval", "--model", str(tmp_path / "cls"), "--data", f"orig={shard}",
+                 "--json", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert "sequence classifier without an LM head" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad.json").exists()
+
+
+@pytest.mark.slow
 def test_two_zero3_ranks_equal_one_process(runs):
     assert_runs_match(runs["single"], runs["zero3"], range(1, 5))
     va, vb = _valid_records(runs["single"]), _valid_records(runs["zero3"])

@@ -52,12 +52,8 @@ from megacpt.models import lora
 from megacpt.models.hf import args_from_hf_config, read_hf_config
 from megacpt.train import dist as mdist
 from megacpt.train.engine import deepspeed_config, param_groups, resolve_precision
-from megacpt.train.metrics import device_name
+from megacpt.train.metrics import device_name, measure_engine
 from megacpt.train.parallelize import BuildSpec, build_model, initialize
-
-
-def _nbytes(t) -> int:
-    return int(t.numel()) * int(t.element_size())
 
 
 def _proc_status_mb(key: str) -> float | None:
@@ -69,46 +65,6 @@ def _proc_status_mb(key: str) -> float | None:
     except OSError:
         return None
     return None
-
-
-def measure_engine(engine) -> dict:
-    """Model-state bytes this rank holds, by kind (see the module docstring)."""
-    opt = engine.optimizer
-    params = persistent = 0
-    for p in engine.module.parameters():
-        if hasattr(p, "ds_tensor"):
-            params += _nbytes(p.ds_tensor)
-            if getattr(p, "ds_persist", False):
-                persistent += _nbytes(p.data)
-        else:
-            params += _nbytes(p.data)
-    lp = list(getattr(opt, "fp16_partitioned_groups_flat", []))
-    lp_ptrs = {t.untyped_storage().data_ptr() for t in lp if t is not None and t.numel()}
-    master = 0
-    shared = True
-    for t in getattr(opt, "fp32_partitioned_groups_flat", []):
-        if t is None or not t.numel():
-            continue
-        if t.untyped_storage().data_ptr() in lp_ptrs:
-            continue
-        shared = False
-        master += _nbytes(t)
-    gbuf = getattr(opt, "grad_partitions_flat_buffer", None)
-    grads = _nbytes(gbuf) if gbuf is not None else 0
-    inner = getattr(opt, "optimizer", opt)
-    adam = 0
-    for st in inner.state.values():
-        for v in st.values():
-            if isinstance(v, torch.Tensor):
-                adam += _nbytes(v)
-    buffers = 0
-    for bucket in getattr(opt, "ipg_buckets", {}).values():
-        buf = getattr(bucket, "buffer", None)
-        if isinstance(buf, torch.Tensor):
-            buffers += _nbytes(buf)
-    return {"params": params, "persistent": persistent, "fp32_master": master, "fp32_master_shared": shared,
-            "grads": grads, "adam": adam, "model_state": params + persistent + master + grads + adam,
-            "optimizer_state": master + grads + adam, "reduce_bucket_allocated": buffers}
 
 
 def worker(spec: dict) -> int:

@@ -3,6 +3,8 @@ and lm-evaluation-harness tasks on the same model (`--tasks`), in one JSON."""
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 
 import numpy as np
 import torch
@@ -60,6 +62,21 @@ def evaluate_sets(model, windows: dict, a, seq_len: int) -> dict:
     return {name: summarize(*evaluate_model(model, w, a.batch_size)) for name, w in windows.items()}
 
 
+def language_model_view(args, weights, model: str):
+    """A sequence classifier (task: classify) is evaluated as the language model its backbone still
+    is: the same blocks with the LM head (the tied embedding, or the untied head the run kept
+    frozen), the score head dropped — the original-domain perplexity change is its forgetting."""
+    if not args.num_labels:
+        return args
+    if not args.tie_word_embeddings and "lm_head.weight" not in set(weights.keys()):
+        raise UserError(f"{model} is a sequence classifier without an LM head (untied embeddings, exported without "
+                        f"it); evaluate the classify run or its checkpoint instead, which keep the head")
+    print(f"note: {model} is a sequence classifier: evaluating its backbone with the "
+          f"{'tied embedding' if args.tie_word_embeddings else 'frozen LM head'} as a language model",
+          file=sys.stderr)
+    return dataclasses.replace(args, num_labels=0)
+
+
 def run_all(a) -> dict:
     """`megacpt eval`'s results: {data set: {loss, ppl, tokens}, ..., "tasks": {task: {metric: v, "n": n}}}."""
     sets = data_sets(a.data)
@@ -71,6 +88,7 @@ def run_all(a) -> dict:
         raise UserError("nothing to evaluate: pass --data NAME=PATH and/or --tasks NAME[,NAME...]")
     tasks = load_tasks(spec) if spec.names else []  # task errors before the model is built
     args, hf_cfg, weights, source_dir = load_model_source(a.model)
+    args = language_model_view(args, weights, a.model)
     if spec.names:
         check_lengths(tasks, args.max_position_embeddings)
     tokenizer = hf_tokenizer(a.model, source_dir, a.tokenizer) if spec.names else None

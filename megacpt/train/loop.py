@@ -41,7 +41,8 @@ from megacpt.train.cpu_alloc import use_caching_malloc
 from megacpt.train.engine import deepspeed_config, resolve_precision
 from megacpt.train.evaluate import (evaluate_base, evaluate_now, latest_perplexities, latest_task_metrics,
                                     summary_table, valid_windows)
-from megacpt.train.metrics import MetricsLogger, device_name, format_console, peak_flops, peak_memory_mb, throughput
+from megacpt.train.metrics import (MetricsLogger, device_name, format_console, model_state_record, peak_flops,
+                                   peak_memory_mb, throughput)
 from megacpt.train.parallelize import BuildSpec, build_model, build_pipeline, context_parallel, initialize
 from megacpt.train.phases import (build_datasets, consumed_samples, data_batch_index, lr_for, phase_at, plan_phases,
                                   tokens_per_source)
@@ -258,6 +259,8 @@ def log_step(rs: RunState, phase_name: str, out: StepOut, lrs: dict, dt: float) 
         rs.say(f"warning: loss spike at step {step}: {out.loss:.4f} > {factor} × median "
                f"{median:.4f} of the last {len(rs.recent)} steps")
     rs.recent.append(out.loss)
+    if rs.rank == 0 and rs.steps_this_run == 1:
+        rs.logger.log({"step": step, **model_state_record(rs.engine)})
     if rs.rank == 0 and (step % cfg.train.log_interval == 0 or step == rs.total_steps):
         phase = phase_at(rs.phases, step - 1)
         G, S = phase.global_batch, phase.seq_len

@@ -54,6 +54,65 @@ def peak_flops(name: str) -> float | None:
     return None
 
 
+def _nbytes(t) -> int:
+    return int(t.numel()) * int(t.element_size())
+
+
+def measure_engine(engine) -> dict:
+    """Model-state bytes this rank holds, by kind (megacpt/bench/memory.py's docstring explains them).
+    Adam moments count whatever the inner optimizer holds; fp32 masters only where they are a copy
+    (ZeRO-3's partitioned flat groups, ZeRO-1/2's fp32 partitions), not where they alias the params."""
+    opt = engine.optimizer
+    params = persistent = 0
+    for p in engine.module.parameters():
+        if hasattr(p, "ds_tensor"):
+            params += _nbytes(p.ds_tensor)
+            if getattr(p, "ds_persist", False):
+                persistent += _nbytes(p.data)
+        else:
+            params += _nbytes(p.data)
+    lp = list(getattr(opt, "fp16_partitioned_groups_flat", [])) + list(getattr(opt, "bit16_groups_flat", []))
+    lp_ptrs = {t.untyped_storage().data_ptr() for t in lp if t is not None and t.numel()}
+    master = 0
+    shared = True
+    masters = getattr(opt, "fp32_partitioned_groups_flat", None) or getattr(opt, "single_partition_of_fp32_groups", [])
+    for t in masters:
+        if t is None or not t.numel():
+            continue
+        if t.untyped_storage().data_ptr() in lp_ptrs:
+            continue
+        shared = False
+        master += _nbytes(t)
+    gbuf = getattr(opt, "grad_partitions_flat_buffer", None)
+    grads = _nbytes(gbuf) if gbuf is not None else 0
+    inner = getattr(opt, "optimizer", opt)
+    adam = 0
+    for st in inner.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                adam += _nbytes(v)
+    buffers = 0
+    for bucket in getattr(opt, "ipg_buckets", {}).values():
+        buf = getattr(bucket, "buffer", None)
+        if isinstance(buf, torch.Tensor):
+            buffers += _nbytes(buf)
+    return {"params": params, "persistent": persistent, "fp32_master": master, "fp32_master_shared": shared,
+            "grads": grads, "adam": adam, "model_state": params + persistent + master + grads + adam,
+            "optimizer_state": master + grads + adam, "reduce_bucket_allocated": buffers}
+
+
+def model_state_record(engine) -> dict:
+    """What the run trains, logged once after its first step (Adam's moments exist only then):
+    parameters with and without gradients in this rank's model part (the whole model unless TP/PP
+    split it; ZeRO-3 counts the full tensors) and this rank's optimizer state (moments + fp32 masters)."""
+    counts = {True: 0, False: 0}
+    for p in engine.module.parameters():
+        counts[p.requires_grad] += int(getattr(p, "ds_numel", p.numel()))
+    mem = measure_engine(engine)
+    return {"event": "model_state", "trainable_params": counts[True], "frozen_params": counts[False],
+            "optimizer_state_mb": mem["optimizer_state"] / 2**20}
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20

@@ -58,7 +58,7 @@ def overlap_warnings(rs: RunState) -> list[str]:
     its items; up to 20M tokens of each source scanned: eval/contamination.py). A check that cannot
     run (e.g. task items in another vocabulary) is itself one warning: it never stops the run."""
     cfg = rs.cfg
-    if rs.sft:
+    if rs.sft or rs.classify:  # JSON Lines of examples, not token shards: nothing to scan n-grams of
         return []
     train = {s.name: s.path for s in cfg.data.train}
     for p in cfg.phases:
