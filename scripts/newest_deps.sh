@@ -33,6 +33,9 @@ reqs = next(ast.literal_eval(k.value) for k in ast.walk(tree) if isinstance(k, a
 print("\n".join(r for r in reqs if Requirement(r).name in ("transformers", "deepspeed")))
 EOF
 )
+if [ "${#specs[@]}" -ne 2 ]; then
+  echo "newest-deps: error: setup.py's install_requires must name transformers and deepspeed" >&2; exit 1
+fi
 echo "newest-deps: pip install -U ${specs[*]} (constraint $torch_pin)"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -U -c "$venv/constraints.txt" "${specs[@]}"
 # The tests start ranks through bin/deepspeed next to the interpreter; an upgraded deepspeed brings its own.
