@@ -11,7 +11,8 @@ Layout of RUN/checkpoints:
 Every rank writes into `.tmp-step_…`; after a barrier rank 0 writes the metadata and the manifest,
 renames the directory and only then replaces `latest` (write-to-temp + os.replace). A crash at any point
 leaves the previous checkpoint complete and still named by `latest`; stray temp dirs are
-removed at the next start.
+removed at the next start. `checkpoint.async` (async_save.py) takes the same steps, through the
+same functions, from a snapshot in host memory while training goes on.
 """
 
 from __future__ import annotations
