@@ -98,6 +98,16 @@ def one_run(args, model_dir: Path, data: str, work: Path, label: str, is_async: 
     }
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def summary(runs: list[dict]) -> dict:
     def med(key):
         vals = [v for r in runs for v in r[key]]
@@ -141,7 +151,7 @@ def main(argv=None) -> int:
                 shutil.rmtree(work / label / "checkpoints")  # disk: one run's checkpoints at a time
     out = {"model": shape or str(model_dir), "params_note": "fp32, ZeRO-0, one process", "seq_len": args.seq_len,
            "interval": args.interval, "saves_per_run": args.saves, "threads": args.threads,
-           "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+           "host": {"cpu": cpu_name(), "cores": os.cpu_count(),
                     "load_avg_at_end": os.getloadavg()},
            "runs": runs,
            "sync": summary([r for r in runs if not r["async"]]),

@@ -3,7 +3,8 @@ engine that saves live tensors through DeepSpeed's own TorchCheckpointEngine, as
 save_checkpoint does. The files hold the state of the save call even when training changes it
 while they are written; nothing is published before they are on disk; a second save waits for the
 first; a failed write fails the next wait on every rank and keeps the previous checkpoint; after an
-error, a checkpoint is published only when every rank finished writing. A synchronous save of the
+error, a checkpoint is published only when every rank finished writing; a rank's marker that never
+shows is an error, not a hang. A synchronous save of the
 same state is the reference. Real runs: tests/test_train_zero.py (ZeRO-3 on 2 ranks, stopped and
 resumed with async saves, bit-identical to a run with synchronous ones) and tests/test_faults.py (a
 crash at every stage of an async save, one and two ranks)."""
@@ -192,6 +193,21 @@ def test_abandon_publishes_only_what_every_rank_finished(tmp_path, other_rank_do
         ckpt.clean_partial(root)
         assert not tmp.exists()
     assert saver.wait() is None
+
+
+def test_a_rank_whose_marker_never_shows_fails_the_wait_instead_of_hanging(tmp_path, monkeypatch):
+    """Every rank said its files are written, but rank 0 never sees rank 1's marker (a checkpoint
+    dir on node-local disks): an error naming the marker after MARK_GRACE_S, nothing published."""
+    monkeypatch.setattr(async_save, "MARK_GRACE_S", 0.3)
+    eng = Engine()
+    saver = AsyncSaver(eng, 0, 2)
+    root = tmp_path / "checkpoints"
+    saver.save(eng, root, 2, state(2), HF, keep=2)
+    with pytest.raises(ckpt.CheckpointError, match=r"rank 0 does not see \.tmp-written-rank_00001 in .* 0 s after "
+                                                   r"that rank wrote its files; checkpoint.async needs a checkpoint "
+                                                   r"dir that every rank shares"):
+        saver.wait()
+    assert ckpt.latest_checkpoint(root) is None and not list(root.glob(".tmp-*"))
 
 
 def test_async_needs_deepspeeds_torch_checkpoint_engine():

@@ -711,6 +711,23 @@ def test_loss_spike_events(world, nan_run):
     assert not events(world.ref_dir, "loss_spike")  # the default factor 3 stays quiet on a smooth run
 
 
+def test_async_rollback_rolls_back_to_the_save_in_flight(world, nan_run):
+    """checkpoint.async: the checkpoint of step 12 is written in the background while step 13 runs
+    and diverges; the rollback finishes that save first and rolls back to it, so the run equals the
+    rollback run with synchronous saves bit for bit (every logged step, the final weights)."""
+    run = world.tmp / "nan_async"
+    r = world.launch(1, world.config("nan_async", **{"train.spike_factor": 1.0, "checkpoint.async": True}),
+                     "nan_async", MEGACPT_FAULT=f"nan:main:{NAN_BATCH}")
+    assert r.wait() == 0, r.output()[-3000:]
+    assert f"rolled back to {tag(12)}, skipping that batch (1/3)" in r.output()
+    nan_dir, _ = nan_run
+    fields = ("step", "loss", "grad_norm", "samples_fingerprint")
+    assert [[x[k] for k in fields] for x in train_records(run)] == \
+        [[x[k] for k in fields] for x in train_records(nan_dir)]
+    assert_weights(check_loadable(ckpt_root(run) / tag(STEPS)), check_loadable(ckpt_root(nan_dir) / tag(STEPS)),
+                   exact=True)
+
+
 @pytest.mark.parametrize("case", ["stop", "limit", "no_checkpoint"])
 def test_nonfinite_failures(world, case):
     """train.nonfinite=stop, the rollback limit reached, and nothing to roll back to: exit 1, the

@@ -30,8 +30,10 @@ every rank's files).
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,9 @@ from megacpt.train import checkpoint as ckpt
 
 WRITTEN = ".tmp-written-rank_"  # + rank: this rank's files are on disk (".tmp-": never in a manifest)
 _POLL_S = 0.1
+# Once every rank has said its files are written, how long rank 0 waits to see their markers (a
+# shared filesystem shows them at once; a node-local checkpoint dir never does).
+MARK_GRACE_S = 120.0
 
 
 class _Parts:
@@ -97,6 +102,7 @@ class _Job:
     error: BaseException | None = None  # this rank's snapshot or write failed
     publish_error: BaseException | None = None  # rank 0: metadata, manifest, rename or `latest` failed
     cancel: threading.Event = field(default_factory=threading.Event)
+    agreed_at: float | None = None  # rank 0: when every rank said its files are written
     threads: list = field(default_factory=list)  # the writer, and on rank 0 the publisher
 
     @property
@@ -134,8 +140,9 @@ class AsyncSaver:
         job = _Job(root, step, snap.files, snap.error or error)
         job.threads.append(threading.Thread(target=_write, args=(job, self.rank), name="megacpt-ckpt-write",
                                             daemon=True))
-        if self.rank == 0:
-            job.threads.append(threading.Thread(target=_publish, args=(job, self.world, hf_config, state, keep),
+        if self.rank == 0:  # the metadata too as of now (the state holds the run's live skip lists)
+            meta = copy.deepcopy((hf_config, state))
+            job.threads.append(threading.Thread(target=_publish, args=(job, self.world, *meta, keep),
                                                 name="megacpt-ckpt-publish", daemon=True))
         for t in job.threads:
             t.start()
@@ -152,7 +159,9 @@ class AsyncSaver:
         writer.join()
         ok = ckpt.all_succeeded(job.error)
         if publisher:
-            if not ok:  # some rank wrote no marker: stop waiting for it
+            if ok:
+                job.agreed_at = time.monotonic()
+            else:  # some rank wrote no marker: stop waiting for it
                 job.cancel.set()
             publisher[0].join()
         error = job.error
@@ -200,8 +209,13 @@ def _publish(job: _Job, world: int, hf_config: dict, state: dict, keep: int) -> 
     """Rank 0's publisher thread: once every rank's marker is there, what a synchronous save does
     after its barrier. Cancelled (job.cancel) it looks once more, and publishes only if all are."""
     marks = {f"{WRITTEN}{r:05d}" for r in range(world)}
-    while not marks <= _names(job.tmp):
+    while not marks <= (seen := _names(job.tmp)):
         if job.cancel.is_set():
+            return
+        if job.agreed_at is not None and time.monotonic() - job.agreed_at > MARK_GRACE_S:
+            job.publish_error = RuntimeError(
+                f"rank 0 does not see {min(marks - seen)} in {job.tmp} {MARK_GRACE_S:.0f} s after that rank wrote "
+                f"its files; checkpoint.async needs a checkpoint dir that every rank shares")
             return
         job.cancel.wait(_POLL_S)
     try:
