@@ -78,8 +78,9 @@ def one_run(args, model_dir: Path, data: str, work: Path, label: str, is_async: 
         r = subprocess.run([sys.executable, "-m", "megacpt.train", str(cfg)], cwd=REPO, env=env, stdout=log,
                            stderr=subprocess.STDOUT, timeout=args.timeout)
     wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"{label} failed (exit {r.returncode}); see {work / f'{label}.log'}")
+    if r.returncode != 0:  # the work dir goes with the exit: its log's end, here
+        tail = "\n".join((work / f"{label}.log").read_text(errors="replace").splitlines()[-15:])
+        raise SystemExit(f"{label} failed (exit {r.returncode}):\n{tail}")
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     saves = [r for r in recs if r.get("event") == "checkpoint"]
     if not saves:
