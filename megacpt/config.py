@@ -27,9 +27,26 @@ from megacpt.errors import ConfigError
 from megacpt.positions import BUCKET_METRICS, bucket_name, spans
 
 
-def _field(default=MISSING, help: str = "", *, factory=MISSING):
-    """A config field with its one-line description (listed by describe_config)."""
-    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help})
+def _field(default=MISSING, help: str = "", *, factory=MISSING, key: str | None = None):
+    """A config field with its one-line description (listed by describe_config). `key`: the YAML
+    key when it is not a Python name (`checkpoint.async`; the field is then `async_`)."""
+    meta = {"help": help} if key is None else {"help": help, "key": key}
+    return dataclasses.field(default=default, default_factory=factory, metadata=meta)
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key", f.name)
+
+
+def _as_dict(obj):
+    """dataclasses.asdict, with each field under its YAML key."""
+    if dataclasses.is_dataclass(obj):
+        return {_key(f): _as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_as_dict(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _as_dict(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
 
 
 @dataclass(frozen=True)
@@ -204,6 +221,10 @@ class CheckpointConfig:
     # Benchmarks turn it off: a 1B model's final ZeRO checkpoint is ~17 GB of disk and tens of
     # seconds that are not training.
     final: bool = _field(True, "save a checkpoint when the last step is done")
+    async_: bool = _field(False, "write checkpoints in the background from a snapshot in host memory (a second "
+                                 "copy of each rank's checkpoint state): training goes on while the files are "
+                                 "written, and a checkpoint is published once every rank's files are",
+                          key="async")
 
 
 @dataclass(frozen=True)
@@ -309,7 +330,7 @@ class Config:
                              factory=dict)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _as_dict(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +421,7 @@ def _from_dict(cls, data, path: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {_key(f): f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = f"{path}.{unknown[0]}" if path else str(unknown[0])
@@ -411,7 +432,7 @@ def _from_dict(cls, data, path: str = ""):
     for name, f in fields.items():
         sub = f"{path}.{name}" if path else name
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], sub)
+            kwargs[f.name] = _coerce(data[name], hints[f.name], sub)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{sub}: required key missing")
     return cls(**kwargs)
@@ -1027,7 +1048,7 @@ def _describe_fields(cls, prefix: str) -> list[str]:
     """Lines for the fields of `cls` under `prefix`, each nested field's keys right after it."""
     hints, out = typing.get_type_hints(cls), []
     for f in dataclasses.fields(cls):
-        path = f"{prefix}.{f.name}"
+        path = f"{prefix}.{_key(f)}"
         out.append(_describe_line(f, hints[f.name], path))
         inner = _nested(hints[f.name])
         if inner is not None:

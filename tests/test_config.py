@@ -153,7 +153,7 @@ def _walk(cls, prefix, seen):
     seen.add(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
+        path = f"{prefix}{f.metadata.get('key', f.name)}"  # the YAML key (checkpoint.async: field async_)
         tp = hints[f.name]
         yield path, f, tp
         inner = [a for a in typing.get_args(tp) if a is not type(None)]

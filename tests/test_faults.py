@@ -135,6 +135,41 @@ def _patch_checkpoint(mod):
     mod.os = _Os()
 
 
+def _patch_async(mod):
+    import errno
+
+    from megacpt.train.checkpoint import tag_for
+
+    point = step = None
+    rank = 0
+    if _CRASH:
+        parts = _CRASH.split(":")
+        point, step = parts[0], int(parts[1])
+        rank = int(parts[2]) if len(parts) > 2 else 0
+    real_write, real_snapshot = mod.write_file, mod._Snapshot._write
+
+    def write_file(path, parts):
+        if point == "write_partial" and f".tmp-{tag_for(step)}" in str(path) and _rank() == rank and parts:
+            data = b"".join(parts)
+            with open(path, "wb") as fh:  # the writer thread dies half-way through a file
+                fh.write(data[: len(data) // 2])
+                fh.flush()
+                os.fsync(fh.fileno())
+            _die()
+        if _ENOSPC:
+            s, r, *which = _ENOSPC.split(":")
+            if f".tmp-{tag_for(int(s))}" in str(path) and _rank() == int(r) and (not which or which[0] in str(path)):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(path, parts)
+
+    def _write(self, state_dict, path):
+        if point == "snapshot" and f".tmp-{tag_for(step)}" in str(path) and _rank() == rank:
+            _die()  # while the save call serialises the files into memory
+        return real_snapshot(self, state_dict, path)
+
+    mod.write_file, mod._Snapshot._write = write_file, _write
+
+
 def _patch_step(mod):
     import time
 
@@ -150,6 +185,7 @@ def _patch_step(mod):
 _TARGETS = {}
 if _CRASH or _ENOSPC:
     _TARGETS["megacpt.train.checkpoint"] = _patch_checkpoint
+    _TARGETS["megacpt.train.async_save"] = _patch_async
 if _DELAY:
     _TARGETS["megacpt.train.step"] = _patch_step
 
@@ -499,6 +535,113 @@ def test_single_process_crash_at_every_point_of_a_save(world):
     assert_weights(check_loadable(root / tag(STEPS)), world.ref_weights(STEPS), exact=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# checkpoint.async: a crash at every stage of an asynchronous save (one process, then two ranks)
+
+
+def expect_published(world, run, step, exact, exists_too=()):
+    """`latest` names step (None: nothing published), whose weights are the reference's."""
+    root = ckpt_root(run)
+    assert latest_tag(run) == (tag(step) if step else None), sorted(os.listdir(root))
+    if step:
+        assert_weights(check_loadable(root / tag(step)), world.ref_weights(step), exact=exact)
+    for name in exists_too:
+        assert (root / name).exists(), (name, sorted(os.listdir(root)))
+
+
+def test_async_save_crash_at_every_stage(world):
+    """checkpoint.async, one process killed at each stage of an async save, each relaunch resuming
+    from what the previous crash left: while the save call snapshots the files, half-way through a
+    file in the writer thread (training has gone on meanwhile), after the files but before the
+    writer's marker (MEGACPT_FAULT), and in rank 0's publisher thread before the rename, after it
+    but before `latest`, with `latest` half-replaced and before pruning. After each the last
+    published checkpoint is `latest` and equals the reference's (saved synchronously) bit for bit;
+    the finished run has the reference's samples, losses and final weights, bit for bit."""
+    run = world.tmp / "chainAsync"
+    cfg = world.config("chainAsync", **{"checkpoint.async": True})
+    root = ckpt_root(run)
+
+    def relaunch(label, **env):
+        return world.launch(1, cfg, label, **env)
+
+    def expect(step, exists_too=()):
+        expect_published(world, run, step, True, exists_too)
+
+    out = crashed(relaunch("s1", MEGACPT_TEST_CRASH="snapshot:2"))
+    expect(None, exists_too=[f".tmp-{tag(2)}"])
+
+    out = crashed(relaunch("s2", MEGACPT_TEST_CRASH="write_partial:4"))
+    assert "resuming" not in out
+    expect(2, exists_too=[f".tmp-{tag(4)}"])
+    from megacpt.errors import UserError
+    from megacpt.safe_load import check_torch_file
+
+    with pytest.raises(UserError, match="cannot read checkpoint file"):
+        check_torch_file(root / f".tmp-{tag(4)}" / "mp_rank_00_model_states.pt")
+
+    out = crashed(relaunch("s3", MEGACPT_FAULT="kill:save:6:0"))
+    assert f"resuming from {root / tag(2)} at step 2" in out
+    expect(4, exists_too=[f".tmp-{tag(6)}/mp_rank_00_model_states.pt", f".tmp-{tag(6)}/rng/rank_00000.pt"])
+    assert not list((root / f".tmp-{tag(6)}").glob(".tmp-written-*"))  # no marker: never published
+    assert not (root / f".tmp-{tag(6)}" / "megacpt_state.json").exists()
+
+    out = crashed(relaunch("s4", MEGACPT_TEST_CRASH="rename:8"))
+    assert f"resuming from {root / tag(4)} at step 4" in out
+    expect(6, exists_too=[f".tmp-{tag(8)}/manifest.json"])
+    assert not (root / tag(8)).exists()
+
+    out = crashed(relaunch("s5", MEGACPT_TEST_CRASH="renamed:10"))
+    assert f"resuming from {root / tag(6)} at step 6" in out
+    expect(8, exists_too=[tag(10) + "/megacpt_state.json"])
+
+    out = crashed(relaunch("s6", MEGACPT_TEST_CRASH="latest_tmp:12"))
+    assert f"resuming from {root / tag(8)} at step 8" in out  # not from the newer step_10
+    expect(10, exists_too=[tag(12)])
+    assert list(root.glob(".latest.tmp-*"))
+
+    out = crashed(relaunch("s7", MEGACPT_TEST_CRASH="prune:14"))
+    assert f"resuming from {root / tag(10)} at step 10" in out
+    expect(14, exists_too=[tag(10), tag(12)])
+
+    last = relaunch("s8")
+    assert last.wait() == 0, last.output()[-3000:]
+    assert f"resuming from {root / tag(14)} at step 14" in last.output()
+    expect(STEPS)
+    assert not list(root.glob(".tmp-*"))
+    assert_same_history(run, world.ref, exact=True)
+
+
+def test_async_two_ranks_killed_while_writing_and_a_failed_write(world):
+    """checkpoint.async on 2 ranks (ZeRO-1: each writes its optimizer shard). Rank 1 killed after
+    writing its files but before its marker: rank 0 never publishes that checkpoint and exits when
+    its next collective fails. Rank 1's shard write failing (disk full) in the background: every rank
+    fails at the next save, naming the step, and the previous checkpoint stays `latest`. A relaunch
+    then ends with the uninterrupted run's samples, and up to float reassociation its losses and
+    weights."""
+    run = world.tmp / "chainAsync2"
+    cfg = world.config("chainAsync2", zero=1, **{"checkpoint.async": True,
+                                                 "train.collective_timeout_s": HANG_TIMEOUT_S})
+    root = ckpt_root(run)
+
+    out = crashed(world.launch(2, cfg, "c1", MEGACPT_FAULT="kill:save:4:1"), expect_kill=False)
+    expect_published(world, run, 2, False, exists_too=[f".tmp-{tag(4)}"])
+    assert not (root / tag(4)).exists()
+
+    out = crashed(world.launch(2, cfg, "c2", MEGACPT_TEST_ENOSPC="6:1:optim_states"), expect_kill=False)
+    assert f"resuming from {root / tag(2)} at step 2" in out
+    assert "checkpoint at step 6 could not be written" in out, out[-4000:]
+    assert "No space left on device" in out and "another rank failed to write its part" in out
+    assert f"the previous checkpoint ({tag(4)}) is intact" in out
+    expect_published(world, run, 4, False)
+    assert not (root / f".tmp-{tag(6)}").exists() and not (root / tag(6)).exists()
+
+    last = world.launch(2, cfg, "c3")
+    assert last.wait() == 0, last.output()[-3000:]
+    assert f"resuming from {root / tag(4)} at step 4" in last.output()
+    expect_published(world, run, STEPS, False)
+    assert_same_history(run, world.ref, exact=False)
+
+
 def test_latest_naming_a_missing_checkpoint_is_an_error(tmp_path):
     from megacpt.train import checkpoint as ckpt
 
@@ -566,6 +709,23 @@ def test_loss_spike_events(world, nan_run):
     for e in spikes:
         assert e["loss"] > 1.0 * e["median"] and e["step"] > 10
     assert not events(world.ref_dir, "loss_spike")  # the default factor 3 stays quiet on a smooth run
+
+
+def test_async_rollback_rolls_back_to_the_save_in_flight(world, nan_run):
+    """checkpoint.async: the checkpoint of step 12 is written in the background while step 13 runs
+    and diverges; the rollback finishes that save first and rolls back to it, so the run equals the
+    rollback run with synchronous saves bit for bit (every logged step, the final weights)."""
+    run = world.tmp / "nan_async"
+    r = world.launch(1, world.config("nan_async", **{"train.spike_factor": 1.0, "checkpoint.async": True}),
+                     "nan_async", MEGACPT_FAULT=f"nan:main:{NAN_BATCH}")
+    assert r.wait() == 0, r.output()[-3000:]
+    assert f"rolled back to {tag(12)}, skipping that batch (1/3)" in r.output()
+    nan_dir, _ = nan_run
+    fields = ("step", "loss", "grad_norm", "samples_fingerprint")
+    assert [[x[k] for k in fields] for x in train_records(run)] == \
+        [[x[k] for k in fields] for x in train_records(nan_dir)]
+    assert_weights(check_loadable(ckpt_root(run) / tag(STEPS)), check_loadable(ckpt_root(nan_dir) / tag(STEPS)),
+                   exact=True)
 
 
 @pytest.mark.parametrize("case", ["stop", "limit", "no_checkpoint"])

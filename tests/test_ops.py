@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from megacpt.cli import main
-from megacpt.config import ConfigError, config_from_dict, run_changing_diff, tracker_backends
+from megacpt.config import ConfigError, config_from_dict, describe_config, run_changing_diff, tracker_backends
 from megacpt.train import manifest
 from megacpt.train.trackers import Trackers, open_trackers
 
@@ -48,6 +48,21 @@ def test_trackers_are_resume_safe():
     old = config_from_dict({}).to_dict()
     new = config_from_dict({"logging": {"backends": ["wandb"], "project": "p", "tags": ["x"]}, "tensorboard": False})
     assert run_changing_diff(old, new.to_dict()) == []
+
+
+def test_checkpoint_async_is_a_resume_safe_key():
+    """`async` is a Python keyword: the field is async_, the YAML key, --set, to_dict and the
+    config help say `async`."""
+    on = config_from_dict({"checkpoint": {"async": True}})
+    assert on.checkpoint.async_ is True and on.to_dict()["checkpoint"]["async"] is True
+    assert config_from_dict({}).checkpoint.async_ is False
+    assert config_from_dict({}, ["checkpoint.async=true"]).checkpoint.async_ is True
+    assert run_changing_diff(config_from_dict({}).to_dict(), on.to_dict()) == []
+    assert "  checkpoint.async: bool = false  # " in describe_config()
+    with pytest.raises(ConfigError, match="unknown config key 'checkpoint.async_'; did you mean 'async'"):
+        config_from_dict({"checkpoint": {"async_": True}})
+    with pytest.raises(ConfigError, match="checkpoint.async: expected"):
+        config_from_dict({"checkpoint": {"async": "soon"}})
 
 
 def test_a_tracker_that_is_missing_or_fails_costs_one_warning(tmp_path, monkeypatch, capsys):

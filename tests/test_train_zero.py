@@ -53,9 +53,10 @@ def runs(tmp_path_factory):
     # 2 ranks, ZeRO-3 sharding everything, 2 micro-batches per rank per step.
     out["zero3"] = tmp / "zero3"
     run_ok(2, cfg("zero3", 3, by_position=True, tensorboard=True, **tasks))
-    # The same, stopped after 2 steps and resumed (a second launch).
+    # The same, stopped after 2 steps and resumed (a second launch), with asynchronous saves: its
+    # losses and checkpoint are compared bit for bit with zero3's, saved synchronously.
     out["zero3_resumed"] = tmp / "zero3_resumed"
-    c = cfg("zero3_resumed", 3)
+    c = cfg("zero3_resumed", 3, **{"checkpoint.async": True})
     r1 = run_ok(2, c, "train.stop_after=2")
     out["zero3_first_stdout"] = r1.stdout
     run_ok(2, c)
@@ -163,10 +164,15 @@ def test_resume_is_bit_identical(runs, pair):
 
 
 def test_stop_after_checkpoints_and_says_so(runs):
-    assert "stopped at step 2/5 (train.stop_after)" in runs["zero3_first_stdout"]
+    out = runs["zero3_first_stdout"]
+    assert "stopped at step 2/5 (train.stop_after)" in out
+    # an async save is published (and said so) before the stop message
+    assert out.index("checkpoint saved: ") < out.index("stopped at step 2/5")
     ckpts = sorted(p.name for p in (runs["zero3_resumed"] / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000002", "step_00000005"]  # keep: 2
     assert (runs["zero3_resumed"] / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+    saves = [r for r in read_metrics(runs["zero3_resumed"]) if r.get("event") == "checkpoint"]
+    assert [(r["step"], r["async"]) for r in saves] == [(2, True), (5, True)] and all(r["blocked_s"] >= 0 for r in saves)
 
 
 def test_resume_with_changed_config_is_refused(runs, capsys):

@@ -11,7 +11,8 @@ Layout of RUN/checkpoints:
 Every rank writes into `.tmp-step_…`; after a barrier rank 0 writes the metadata and the manifest,
 renames the directory and only then replaces `latest` (write-to-temp + os.replace). A crash at any point
 leaves the previous checkpoint complete and still named by `latest`; stray temp dirs are
-removed at the next start.
+removed at the next start. `checkpoint.async` (async_save.py) takes the same steps, through the
+same functions, from a snapshot in host memory while training goes on.
 """
 
 from __future__ import annotations
@@ -146,16 +147,10 @@ def save(engine, ckpt_root, step: int, state: dict, hf_config: dict, keep: int, 
 
     Ranks agree (all-reduce) on whether their part was written before anything is renamed, so
     a write error on one rank (disk full, quota) fails every rank the same way and leaves the
-    previous checkpoint named by `latest`.
+    previous checkpoint named by `latest`. (checkpoint.async: async_save.py, the same steps.)
     """
-    root = Path(ckpt_root)
-    tag = tag_for(step)
-    tmp_tag = f".tmp-{tag}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if (root / tmp_tag).exists():
-            shutil.rmtree(root / tmp_tag)
-    dist.barrier()
+    root, tag = Path(ckpt_root), tag_for(step)
+    tmp = begin(root, tag, rank)
     error = None
     # DeepSpeed's save ends in a barrier: a rank whose file write raised would skip it and meet
     # the others' barrier with the all-reduce below (a hang until the collective timeout). Its
@@ -163,8 +158,8 @@ def save(engine, ckpt_root, step: int, state: dict, hf_config: dict, keep: int, 
     writes = _RecordingWrites(engine.checkpoint_engine)
     engine.checkpoint_engine = writes
     try:
-        engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-        rng_dir = root / tmp_tag / "rng"
+        engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+        rng_dir = tmp / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), rng_dir / f"rank_{rank:05d}.pt")
     except _WRITE_ERRORS as e:
@@ -174,34 +169,69 @@ def save(engine, ckpt_root, step: int, state: dict, hf_config: dict, keep: int, 
     error = writes.error or error
     _fault_point("save", step, rank)
     dist.barrier()  # every rank's files (DeepSpeed's and its RNG state) are written: the manifest sees them all
-    final = root / tag
     if rank == 0 and error is None:
-        try:
-            write_json_atomic(root / tmp_tag / HF_CONFIG_FILE, hf_config)
-            write_json_atomic(root / tmp_tag / STATE_FILE, state)
-            manifest.write(root / tmp_tag)  # last: it covers every file above
-            _fsync_dir(root / tmp_tag)
-        except _WRITE_ERRORS as e:
-            error = e
+        error = finish_files(tmp, hf_config, state)
+    if not all_succeeded(error):
+        raise failed(error, root, step, rank)
+    if rank == 0:
+        publish(root, tag, keep)
+    dist.barrier()
+    return root / tag
+
+
+def begin(root: Path, tag: str, rank: int) -> Path:
+    """Collective: the empty temporary directory the checkpoint `tag` is written into."""
+    tmp = root / f".tmp-{tag}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    dist.barrier()
+    return tmp
+
+
+def finish_files(tmp: Path, hf_config: dict, state: dict) -> BaseException | None:
+    """Rank 0, once every rank's files are in tmp: the metadata, then the manifest over all of it.
+    Returns the write error, if any."""
+    try:
+        write_json_atomic(tmp / HF_CONFIG_FILE, hf_config)
+        write_json_atomic(tmp / STATE_FILE, state)
+        manifest.write(tmp)  # last: it covers every file above
+        _fsync_dir(tmp)
+    except _WRITE_ERRORS as e:
+        return e
+    return None
+
+
+def all_succeeded(error: BaseException | None) -> bool:
+    """Collective: True when no rank had an error."""
     ok = torch.tensor([0 if error else 1])
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if not int(ok):
-        if rank == 0:
-            shutil.rmtree(root / tmp_tag, ignore_errors=True)
-        dist.barrier()
-        prev = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else "none"
-        raise CheckpointError(f"checkpoint at step {step} could not be written "
-                              f"({_describe(error, root) if error else 'another rank failed to write its part'}); "
-                              f"the previous checkpoint ({prev}) is intact — free disk space and rerun to resume")
+    return bool(int(ok))
+
+
+def failed(error: BaseException | None, root: Path, step: int, rank: int) -> CheckpointError:
+    """Collective, after all_succeeded said no: the temporary directory removed, and the error
+    every rank raises (naming this rank's own problem, or another rank's)."""
     if rank == 0:
-        if final.exists():  # re-saving a step (e.g. a resumed run that stops at once)
-            shutil.rmtree(final)
-        os.replace(root / tmp_tag, final)
-        _fsync_dir(root)
-        write_text_atomic(root / LATEST, tag + "\n")
-        _prune(root, keep)
+        shutil.rmtree(root / f".tmp-{tag_for(step)}", ignore_errors=True)
     dist.barrier()
-    return final
+    prev = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else "none"
+    return CheckpointError(f"checkpoint at step {step} could not be written "
+                           f"({_describe(error, root) if error else 'another rank failed to write its part'}); "
+                           f"the previous checkpoint ({prev}) is intact — free disk space and rerun to resume")
+
+
+def publish(root: Path, tag: str, keep: int) -> None:
+    """Rank 0, once the temporary directory is complete: rename it into place, then point
+    `latest` at it, then prune."""
+    final = root / tag
+    if final.exists():  # re-saving a step (e.g. a resumed run that stops at once)
+        shutil.rmtree(final)
+    os.replace(root / f".tmp-{tag}", final)
+    _fsync_dir(root)
+    write_text_atomic(root / LATEST, tag + "\n")
+    _prune(root, keep)
 
 
 class CheckpointError(RuntimeError):
@@ -221,9 +251,12 @@ class _RecordingWrites:
     def save(self, state_dict, path):
         if self.error is None:
             try:
-                self.inner.save(state_dict, path)
+                self._write(state_dict, path)
             except _WRITE_ERRORS as e:
                 self.error = e
+
+    def _write(self, state_dict, path):
+        self.inner.save(state_dict, path)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

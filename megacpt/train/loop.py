@@ -33,6 +33,7 @@ from megacpt.models.hf import apply_overrides, args_from_hf_config, hf_config_fo
 from megacpt.parallel import Topology, validate_layout
 from megacpt.parallel.shapes import param_shapes
 from megacpt.train import checkpoint as ckpt
+from megacpt.train.async_save import AsyncSaver
 from megacpt.train import classify
 from megacpt.train import dist as mdist
 from megacpt.train import step as step_mod
@@ -95,8 +96,13 @@ def train(cfg: Config) -> int:
     build(rs)
     restore(rs, rename=rename if rs.pipe_run else None)
     open_outputs(rs)
-    run_steps(rs)
-    finish(rs)
+    try:
+        run_steps(rs)
+        finish(rs)
+    except BaseException:
+        if rs.saver is not None:  # the save in flight: finished, or left unpublished
+            rs.saver.abandon()
+        raise
     return 0
 
 
@@ -180,6 +186,8 @@ def build(rs: RunState) -> None:
     rs.engine = initialize(model, groups, rs.ds_config, rs.topo)
     if rs.topo.pp_size > 1:
         rs.pipe_run = PipelineRun(rs.engine, pipe_state, rs.topo, own_clip)
+    if cfg.checkpoint.async_:
+        rs.saver = AsyncSaver(rs.engine, rs.rank, rs.world, say=rs.say)
     if rs.task_eval is not None:
         task_eval.attach(rs)
     mdist.release_shm_names(rs.rank)
@@ -319,9 +327,17 @@ def save(rs: RunState) -> None:
         "world_size": rs.world,
         "source_dir": str(rs.start.source_dir) if rs.start.source_dir else None,
     }
-    path = ckpt.save(rs.engine, rs.ckpt_root, step, st, rs.hf_cfg, cfg.checkpoint.keep, rs.rank)
+    t0 = time.perf_counter()
+    if rs.saver is None:
+        path = ckpt.save(rs.engine, rs.ckpt_root, step, st, rs.hf_cfg, cfg.checkpoint.keep, rs.rank)
+    else:
+        path = rs.saver.save(rs.engine, rs.ckpt_root, step, st, rs.hf_cfg, cfg.checkpoint.keep)
+    # How long the training loop stood still for it (an async save: a wait for the previous
+    # one, if still in flight, and the snapshot).
+    rs.logger.log({"step": step, "event": "checkpoint", "blocked_s": time.perf_counter() - t0,
+                   "async": rs.saver is not None})
     rs.last_saved = step
-    rs.say(f"checkpoint saved: {path}")
+    rs.say(f"checkpoint saved: {path}" if rs.saver is None else f"checkpoint {path.name}: writing in the background")
 
 
 def finish(rs: RunState) -> None:
@@ -329,6 +345,8 @@ def finish(rs: RunState) -> None:
     cfg, step = rs.cfg, rs.step
     if rs.last_saved != step and (cfg.checkpoint.final or step < rs.total_steps):
         save(rs)
+    if rs.saver is not None:
+        rs.saver.wait()
     if rs.bar is not None:
         rs.bar.close()
     if rs.rank == 0:

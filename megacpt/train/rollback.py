@@ -21,6 +21,8 @@ def roll_back(rs: RunState, out: StepOut, phase_name: str, batch_index: int) -> 
     """Load the last checkpoint and mark the batch skipped, or raise when that is not allowed."""
     cfg = rs.cfg
     rs.logger.log({"step": rs.step + 1, "event": "nonfinite", "loss": out.loss, "grad_norm": out.grad_norm})
+    if rs.saver is not None:  # every rank is here: the save in flight is finished first, the one to roll back to
+        rs.saver.wait()
     last, notes = ckpt.newest_intact(rs.ckpt_root) if rs.ckpt_root.is_dir() else (None, [])
     if last is not None and rs.layout_changed_at is not None and int(ckpt.read_state(last)["step"]) <= rs.layout_changed_at:
         # That checkpoint is in the old layout: loading it into this engine would mix layouts.

@@ -50,6 +50,7 @@ class RunState:
     layout_changed_at: int | None = None  # checkpoints up to this step are in another layout
     engine: object = None
     pipe_run: object = None  # PipelineRun when parallel.pp > 1
+    saver: object = None  # async_save.py AsyncSaver when checkpoint.async
     cp: object = None  # parallel/cp.py UlyssesAttention when parallel.cp > 1
     stages: object = None
     group_decay: list = field(default_factory=list)
