@@ -84,6 +84,18 @@ def test_seq_len_above_model_maximum(tmp_path, base, capsys):
     check(rc, err, "exceeds the model's max_position_embeddings 64", tmp_path / "run")
 
 
+def test_a_failed_start_gives_the_signal_handlers_back(tmp_path, base, capsys):
+    """train() takes SIGUSR1/SIGTERM for its clean stop; a caller in the same process (a test, a
+    notebook) must be killable again afterwards."""
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    _, _, cfg = base
+    rc, err = run_bad(tmp_path, dict(cfg, run_dir=str(tmp_path / "run")), capsys, "--set", "data.seq_len=65")
+    check(rc, err, "exceeds the model's max_position_embeddings 64", tmp_path / "run")
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
 def test_seq_len_allowed_with_override(tmp_path, base, monkeypatch):
     """With model.max_seq_len the same length passes the length check and reaches the data stage."""
     from megacpt.train import loop

@@ -62,19 +62,30 @@ class StopSignal:
     def __init__(self):
         self.flag = False
         self.name = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGUSR1, signal.SIGTERM)}
 
     def _handler(self, signum, frame):
         self.flag = True
         self.name = signal.Signals(signum).name
 
+    def restore(self) -> None:
+        """The handlers from before: a process that called train() (tests, notebooks) stays killable."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
 
 def train(cfg: Config) -> int:
-    info = mdist.discover()
     # Handlers first: a USR1/TERM during start-up (minutes on big models) becomes a clean stop
     # after the first step instead of killing the ranks.
     stopper = StopSignal()
+    try:
+        return train_with(cfg, stopper)
+    finally:
+        stopper.restore()
+
+
+def train_with(cfg: Config, stopper: StopSignal) -> int:
+    info = mdist.discover()
     # Before anything large is allocated: blocks mmapped earlier would keep being returned.
     caching_malloc = (cfg.train.cpu_allocator == "caching" and not torch.cuda.is_available()
                       and use_caching_malloc())
