@@ -74,7 +74,7 @@ def check_pipeline(model_dir: str, topo, zero: int, label: str, work: Path, step
     from megacpt.train.consolidate import checkpoint_weights
     from megacpt.train.engine import param_groups
     from megacpt.train.parallelize import BuildSpec, build_pipeline
-    from megacpt.train.step import StepInputs
+    from megacpt.train.step import StepInputs, global_batch
 
     args = model_args(model_dir)
     dp = topo.dp_size
@@ -136,14 +136,14 @@ def check_pipeline(model_dir: str, topo, zero: int, label: str, work: Path, step
     ref_opt = torch.optim.AdamW(param_groups(ref, WD), lr=LR, betas=(0.9, 0.95), eps=1e-8)
     for step in range(steps):
         ids, labels, seg = _batches(args, step, mb * gas * dp)
-        batches = []
-        for m in range(gas):
-            lo = m * mb * dp + topo.dp_rank * mb
-            batches.append({"input_ids": ids[lo:lo + mb], "labels": labels[lo:lo + mb],
-                            "segments": seg[lo:lo + mb], "fingerprint": lo})
+        def rank_batches(d, ids=ids, labels=labels, seg=seg):
+            return [{"input_ids": ids[lo:lo + mb], "labels": labels[lo:lo + mb], "segments": seg[lo:lo + mb],
+                     "fingerprint": lo} for lo in (m * mb * dp + d * mb for m in range(gas))]
+
+        batches, tokens, fingerprint = global_batch(rank_batches, topo.dp_rank, dp)
         for g in engine.optimizer.param_groups:
             g["lr"] = LR
-        out = run.train_step(StepInputs(batches, gas, False, use_segments=True, poison=False), {})
+        out = run.train_step(StepInputs(batches, tokens, fingerprint, gas, False, use_segments=True), {})
         ref_loss, ref_norm = _ref_step(ref, ref_opt, ids, labels, seg, CLIP)
         _close(torch.tensor(out.loss, dtype=torch.float64), ref_loss, f"{label} step {step} loss")
         _close(torch.tensor(out.grad_norm, dtype=torch.float64), ref_norm, f"{label} step {step} grad norm")

@@ -240,8 +240,9 @@ def cp2_run(rank: int, world: int, out: Path, label: str, model_dir: str, zero: 
         ids, labels, seg = _batches(args.vocab_size, step, mb * gas * topo.dp_size)
         batches = [{"input_ids": ids[m * mb:(m + 1) * mb], "labels": labels[m * mb:(m + 1) * mb],
                     "segments": seg[m * mb:(m + 1) * mb], "fingerprint": m} for m in range(gas)]
-        got = train_step.train_step(engine, topo, zero, train_step.StepInputs(batches, gas, False, document_mask, cp=cp),
-                                    {})
+        mine, tokens, fingerprint = train_step.global_batch(lambda d: batches, 0, 1)  # dp = 1: cp splits sequences
+        got = train_step.train_step(engine, topo, zero, train_step.StepInputs(mine, tokens, fingerprint, gas, False,
+                                                                              document_mask, cp=cp), {})
         want_loss, want_norm = _ref_step(ref, ref_opt, ids, labels, seg if document_mask else None, mb)
         _close(torch.tensor(got.loss, dtype=torch.float64), want_loss, f"{label} step {step} loss")
         _close(torch.tensor(got.grad_norm, dtype=torch.float64), want_norm, f"{label} step {step} grad norm")

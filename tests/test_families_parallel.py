@@ -165,7 +165,7 @@ def _compare_steps(model_dir: str, label: str, step_fn, topo, mb: int, gas: int)
     """STEPS steps of `step_fn(StepInputs)` against the plain model on the same global batch."""
     from dist_tp_worker import _close, model_args, reference
     from megacpt.train.engine import param_groups
-    from megacpt.train.step import StepInputs
+    from megacpt.train.step import StepInputs, global_batch
 
     args = model_args(model_dir)
     ref = reference(model_dir)
@@ -173,12 +173,11 @@ def _compare_steps(model_dir: str, label: str, step_fn, topo, mb: int, gas: int)
     dp = topo.dp_size
     for step in range(STEPS):
         ids, labels, seg = _batches(args, step, mb * gas * dp)
-        batches = []
-        for m in range(gas):
-            lo = m * mb * dp + topo.dp_rank * mb
-            batches.append({"input_ids": ids[lo:lo + mb], "labels": labels[lo:lo + mb], "segments": seg[lo:lo + mb],
-                            "fingerprint": lo})
-        out = step_fn(StepInputs(batches, gas, False, use_segments=True))
+        def rank_batches(d, ids=ids, labels=labels, seg=seg):
+            return [{"input_ids": ids[lo:lo + mb], "labels": labels[lo:lo + mb], "segments": seg[lo:lo + mb],
+                     "fingerprint": lo} for lo in (m * mb * dp + d * mb for m in range(gas))]
+
+        out = step_fn(StepInputs(*global_batch(rank_batches, topo.dp_rank, dp), gas, False, use_segments=True))
         ref_loss, ref_norm = _ref_step(ref, ref_opt, ids, labels, seg, mb)
         _close(torch.tensor(out.loss, dtype=torch.float64), ref_loss, f"{label} step {step} loss")
         _close(torch.tensor(out.grad_norm, dtype=torch.float64), ref_norm, f"{label} step {step} grad norm")

@@ -43,6 +43,7 @@ _DELAY = os.environ.get("MEGACPT_TEST_STEP_DELAY")  # seconds of sleep before ev
 _CRASH = os.environ.get("MEGACPT_TEST_CRASH")  # POINT:STEP[:RANK] -> SIGKILL there
 _ENOSPC = os.environ.get("MEGACPT_TEST_ENOSPC")  # STEP:RANK[:FILE-SUBSTRING] -> OSError(ENOSPC)
 _RANK_FAULT = os.environ.get("MEGACPT_TEST_RANK_FAULT")  # RANK=SPEC -> MEGACPT_FAULT=SPEC on that rank only
+_COLLECTIVES = os.environ.get("MEGACPT_TEST_COLLECTIVES")  # DIR -> DIR/rankN.jsonl: megacpt.train's own collectives
 
 
 def _rank():
@@ -182,7 +183,47 @@ def _patch_step(mod):
     mod.train_step = train_step
 
 
+def _patch_loop(mod):
+    """Log every torch.distributed collective called directly from a megacpt/train/ file (not
+    DeepSpeed's, not the model's tensor-parallel layers'), with the loop's step (one_step calls so
+    far) and the megacpt/train functions on the stack (to tell a step's from a save's)."""
+    import json
+
+    import torch.distributed as dist
+
+    step = [0]
+    log = open(os.path.join(_COLLECTIVES, f"rank{_rank()}.jsonl"), "a")
+
+    def wrap(name, real):
+        def collective(*a, **kw):
+            frame = sys._getframe(1)
+            if "/megacpt/train/" in frame.f_code.co_filename:
+                stack = []
+                while frame is not None:
+                    if "/megacpt/train/" in frame.f_code.co_filename:
+                        stack.append(frame.f_code.co_name)
+                    frame = frame.f_back
+                log.write(json.dumps({"step": step[0], "op": name, "stack": stack}) + "\n")
+                log.flush()
+            return real(*a, **kw)
+        return collective
+
+    for name in ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "all_to_all",
+                 "all_to_all_single", "broadcast", "broadcast_object_list", "barrier", "gather", "reduce",
+                 "reduce_scatter_tensor", "scatter"):
+        setattr(dist, name, wrap(name, getattr(dist, name)))
+    real_step = mod.one_step
+
+    def one_step(*a, **kw):
+        step[0] += 1
+        return real_step(*a, **kw)
+
+    mod.one_step = one_step
+
+
 _TARGETS = {}
+if _COLLECTIVES:
+    _TARGETS["megacpt.train.loop"] = _patch_loop
 if _CRASH or _ENOSPC:
     _TARGETS["megacpt.train.checkpoint"] = _patch_checkpoint
     _TARGETS["megacpt.train.async_save"] = _patch_async
@@ -750,6 +791,51 @@ def test_nonfinite_failures(world, case):
         assert_weights(check_loadable(ckpt_root(run) / tag(2)), world.ref_weights(2), exact=True)
 
 
+def step_collectives(counts: Path, rank: int) -> dict[int, list[str]]:
+    """megacpt.train's own collectives per loop step (MEGACPT_TEST_COLLECTIVES), leaving out the
+    start-up, evaluations and checkpoints (after_step), rollbacks and the teardown."""
+    per_step: dict[int, list[str]] = {}
+    for line in (counts / f"rank{rank}.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["step"] >= 1 and not {"after_step", "roll_back", "finish"} & set(rec["stack"]):
+            per_step.setdefault(rec["step"], []).append(f"{rec['op']} in {rec['stack'][0]}")
+    return per_step
+
+
+@pytest.mark.parametrize("zero,nproc", [(1, 2), (2, 1), (3, 1)])
+def test_bf16_nan_gradient_under_zero_rolls_back_with_one_collective_per_step(world, zero, nproc):
+    """bf16 under ZeRO-1 (2 ranks), ZeRO-2 and ZeRO-3 (one rank each: a 2-rank launch costs ~40 s
+    more here, and the optimizers' sentinel paths do not depend on it), with DeepSpeed's separate
+    overflow scan off (engine.bf16_config): data batch 2's gradients become NaN while its loss
+    stays finite (MEGACPT_FAULT=nangrad), so only the global norm shows it — as inf or DeepSpeed's
+    -1 sentinel. The run rolls back to step 2 and skips the batch, as an fp32 run does. With
+    log_interval 3, each loop step makes exactly one collective of megacpt's own."""
+    from megacpt.train import checkpoint as ckpt
+
+    name = f"bf16_zero{zero}"
+    counts = world.tmp / f"{name}_collectives"
+    counts.mkdir()
+    cfg = world.config(name, zero=zero, precision="bf16",
+                       **{"train.steps": 4, "train.log_interval": 3, "data.valid": []})
+    r = world.launch(nproc, cfg, name, MEGACPT_FAULT="nangrad:main:2", MEGACPT_TEST_COLLECTIVES=counts)
+    assert r.wait() == 0, r.output()[-3000:]
+    run = world.tmp / name
+    (ev,) = events(run, "nonfinite")
+    assert ev["step"] == 3 and ev["loss"] < 10, ev  # the loss finite: the norm caught it
+    assert ev["grad_norm"] is None or ev["grad_norm"] < 0, ev  # inf (logged as null) or -1
+    assert f"rolled back to {tag(2)}, skipping that batch (1/3)" in r.output()
+    state = ckpt.read_state(ckpt_root(run) / tag(4))
+    assert state["skipped_batches"] == {"main": [2]}
+    recs = train_records(run)
+    assert [x["step"] for x in recs] == [3, 4] and all(x["loss"] < 10 for x in recs)
+    assert all(torch.isfinite(w).all() for w in check_loadable(ckpt_root(run) / tag(4)).values())
+    for rank in range(nproc):
+        per_step = step_collectives(counts, rank)
+        # steps 1, 2, 3 (NaN, rolled back), 3 and 4 again
+        assert sorted(per_step) == [1, 2, 3, 4, 5], per_step
+        assert all(len(v) == 1 for v in per_step.values()), per_step
+
+
 # ---------------------------------------------------------------------------------------------
 # (c) a real full disk: the run dir on a small tmpfs (root only)
 
@@ -859,8 +945,12 @@ def test_two_ranks_write_error_kills_hang_and_one_sided_nan(world, nan_run):
     expect_latest(resume)
 
     # 5. the rest, with data batch 12 diverging on rank 1 only.
-    b5 = world.launch(2, cfg, "b5", MEGACPT_TEST_RANK_FAULT=f"1=nan:main:{NAN_BATCH}")
+    counts = world.tmp / "b5_collectives"
+    counts.mkdir()
+    b5 = world.launch(2, cfg, "b5", MEGACPT_TEST_RANK_FAULT=f"1=nan:main:{NAN_BATCH}", MEGACPT_TEST_COLLECTIVES=counts)
     assert b5.wait() == 0, b5.output()[-3000:]
+    for rank in (0, 1):  # the rank that saw the NaN alone decides alike with one collective per step
+        assert all(len(v) == 1 for v in step_collectives(counts, rank).values())
     assert f"resuming from {root / tag(resume)} at step {resume}" in b5.output()
     assert f"rolled back to {tag(12)}" in b5.output()
     assert [e["step"] for e in events(run, "nonfinite")] == [NAN_BATCH + 1]

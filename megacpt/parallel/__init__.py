@@ -19,8 +19,10 @@ from megacpt.parallel.tp import (
                                  iter_tp_state,
                                  load_tp_weights,
                                  tp_grad_norm,
+                                 tp_grad_sq,
                                  tp_shards,
 )
 
 __all__ = ["Topology", "RankLayout", "DeepSpeedMPU", "UlyssesAttention", "validate_layout", "valid_layouts", "apply_tp",
-           "load_tp_weights", "init_tp_weights", "gather_tp_state", "iter_tp_state", "tp_shards", "tp_grad_norm"]
+           "load_tp_weights", "init_tp_weights", "gather_tp_state", "iter_tp_state", "tp_shards", "tp_grad_norm",
+           "tp_grad_sq"]

@@ -57,7 +57,7 @@ from megacpt.parallel.layouts import family_problems, tp_problems
 
 __all__ = [
     "Shard", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "VocabParallelLMHead",
-    "apply_tp", "tp_shards", "tp_grad_norm", "load_tp_weights", "init_tp_weights", "gather_tp_state",
+    "apply_tp", "tp_shards", "tp_grad_norm", "tp_grad_sq", "load_tp_weights", "init_tp_weights", "gather_tp_state",
     "iter_tp_state", "HeadParallelRMSNorm", "SequenceParallelRMSNorm", "copy_to_tp_region",
     "reduce_from_tp_region", "gather_from_tp_region",
 ]
@@ -612,18 +612,26 @@ def gather_tp_state(model: nn.Module, topology, grads: bool = False) -> dict:
 
 
 @torch.no_grad()
+def tp_grad_sq(model: nn.Module, topology) -> torch.Tensor:
+    """This rank's part of the squared global gradient norm (float64, on the grads' device, no
+    collective): split parameters (`tensor_model_parallel`) on every rank, the replicated ones on
+    tp rank 0 only, so the sum over the model-parallel (tp × pp) group is the whole model's."""
+    grads = [p.grad for p in model.parameters()
+             if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or topology.tp_rank == 0)]
+    device = next((p.grad.device for p in model.parameters() if p.grad is not None), torch.device("cpu"))
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    # One multi-tensor kernel for all the norms (accumulated in float64) instead of a pass per tensor.
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum()
+
+
+@torch.no_grad()
 def tp_grad_norm(model: nn.Module, topology) -> torch.Tensor:
     """Global L2 norm of the gradients of a model split by apply_tp (and/or pipeline stages),
-    counting each replicated parameter once: split parameters (`tensor_model_parallel`) on every
-    rank, the others on tp rank 0 only, summed over the model-parallel (tp × pp) group. The
-    same rule as DeepSpeed's clipping with an mpu; for plain (ZeRO-0) grads after the dp average."""
-    device = next((p.grad.device for p in model.parameters() if p.grad is not None), torch.device("cpu"))
-    sq = torch.zeros((), dtype=torch.float64, device=device)  # on the grads' device (NCCL needs CUDA)
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        if getattr(p, "tensor_model_parallel", False) or topology.tp_rank == 0:
-            sq += p.grad.detach().double().pow(2).sum()
+    counting each replicated parameter once (`tp_grad_sq`), summed over the model-parallel
+    (tp × pp) group. The same rule as DeepSpeed's clipping with an mpu; for plain (ZeRO-0) grads
+    after the dp average."""
+    sq = tp_grad_sq(model, topology)  # on the grads' device (NCCL needs CUDA)
     if topology.mp_group is not None and _size(topology.mp_group) > 1:
         dist.all_reduce(sq, group=topology.mp_group)
     return sq.sqrt()

@@ -41,7 +41,7 @@ def deepspeed_config(cfg: Config, derived: Derived, dtype: torch.dtype) -> dict:
         "gradient_accumulation_steps": derived.grad_accum,
         "gradient_clipping": o.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": dtype == torch.bfloat16},
+        "bf16": bf16_config(dtype),
         "fp16": {"enabled": False},
         "optimizer": {
             "type": "AdamW",
@@ -64,6 +64,18 @@ def deepspeed_config(cfg: Config, derived: Derived, dtype: torch.dtype) -> dict:
         "wall_clock_breakdown": False,
     }
     return deep_merge(ds, cfg.deepspeed)
+
+
+def bf16_config(dtype: torch.dtype) -> dict:
+    if dtype != torch.bfloat16:
+        return {"enabled": False}
+    # ZeRO-1/2 would scan every gradient for inf/NaN before the norm (a pass over the gradients,
+    # an all-reduce and a host sync per step) and skip a step that has any. The global norm
+    # shows the same (DeepSpeed reports an inf/NaN norm as inf or -1), and megacpt checks it after
+    # every step (rollback.is_finite): a non-finite step is rolled back to the last checkpoint or
+    # stops the run, so the step those optimizers then apply never survives. ZeRO-3 and the
+    # ZeRO-0 bf16 optimizer read no such switch (neither scans separately in bf16).
+    return {"enabled": True, "check_grad_overflow": False}
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -252,21 +252,49 @@ def one_step(rs: RunState, phase, batch_index: int) -> StepOut:
     gas = G // (mb * topo.dp_size)
     if rs.pipe_run is None:
         step_mod.set_batch_shape(rs.engine, mb, gas)
-    if rs.sft:
-        batches = sft_data.rank_batches(phase.dataset, batch_index * G, mb, gas, topo.dp_rank, topo.dp_size)
-    elif rs.classify:
-        batches = classify_data.rank_batches(phase.dataset, batch_index * G, mb, gas, topo.dp_rank, topo.dp_size)
-    else:
-        batches = step_mod.rank_batches(phase.dataset, batch_index * G, mb, gas, topo.dp_rank, topo.dp_size,
-                                        cfg.data.mask_eos_loss)
-    inputs = StepInputs(batches, gas, rs.stopper.flag, use_segments=cfg.data.document_mask or rs.sft,
-                        poison=os.environ.get("MEGACPT_FAULT") == f"nan:{phase.name}:{batch_index}", cp=rs.cp)
+    batches, tokens, fingerprint = step_batches(rs, phase, batch_index)
+    fault = os.environ.get("MEGACPT_FAULT", "")
+    poison = next((k for k in ("nan", "nangrad") if fault == f"{k}:{phase.name}:{batch_index}"), "")
+    inputs = StepInputs(batches, tokens, fingerprint, gas, rs.stopper.flag, use_segments=cfg.data.document_mask or rs.sft,
+                        poison=poison, cp=rs.cp, ahead=lambda: build_ahead(rs))
     try:
         if rs.pipe_run is not None:
             return rs.pipe_run.train_step(inputs, rs.where)
         return step_mod.train_step(rs.engine, topo, cfg.parallel.zero_stage, inputs, rs.where)
     except RuntimeError as e:
         raise collective_error(e, rs.rank, rs.step + 1, rs.where) from e
+
+
+def step_batches(rs: RunState, phase, batch_index: int) -> tuple[list[dict], float, int]:
+    """This rank's micro-batches of a data batch, and the target tokens and fingerprint of the
+    whole global batch (step.global_batch); built during the previous step when it guessed right."""
+    ahead, rs.ahead = rs.ahead, None
+    if ahead is not None and ahead[0] == (phase.name, batch_index):
+        return ahead[1]
+    topo, G, mb = rs.topo, phase.global_batch, phase.micro_batch
+    gas, first = G // (mb * topo.dp_size), batch_index * G
+    if rs.sft:
+        def build(d):
+            return sft_data.rank_batches(phase.dataset, first, mb, gas, d, topo.dp_size)
+    elif rs.classify:
+        def build(d):
+            return classify_data.rank_batches(phase.dataset, first, mb, gas, d, topo.dp_size)
+    else:
+        def build(d):
+            return step_mod.rank_batches(phase.dataset, first, mb, gas, d, topo.dp_size, rs.cfg.data.mask_eos_loss)
+    pin = torch.device(rs.engine.device).type == "cuda"
+    return step_mod.global_batch(build, topo.dp_rank, topo.dp_size, pin=pin)
+
+
+def build_ahead(rs: RunState) -> None:
+    """The next step's batches, built while the device finishes this step: guessed as if this
+    step is finite (after a rollback the next step reads another batch and builds its own)."""
+    nxt = rs.step + 1
+    if nxt >= rs.total_steps:
+        return
+    phase = phase_at(rs.phases, nxt)
+    index = data_batch_index(nxt - phase.start, rs.skips.get(phase.name, []))
+    rs.ahead = ((phase.name, index), step_batches(rs, phase, index))
 
 
 def log_step(rs: RunState, phase_name: str, out: StepOut, lrs: dict, dt: float) -> None:

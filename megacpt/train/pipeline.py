@@ -6,9 +6,10 @@ Built by megacpt.train.parallelize.build_pipeline; the loop calls `PipelineRun.t
 checkpoints stay the loop's.
 
 Loss: the last stage's loss_fn returns the summed token loss of a micro-batch × dp·gas / T (T =
-target tokens in the global batch, all-reduced over dp before the step). DeepSpeed divides by
-gas and averages gradients and the reported loss over dp, so both become exactly the token mean
-of the global batch, as in the non-pipeline path.
+target tokens in the global batch, counted by every rank from the whole global batch: see
+step.global_batch). DeepSpeed divides by gas and averages gradients and the reported loss over
+dp, so both become exactly the token mean of the global batch, as in the non-pipeline path. The
+step's bookkeeping is step.reduce_step's one all-reduce, as there.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelD
 from megacpt.labels import IGNORE
 from megacpt.parallel.pp import megacpt_name
 from megacpt.train.engine import deep_merge
-from megacpt.train.step import StepInputs, StepOut, batch_fingerprint, global_token_count
+from megacpt.train.step import StepInputs, StepOut, reduce_step, to_device
 
 
 def ds_config_for(ds_config: dict, zero_stage: int, dtype) -> tuple[dict, bool]:
@@ -105,32 +106,33 @@ class PipelineRun:
 
     @torch.no_grad()
     def _clip(self, optimizer, args, kwargs):
-        norm = global_grad_norm(self.engine.module, self.topo)
-        self.norm = float(norm)
-        coef = min(1.0, self.own_clip / (self.norm + 1e-6)) if self.own_clip > 0 else 1.0
-        if coef < 1.0:
-            for p in self.engine.module.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+        # On the device (no host sync): the coefficient is exactly 1 where no clipping is due.
+        self.norm = global_grad_norm(self.engine.module, self.topo)
+        if self.own_clip > 0:
+            coef = torch.clamp(self.own_clip / (self.norm + 1e-6), max=1.0)
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, coef)
 
     def train_step(self, inputs: StepInputs, where: dict) -> StepOut:
         t, engine = self.topo, self.engine
-        where["op"] = "all-reduce of the token count"
-        global_tokens = global_token_count(inputs.batches, t.dp_group)
-        self.state.loss_scale = t.dp_size * inputs.gas / global_tokens * (float("nan") if inputs.poison else 1.0)
+        poison = float("nan") if inputs.poison else 1.0  # "nangrad" too: the loss_fn scales loss and gradient alike
+        self.state.loss_scale = t.dp_size * inputs.gas / inputs.tokens * poison
         self.state.use_segments = inputs.use_segments
         dev = engine.device
-        data = [((b["input_ids"].to(dev), b["segments"].to(dev)), b["labels"].to(dev)) for b in inputs.batches]
+        data = []
+        for b in inputs.batches:
+            b = to_device(b, dev)
+            data.append(((b["input_ids"], b["segments"]), b["labels"]))
         where["op"] = "pipeline batch (1F1B forward/backward, stage send/recv, gradient all-reduce, optimizer step)"
         self.norm = None
         loss = engine.train_batch(iter(data))
-        where["op"] = "all-reduce of the stop flag"
-        stop = torch.tensor([float(inputs.stop_flag)], dtype=torch.float64)
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # the stop decision spans the whole world
-        fingerprint = batch_fingerprint(inputs.batches, t.dp_group)
+        where["op"] = "all-reduce of the step's loss, non-finite and stop flags"
         norm = self.norm if self.own_clip is not None else engine.get_global_grad_norm()
-        return StepOut(loss=float(loss), grad_norm=None if norm is None else float(norm),
-                       fingerprint=fingerprint, stop_signal=bool(stop[0] > 0))
+        # DeepSpeed's loss is already the dp mean, on every rank: world rank 0 reports it (and the norm).
+        sums = reduce_step(dev, loss.detach().double(), t.rank == 0, norm, t.rank == 0, inputs)
+        return StepOut(loss=sums.loss, grad_norm=None if norm is None else sums.norm, fingerprint=inputs.fingerprint,
+                       stop_signal=sums.stop, nonfinite=sums.nonfinite)
 
     def evaluate(self, windows: np.ndarray, mb: int) -> tuple[float, int]:
         """Summed token loss and token count over all windows (split over dp like the plain path).
@@ -173,10 +175,9 @@ def global_grad_norm(module, topology) -> torch.Tensor:
     """L2 norm of all gradients of the model, each parameter counted once over tp × pp
     (flags from megacpt.parallel.pp.mark_norm_counting)."""
     device = next((p.grad.device for p in module.parameters() if p.grad is not None), torch.device("cpu"))
-    sq = torch.zeros((), dtype=torch.float64, device=device)
-    for p in module.parameters():
-        if p.grad is not None and getattr(p, "megacpt_counted", True):
-            sq += p.grad.detach().double().pow(2).sum()
+    grads = [p.grad for p in module.parameters() if p.grad is not None and getattr(p, "megacpt_counted", True)]
+    sq = (torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum() if grads
+          else torch.zeros((), dtype=torch.float64, device=device))
     if topology.mp_group is not None:
         dist.all_reduce(sq, group=topology.mp_group)
     return sq.sqrt()

@@ -14,7 +14,11 @@ from megacpt.train.step import StepOut
 
 
 def is_finite(out: StepOut) -> bool:
-    return math.isfinite(out.loss) and (out.grad_norm is None or math.isfinite(out.grad_norm))
+    """False for a NaN/inf loss or gradient norm, for a negative norm (DeepSpeed's -1 sentinel for
+    one that came out inf/NaN), and when some rank flagged its own loss or norm (out.nonfinite)."""
+    if out.nonfinite or not math.isfinite(out.loss):
+        return False
+    return out.grad_norm is None or (math.isfinite(out.grad_norm) and out.grad_norm >= 0)
 
 
 def roll_back(rs: RunState, out: StepOut, phase_name: str, batch_index: int) -> None:

@@ -66,6 +66,7 @@ class RunState:
     last_saved: int = -1
     stopped_by: str | None = None
     recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50))  # losses, for spikes
+    ahead: tuple | None = None  # ((phase name, data batch), loop.step_batches) built during the previous step
     where: dict = field(default_factory=lambda: {"op": "start"})  # what the step does, to name a timed-out collective
     logger: object = None
     peak_flops: float | None = None  # the device's dense bf16 peak, for MFU (None on CPUs)

@@ -1,23 +1,33 @@
 """One optimizer step: this rank's micro-batches, the token-mean loss scaling, the grad norm.
 
 The loss of a step is the mean over all non-ignored tokens of the global batch, not a mean of
-micro-batch means: every rank counts its target tokens, the count is all-reduced over the
-data-parallel group, and each micro-batch's summed loss is scaled by dp × gas / tokens, which
-DeepSpeed's division by the accumulation steps and its averaging over dp ranks turn into exactly
-that token mean. Sums run over the data-parallel group only: tensor-parallel ranks hold the same
-batch and would count it tp times.
+micro-batch means: every rank counts the target tokens of the whole global batch itself (the
+data is a pure function of the sample index, so it reads every data-parallel rank's micro-batches:
+`global_batch`, no collective), and each micro-batch's summed loss is scaled by dp × gas / tokens,
+which DeepSpeed's division by the accumulation steps and its averaging over dp ranks turn into
+exactly that token mean. The samples fingerprint is computed the same way.
+
+Host work per step (issue 23): megacpt's own bookkeeping is ONE all-reduce per step, of a small
+vector on the engine's device (`reduce_step`): the loss sum, a non-finite flag, the stop flag
+and the gradient norm, summed over the whole world, each term contributed by the ranks that own
+it (tensor-parallel ranks hold the same loss and count it once), and read back with the step's
+only device-to-host copy. The micro-batches' copies to the device are all queued at the start
+(from pinned memory on CUDA, so they overlap the compute), and the next step's batches are built
+between that all-reduce and the read (`StepInputs.ahead`), while the device still works.
 
 Context parallelism (parallel.cp): the cp ranks of one data-parallel index read the same samples
 (rank_batches with the dp rank), then each keeps its block of positions of input_ids and labels
 (cp_shard); segment ids stay whole (the key side of the document mask and the per-document
 positions need the whole sequence). To ZeRO and DeepSpeed's gradient average the cp ranks are
-data-parallel ranks, so the token count and loss sums run over the grad group (dp × cp) and the
-scale is dp · cp × gas / tokens: the loss stays the token mean of the global batch.
+data-parallel ranks, so the loss sums run over dp × cp and the scale is dp · cp × gas / tokens:
+the loss stays the token mean of the global batch.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from megacpt.labels import IGNORE
-from megacpt.parallel import tp_grad_norm
+from megacpt.parallel import tp_grad_sq
 
 
 @dataclass
@@ -34,6 +44,7 @@ class StepOut:
     grad_norm: float | None
     fingerprint: int
     stop_signal: bool
+    nonfinite: bool = False  # some rank's own loss or gradient norm was non-finite (or DeepSpeed's -1)
 
 
 def rank_batches(dataset, first_sample: int, mb: int, gas: int, dp_rank: int, dp_size: int,
@@ -58,6 +69,28 @@ def rank_batches(dataset, first_sample: int, mb: int, gas: int, dp_rank: int, dp
     return out
 
 
+def global_batch(build: Callable[[int], list[dict]], dp_rank: int, dp_size: int,
+                 pin: bool = False) -> tuple[list[dict], float, int]:
+    """This rank's micro-batches (`build(dp_rank)`), and the target tokens (at least 1, so an
+    all-ignored batch divides safely) and samples fingerprint of the whole global batch, read
+    from every data-parallel rank's micro-batches instead of all-reduced. `pin`: page-locked
+    tensors, so the copies to a CUDA device run asynchronously."""
+    mine, tokens, fingerprint = [], 0, 0
+    for d in range(dp_size):
+        batches = build(d)
+        tokens += sum(int((b["labels"] != IGNORE).sum()) for b in batches)
+        fingerprint += sum(b["fingerprint"] for b in batches)
+        if d == dp_rank:
+            mine = batches
+    if pin:
+        mine = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in mine]
+    return mine, max(float(tokens), 1.0), fingerprint
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def cp_shard(batch: dict, cp) -> dict:
     """This context-parallel rank's block of positions of a micro-batch (input_ids, labels);
     the segment ids stay whole. Unchanged when cp is None."""
@@ -65,19 +98,6 @@ def cp_shard(batch: dict, cp) -> dict:
         return batch
     return {**batch, "input_ids": cp.shard(batch["input_ids"]).contiguous(),
             "labels": cp.shard(batch["labels"]).contiguous()}
-
-
-def global_token_count(batches: list[dict], dp_group) -> float:
-    """Target tokens of the whole global batch (at least 1, so an all-ignored batch divides safely)."""
-    local = torch.tensor([sum(int((b["labels"] != IGNORE).sum()) for b in batches)], dtype=torch.float64)
-    dist.all_reduce(local, group=dp_group)
-    return max(float(local.item()), 1.0)
-
-
-def batch_fingerprint(batches: list[dict], dp_group) -> int:
-    fingerprint = torch.tensor([sum(b["fingerprint"] for b in batches)], dtype=torch.int64)
-    dist.all_reduce(fingerprint, group=dp_group)
-    return int(fingerprint)
 
 
 def set_batch_shape(engine, micro_batch: int, gas: int) -> None:
@@ -96,50 +116,96 @@ def set_batch_shape(engine, micro_batch: int, gas: int) -> None:
 @dataclass
 class StepInputs:
     """What one step needs besides the engine: the batches and how to run them."""
-    batches: list[dict]
+    batches: list[dict]  # this rank's micro-batches
+    tokens: float  # target tokens of the whole global batch (global_batch)
+    fingerprint: int  # samples fingerprint of the whole global batch (global_batch)
     gas: int
     stop_flag: bool
     use_segments: bool
-    poison: bool = False  # fault injection (MEGACPT_FAULT=nan:PHASE:BATCH): a diverging batch
+    # Fault injection (MEGACPT_FAULT=nan:PHASE:BATCH / nangrad:PHASE:BATCH): "nan" makes the batch's
+    # loss and gradients NaN, "nangrad" its gradients only (the loss stays finite: only the norm shows it).
+    poison: str = ""
     cp: object = None  # context parallelism: parallel/cp.py UlyssesAttention of this rank's group
+    ahead: Callable[[], None] | None = None  # host work run while the device finishes the step
+
+
+@dataclass
+class StepSums:
+    """The step's one all-reduced vector, read back: world sums of each rank's contribution."""
+    loss: float
+    nonfinite: bool
+    stop: bool
+    norm: float
+
+
+def reduce_step(device, loss: torch.Tensor, loss_owner: bool, norm, norm_owner: bool, inputs: StepInputs) -> StepSums:
+    """megacpt's one collective of a step: [loss, non-finite, stop, norm] summed over the world
+    on the engine's device (NCCL on GPUs), then the step's one read back to the host.
+
+    Each rank flags its own loss and norm (a norm below 0 is DeepSpeed's sentinel for inf/NaN);
+    the loss and norm terms come only from the ranks that own them (`*_owner`: the others add
+    0, which leaves a sum, inf and NaN unchanged), so values held by several ranks count once."""
+    vec = torch.zeros(4, dtype=torch.float64, device=device)
+    bad = ~torch.isfinite(loss)
+    if loss_owner:
+        vec[0] = loss
+    vec[2] = float(inputs.stop_flag)
+    if torch.is_tensor(norm):
+        n = norm.detach().to(device=device, dtype=torch.float64)
+        bad = bad | ~torch.isfinite(n) | (n < 0)
+        if norm_owner:
+            vec[3] = n
+    elif norm is not None:
+        bad = bad | (not math.isfinite(norm) or norm < 0)
+        if norm_owner:
+            vec[3] = float(norm)
+    vec[1] = bad
+    dist.all_reduce(vec)
+    if inputs.ahead is not None:
+        inputs.ahead()  # on GPUs the all-reduce above is only queued: this overlaps the device's work
+    loss_sum, n_bad, stop, norm_sum = vec.tolist()
+    return StepSums(loss_sum, n_bad > 0, stop > 0, norm_sum)
 
 
 def train_step(engine, topo, zero_stage: int, inputs: StepInputs, where: dict) -> StepOut:
     """One optimizer step over this rank's micro-batches (the non-pipeline engine)."""
-    batches = [cp_shard(b, inputs.cp) for b in inputs.batches]
-    where["op"] = "all-reduce of the token count"
-    global_tokens = global_token_count(batches, topo.grad_group)
-    scale = topo.grad_size * inputs.gas / global_tokens
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    plain_norm = None
     device = engine.device
+    # All copies queued before the first forward: from pinned memory they overlap the compute.
+    batches = [to_device(cp_shard(b, inputs.cp), device) for b in inputs.batches]
+    scale = topo.grad_size * inputs.gas / inputs.tokens
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    norm_sq = None
     for i, b in enumerate(batches):
-        kwargs = {"segment_ids": b["segments"].to(device)} if inputs.use_segments else {}
+        kwargs = {"segment_ids": b["segments"]} if inputs.use_segments else {}
         if "pool_index" in b:  # task: classify
-            kwargs["pool_index"] = b["pool_index"].to(device)
+            kwargs["pool_index"] = b["pool_index"]
         # Explicit, not DeepSpeed's micro-step counter modulo the accumulation steps: after a phase
         # changes them, the counter is no longer a multiple of the new value.
         engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
         if inputs.cp is not None:
             kwargs["cp"] = inputs.cp
         where["op"] = f"forward of micro-batch {i} (ZeRO parameter all-gather)"
-        out = engine(b["input_ids"].to(device), labels=b["labels"].to(device), **kwargs)
-        if inputs.poison:
+        out = engine(b["input_ids"], labels=b["labels"], **kwargs)
+        if inputs.poison == "nan":
             out = out * float("nan")
         where["op"] = f"backward of micro-batch {i} (gradient reduce-scatter)"
-        engine.backward(out * scale)
+        engine.backward(out * scale if inputs.poison != "nangrad" else out * scale * float("nan"))
         if i == len(batches) - 1 and zero_stage == 0:
             # Without ZeRO, DeepSpeed clips but does not report the norm: measure the
             # (already data-parallel averaged) gradients before the optimizer step.
-            plain_norm = float(tp_grad_norm(engine.module, topo))
+            norm_sq = tp_grad_sq(engine.module, topo)
         where["op"] = "optimizer step"
         engine.step()
-        loss_sum += out.detach().double().cpu()
-    where["op"] = "all-reduce of the loss and stop flag"
-    stats = torch.stack([loss_sum, torch.tensor(float(inputs.stop_flag), dtype=torch.float64)])
-    dist.all_reduce(stats[:1], group=topo.grad_group)
-    dist.all_reduce(stats[1:], op=dist.ReduceOp.MAX)  # the stop decision spans the whole world
-    fingerprint = batch_fingerprint(inputs.batches, topo.dp_group)
-    norm = plain_norm if plain_norm is not None else engine.get_global_grad_norm()
-    return StepOut(loss=float(stats[0]) / global_tokens, grad_norm=None if norm is None else float(norm),
-                   fingerprint=fingerprint, stop_signal=bool(stats[1] > 0))
+        loss_sum += out.detach()
+    where["op"] = "all-reduce of the step's loss, non-finite and stop flags"
+    if norm_sq is not None:
+        # Each model replica's partial squares (split parameters on every tp rank, the others on tp
+        # rank 0): one replica (grad rank 0) adds them up to the whole model's.
+        sums = reduce_step(device, loss_sum, topo.tp_rank == 0, norm_sq, topo.grad_rank == 0, inputs)
+        norm = math.sqrt(sums.norm) if sums.norm >= 0 else sums.norm
+    else:
+        global_norm = engine.get_global_grad_norm()  # the same on every rank: world rank 0 reports it
+        sums = reduce_step(device, loss_sum, topo.tp_rank == 0, global_norm, topo.rank == 0, inputs)
+        norm = None if global_norm is None else sums.norm
+    return StepOut(loss=sums.loss / inputs.tokens, grad_norm=norm, fingerprint=inputs.fingerprint,
+                   stop_signal=sums.stop, nonfinite=sums.nonfinite)
