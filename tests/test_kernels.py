@@ -507,7 +507,28 @@ def _interp_pass_checks():
     out["pass_alloc_fallback_sum"] = _pass_allocations(64, 16, 128, "sum", None)
     out["pass_auto_on_cpu"] = dict(value=TorchBackend().uses_fused_pass(torch.zeros(1)))
     out["pass_vocab_shard"] = _pass_on_a_shard()
+    out["pass_partial_grads"] = _pass_partial_grads()
     return out
+
+
+def _pass_partial_grads():
+    """Only dX (a frozen head) or only dW asked for, bf16, dW kept (N=9) or summed (N=40); and no
+    rows at all."""
+    errs = {}
+    for n in (9, 40):
+        hidden, weight, targets = make_case(n, 16, 30, dtype=torch.bfloat16, ignore_every=4)
+        for which in ("dx", "dw"):
+            h, w = hidden.clone().requires_grad_(which == "dx"), weight.clone().requires_grad_(which == "dw")
+            linear_cross_entropy(h, w, targets, impl="chunked-triton", _chunk_elems=4 * 30).backward()
+            hr, wr = hidden.double().requires_grad_(), weight.double().requires_grad_()
+            reference(hr, wr, targets)[0].backward()
+            got, want = (h.grad, hr.grad) if which == "dx" else (w.grad, wr.grad)
+            errs[f"{which}_n{n}"] = rel_err(got.double(), want)
+    h = torch.zeros(0, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(40, 16).to(torch.bfloat16).requires_grad_()
+    linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long), impl="chunked-triton").backward()
+    errs["no_rows_nonzero_dw"] = float(torch.count_nonzero(w.grad))
+    return errs
 
 
 def _pass_on_a_shard():
@@ -604,6 +625,15 @@ def test_chunked_triton_pass_on_a_vocabulary_shard(interp_results):
     assert len(extra["pass_vocab_shard"]) == 8
     for k, err in extra["pass_vocab_shard"].items():
         assert err < 1e-5, (k, err)
+
+
+def test_chunked_triton_pass_partial_grads(interp_results):
+    extra = interp_results["extra"]
+    assert "error" not in extra, extra.get("error")
+    errs = extra["pass_partial_grads"]
+    assert len(errs) == 5 and errs.pop("no_rows_nonzero_dw") == 0
+    for k, err in errs.items():
+        assert err < tolerance(torch.bfloat16), (k, err)
 
 
 def test_chunked_triton_pass_allocations(interp_results):
