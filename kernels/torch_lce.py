@@ -44,6 +44,9 @@ CHUNK_ELEMS = int(os.environ.get("MEGACPT_LCE_CHUNK_ELEMS", str(1 << 23)))
 # V=128k, which makes the head memory-bound. 2^27 (512 MiB of fp32 logits) gives 1,040 rows: on an
 # H100, N=4096, H=2048, V=128256: 23.6 ms fwd+bwd vs 29.2 ms at 2^26, 38.4 at 2^25 (bench/profile_gpu.py).
 CHUNK_ELEMS_CUDA = int(os.environ.get("MEGACPT_LCE_CHUNK_ELEMS_CUDA", str(1 << 27)))
+# MEGACPT_LCE_TRITON_PASS=0 keeps impl="auto" on the eager pointwise ops on CUDA too (the Triton
+# pass was written and tested without a GPU; this is the way back without a code change).
+TRITON_PASS_ON_CUDA = os.environ.get("MEGACPT_LCE_TRITON_PASS", "1") != "0"
 
 
 def chunk_rows(n: int, v: int, chunk_elems: Optional[int] = None, cuda: bool = False) -> int:
@@ -356,8 +359,9 @@ class TorchBackend:
     """Chunked torch implementation of the stats/grads primitives (any device).
 
     fused_pass: None (impl="auto") runs each chunk's pointwise work as one Triton pass where that
-    pays -- CUDA tensors with triton installed (and not interpreted); True (impl="chunked-triton")
-    always (CUDA, or CPU tensors under TRITON_INTERPRET=1); False (impl="torch") never."""
+    pays -- CUDA tensors with triton installed (and not interpreted), unless
+    MEGACPT_LCE_TRITON_PASS=0; True (impl="chunked-triton") always (CUDA, or CPU tensors under
+    TRITON_INTERPRET=1); False (impl="torch") never."""
 
     name = "torch"
 
@@ -366,7 +370,7 @@ class TorchBackend:
 
     def uses_fused_pass(self, hidden: Tensor) -> bool:
         if self.fused_pass is None:
-            return hidden.is_cuda and CAPS.triton and not CAPS.triton_interpret
+            return hidden.is_cuda and CAPS.triton and not CAPS.triton_interpret and TRITON_PASS_ON_CUDA
         return self.fused_pass
 
     def stats(self, hidden, weight, targets, spec: LossSpec):

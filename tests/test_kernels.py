@@ -854,7 +854,8 @@ def test_gpu_pass_is_auto_and_matches_eager_chunk_loop(n, chunk_elems):
 
     hidden, weight, targets = (t.cuda() for t in make_case(n, 128, 5000, dtype=torch.bfloat16,
                                                             ignore_every=5, scale=4.0))
-    assert TorchBackend().uses_fused_pass(hidden) == (CAPS.triton and not CAPS.triton_interpret)
+    assert TorchBackend().uses_fused_pass(hidden) == (CAPS.triton and not CAPS.triton_interpret
+                                                      and os.environ.get("MEGACPT_LCE_TRITON_PASS") != "0")
     out = {}
     for impl in ("chunked-triton", "torch"):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
