@@ -3,7 +3,12 @@
 Public entry points: `linear_cross_entropy` (function) and `LinearCrossEntropy` (nn.Module). This
 module checks the arguments and picks an implementation; the work is done by a backend:
   * torch (torch_lce.py; any device, what impl="auto" runs everywhere): the logits in chunks of a
-    fixed budget, gradients precomputed in forward for reduction mean/sum.
+    fixed budget, gradients precomputed in forward for reduction mean/sum. Each chunk's logits
+    come from a torch GEMM (cuBLAS on CUDA); its pointwise work (softmax statistics, dlogits) is
+    either eager torch ops (CPU; impl="torch" everywhere) or one Triton pass (triton_pass.py:
+    impl="auto" on CUDA with triton installed, or impl="chunked-triton", also on CPU tensors under
+    TRITON_INTERPRET=1), which also makes dW one GEMM over kept bf16 dlogits where they fit in
+    the bytes of the fp32 dW buffer.
   * triton (triton_lce.py; CUDA, or CPU tensors under TRITON_INTERPRET=1; only when asked for by
     impl="triton"): always the recompute scheme (forward 2NHV FLOPs, backward 8NHV); its only
     workspace is up to 4 partial fp32 dX buffers (N x H) when the vocabulary is split across
@@ -14,7 +19,8 @@ variant (vocab_parallel.py) are backend-agnostic:
   stats(hidden, weight, targets, spec) -> (max, sumexp, tgt_logit, logit_sum | None)
       per-token, over this weight's rows only; tgt_logit is 0 where the target is not a row of it.
   grads(hidden, weight, targets, row_max, log_sumexp, row_scale, spec) -> (dX | None, dW | None)
-      fp32 gradients of sum_i row_scale[i] * loss_i given the (global) softmax statistics.
+      gradients of sum_i row_scale[i] * loss_i given the (global) softmax statistics: fp32 (the
+      Triton pass's one-GEMM dW: the weight's dtype; callers cast to the input dtypes).
 The per-token maths and the call's options (`LossSpec`) are in per_token.py.
 """
 
@@ -33,7 +39,7 @@ from .torch_lce import PrecomputedLCE, TorchBackend
 __all__ = ["linear_cross_entropy", "LinearCrossEntropy"]
 
 _REDUCTIONS = ("mean", "sum", "none")
-_IMPLS = ("auto", "triton", "torch")
+_IMPLS = ("auto", "chunked-triton", "triton", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Target range checking (see check_targets): "always" | "first" | "never".
@@ -104,14 +110,18 @@ def check_targets(targets: Tensor, vocab_size: int, ignore_index: int) -> None:
 
 
 def get_backend(impl: str, chunk_elems: Optional[int] = None):
-    """Resolve impl ("auto" | "triton" | "torch") to a backend object; imports triton lazily."""
+    """Resolve impl ("auto" | "chunked-triton" | "triton" | "torch") to a backend object; imports
+    triton lazily."""
     if impl in ("torch", "auto"):
-        # "auto" is the torch path on CUDA too: chunks through cuBLAS measured 7.8x faster than our
-        # all-in-one Triton kernels on an H100 (85.7 vs 670.6 ms, bench/README.md), whose backward
-        # re-reads and re-writes fp32 dX/dW tiles for every vocabulary tile.
-        return TorchBackend(chunk_elems)
+        # "auto" is the chunked path on CUDA too: chunks through cuBLAS measured 7.8x faster than
+        # our all-in-one Triton kernels on an H100 (85.7 vs 670.6 ms, bench/README.md), whose
+        # backward re-reads and re-writes fp32 dX/dW tiles for every vocabulary tile. On CUDA with
+        # triton installed its pointwise work per chunk is one Triton pass (torch_lce.TorchBackend).
+        return TorchBackend(chunk_elems, fused_pass=False if impl == "torch" else None)
     if not CAPS.triton:
-        raise ImportError("impl='triton' needs the triton package (pip install triton)")
+        raise ImportError(f"impl={impl!r} needs the triton package (pip install triton)")
+    if impl == "chunked-triton":
+        return TorchBackend(chunk_elems, fused_pass=True)
     # Lazy: importing triton costs seconds, and only impl="triton" needs it.
     from . import triton_lce
 
@@ -165,8 +175,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
     divide by the global token count yourself: nothing here syncs with the host (on CUDA; see
     TARGET_CHECK for the one-off target range check).
     impl: "auto" (the chunked torch path, through cuBLAS on CUDA: faster there than our Triton
-    kernels, see get_backend) | "triton" | "torch". "triton" on CPU tensors needs TRITON_INTERPRET=1
-    set before megacpt.kernels is imported (triton_lce.py itself is imported on first use).
+    kernels, see get_backend; on CUDA with triton installed each chunk's pointwise work is one
+    Triton pass) | "chunked-triton" (that path with the Triton pass wherever asked) | "triton" |
+    "torch" (the chunked path with eager pointwise ops only). "triton" and "chunked-triton" on CPU
+    tensors need TRITON_INTERPRET=1 set before megacpt.kernels is imported (the Triton modules
+    themselves are imported on first use).
     Targets outside [0, V) other than ignore_index raise ValueError (CPU: every call; CUDA: the
     first call, later ones give a NaN loss instead -- see check_targets).
     Limitation: the torch path with reduction "mean"/"sum" scales its precomputed gradients in
@@ -187,7 +200,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
     if not (spec.need_dx or spec.need_dw):
         loss, z = forward_no_grad(backend, hidden2, weight, targets1, spec, reduction)
     elif backend.name == "torch" and reduction != "none":
-        loss, z = PrecomputedLCE.apply(hidden2, weight, targets1, spec, reduction, _chunk_elems)
+        loss, z = PrecomputedLCE.apply(hidden2, weight, targets1, spec, reduction, backend)
     else:
         loss, z = RecomputeLCE.apply(hidden2, weight, targets1, backend, spec, reduction)
     if reduction == "none":

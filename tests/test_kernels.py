@@ -124,6 +124,27 @@ CASES = {
 }
 
 
+# The Triton pass (impl="chunked-triton") runs every case in CASES, where the kept dlogits fit in
+# the fp32 dW buffer's bytes (N <= H in fp32, N <= 2H in bf16/fp16): dW is one GEMM over them.
+# These cases have more rows than that: dW is summed chunk by chunk (fp32 and bf16, each reduction,
+# ignored rows, confident targets -- p(target) >= 0.999 at this shape too -- softcap).
+PASS_FALLBACK_CASES = {
+    "fallback_fp32_sum": dict(shape=(40, 8, 37), case=dict(ignore_every=3), kw=dict(reduction="sum")),
+    "fallback_bf16_mean": dict(shape=(40, 8, 37), case=dict(dtype=torch.bfloat16, ignore_every=4), kw=dict()),
+    "fallback_bf16_none": dict(shape=(40, 8, 37), case=dict(dtype=torch.bfloat16, ignore_every=4, scale=10.0),
+                               kw=dict(reduction="none", z_loss=1e-3, label_smoothing=0.2, softcap=8.0),
+                               upstream=True),
+    # 5 chunks of 15 rows: each chunk's bf16 dW product is rounded before the fp32 sum (as the eager
+    # CUDA path does), so dW's error grows with the chunk count.
+    "fallback_confident": dict(shape=(72, 32, 40), case=dict(confident=True), kw=dict(reduction="sum"),
+                               tol=1e-3, chunk_elems=16 * 40),
+    "fallback_confident_bf16": dict(shape=(72, 32, 40), case=dict(confident=True, dtype=torch.bfloat16),
+                                    kw=dict(reduction="mean"), tol=1e-2, chunk_elems=16 * 40),
+}
+PASS_CASES = dict(CASES, **PASS_FALLBACK_CASES)
+PASS_CHUNK_ELEMS = 4 * 37  # several chunks, a ragged last one (unless a case says otherwise)
+
+
 def tolerance(dtype):
     return {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
 
@@ -170,8 +191,9 @@ def test_reference_matches_torch_cross_entropy():
             torch.testing.assert_close(got, want)
 
 
-def test_confident_case_is_confident():
-    hidden, weight, targets = make_case(9, 32, 40, confident=True)
+@pytest.mark.parametrize("n", [9, 72])
+def test_confident_case_is_confident(n):
+    hidden, weight, targets = make_case(n, 32, 40, confident=True)
     p = torch.softmax(hidden.double() @ weight.double().t(), -1).gather(1, targets[:, None])
     assert p.min() >= 0.999
 
@@ -286,16 +308,21 @@ def test_bad_input_raises_value_error(bad, match):
 class _AllocTracker(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the element count of every tensor any op returns (forward and backward)."""
 
-    def __init__(self):
+    def __init__(self, ignore=()):
         super().__init__()
         self.largest = 0
+        self.largest_bytes = 0
         self.ops = set()
+        self.ignore = ignore  # op name prefixes whose outputs are not counted
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if str(func).startswith(self.ignore):
+            return out
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
+                self.largest_bytes = max(self.largest_bytes, t.numel() * t.element_size())
         self.ops.add(str(func))
         return out
 
@@ -361,8 +388,12 @@ def test_loss_bench_smoke(tmp_path, capsys):
 
 
 def test_import_does_not_import_triton():
-    code = ("import sys, megacpt.kernels; "
-            "assert 'triton' not in sys.modules, 'triton imported eagerly'; print('ok')")
+    # Nor does a CPU call with impl="auto": the Triton pass is CUDA's (the CPU path is unchanged).
+    code = ("import sys, torch, megacpt.kernels; "
+            "assert 'triton' not in sys.modules, 'triton imported eagerly'; "
+            "h = torch.randn(6, 8, requires_grad=True); w = torch.randn(20, 8, requires_grad=True); "
+            "megacpt.kernels.linear_cross_entropy(h, w, torch.arange(6)).backward(); "
+            "assert 'triton' not in sys.modules, 'triton imported by a CPU call'; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
@@ -442,19 +473,109 @@ def _interp_extra_checks():
     return out
 
 
+def _pass_allocations(n, h, v, reduction, softcap):
+    """The Triton pass (bf16) under _AllocTracker: largest tensor (elements, bytes) and the eager
+    pointwise ops of the torch chunk loop that it still saw (there should be none)."""
+    hidden, weight, targets = make_case(n, h, v, dtype=torch.bfloat16, ignore_every=7)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    # The interpreter hands each pointer's whole storage to the kernel as a uint8 tensor (set_) and
+    # copies it back (copy_): neither op allocates, and a GPU launch does neither.
+    tracker = _AllocTracker(ignore=("aten.set_.", "aten.copy_."))
+    with tracker:
+        loss = linear_cross_entropy(hidden, weight, targets, reduction=reduction, softcap=softcap,
+                                    z_loss=1e-3, label_smoothing=0.1, impl="chunked-triton",
+                                    _chunk_elems=8 * v)
+        loss.backward(torch.ones_like(loss))
+    eager = sorted(op for op in tracker.ops
+                   if op.split(".")[1].rstrip("_") in ("amax", "exp", "scatter_add", "tanh"))
+    return dict(n=n, h=h, v=v, largest=tracker.largest, largest_bytes=tracker.largest_bytes,
+                saw_mm=any("mm" in op for op in tracker.ops), eager_ops=eager,
+                grads=hidden.grad is not None and weight.grad is not None)
+
+
+def _interp_pass_checks():
+    """The Triton pass (impl="chunked-triton"): allocations, and a bad device refused up front."""
+    from megacpt.kernels import triton_pass
+    from megacpt.kernels.torch_lce import TorchBackend
+
+    out = {"pass_interpreting": dict(value=type(triton_pass.KERNELS["softmax_pass"]).__name__)}
+    # N V 2 bytes == V H 4: the dlogits are kept (one N x V bf16 tensor) and dW is one GEMM.
+    out["pass_alloc_kept_mean"] = _pass_allocations(32, 16, 128, "mean", None)
+    out["pass_alloc_kept_none"] = _pass_allocations(32, 16, 128, "none", 4.0)
+    # Twice the rows: they would not fit, dW is summed per chunk and nothing is N x V.
+    out["pass_alloc_fallback_sum"] = _pass_allocations(64, 16, 128, "sum", None)
+    out["pass_auto_on_cpu"] = dict(value=TorchBackend().uses_fused_pass(torch.zeros(1)))
+    out["pass_vocab_shard"] = _pass_on_a_shard()
+    out["pass_partial_grads"] = _pass_partial_grads()
+    return out
+
+
+def _pass_partial_grads():
+    """Only dX (a frozen head) or only dW asked for, bf16, dW kept (N=9) or summed (N=40); and no
+    rows at all."""
+    errs = {}
+    for n in (9, 40):
+        hidden, weight, targets = make_case(n, 16, 30, dtype=torch.bfloat16, ignore_every=4)
+        for which in ("dx", "dw"):
+            h, w = hidden.clone().requires_grad_(which == "dx"), weight.clone().requires_grad_(which == "dw")
+            linear_cross_entropy(h, w, targets, impl="chunked-triton", _chunk_elems=4 * 30).backward()
+            hr, wr = hidden.double().requires_grad_(), weight.double().requires_grad_()
+            reference(hr, wr, targets)[0].backward()
+            got, want = (h.grad, hr.grad) if which == "dx" else (w.grad, wr.grad)
+            errs[f"{which}_n{n}"] = rel_err(got.double(), want)
+    h = torch.zeros(0, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(40, 16).to(torch.bfloat16).requires_grad_()
+    linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long), impl="chunked-triton").backward()
+    errs["no_rows_nonzero_dw"] = float(torch.count_nonzero(w.grad))
+    return errs
+
+
+def _pass_on_a_shard():
+    """The pass's statistics and given-statistics gradients on a vocabulary shard (rows 10..29 of
+    40; targets on and off it) against the eager chunk loop: dW as one GEMM (H=24 >= N=13) and
+    summed per chunk (H=8)."""
+    from megacpt.kernels.per_token import LossSpec
+    from megacpt.kernels.torch_lce import TorchBackend, torch_grads, torch_stats
+
+    g = torch.Generator().manual_seed(3)
+    targets = torch.randint(0, 40, (13,), generator=g)
+    scale = torch.linspace(-1, 1, 13)
+    errs = {}
+    for h in (24, 8):
+        hidden, weight = torch.randn(13, h, generator=g), torch.randn(20, h, generator=g)
+        for cap in (None, 4.0):
+            spec = LossSpec(vocab_total=40, vocab_start=10, softcap=cap, z_loss=1e-2, label_smoothing=0.1)
+            ours, eager = TorchBackend(4 * 20, fused_pass=True), TorchBackend(fused_pass=False)
+            a = torch_stats(hidden, weight, targets, spec, ours)
+            b = torch_stats(hidden, weight, targets, spec, eager)
+            errs[f"stats_h{h}_{cap}"] = max(rel_err(x.double(), y.double()) for x, y in zip(a, b))
+            row_max, log_se = b[0], b[1].log() + 0.5  # any consistent statistics will do
+            a = torch_grads(hidden, weight, targets, row_max, log_se, scale, spec, ours)
+            b = torch_grads(hidden, weight, targets, row_max, log_se, scale, spec, eager)
+            errs[f"grads_h{h}_{cap}"] = max(rel_err(x.double(), y.double()) for x, y in zip(a, b))
+    return errs
+
+
 def _interp_worker():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.set_num_threads(1)
-    for name in sorted(CASES):
-        t0 = time.time()
-        try:
-            r = evaluate_case(name, "triton")
-        except Exception as e:  # noqa: BLE001
-            r = dict(case=name, error=f"{type(e).__name__}: {e}")
-        r["seconds"] = round(time.time() - t0, 2)
-        print("RESULT " + json.dumps(r), flush=True)
+    for prefix, impl, cases in (("", "triton", CASES), ("pass:", "chunked-triton", PASS_CASES)):
+        for name in sorted(cases):
+            t0 = time.time()
+            ours_kw = None
+            if impl == "chunked-triton":
+                ours_kw = dict(_chunk_elems=cases[name].get("chunk_elems", PASS_CHUNK_ELEMS))
+            try:
+                r = evaluate_case(name, impl, ours_kw=ours_kw, cases=cases)
+            except Exception as e:  # noqa: BLE001
+                r = dict(case=name, error=f"{type(e).__name__}: {e}")
+            r["case"] = prefix + name
+            r["seconds"] = round(time.time() - t0, 2)
+            print("RESULT " + json.dumps(r), flush=True)
     try:
         extra = _interp_extra_checks()
+        extra.update(_interp_pass_checks())
     except Exception as e:  # noqa: BLE001
         import traceback
 
@@ -488,6 +609,55 @@ def test_triton_interpreter_matches_reference(interp_results, name):
     r = interp_results["cases"][name]
     assert "error" not in r, r["error"]
     check_result(r)
+
+
+@pytest.mark.parametrize("name", sorted(PASS_CASES))
+def test_chunked_triton_pass_matches_reference(interp_results, name):
+    """impl="chunked-triton": cuBLAS-style GEMMs (torch) + one Triton pass per logits chunk."""
+    r = interp_results["cases"]["pass:" + name]
+    assert "error" not in r, r["error"]
+    check_result(r)
+
+
+def test_chunked_triton_pass_on_a_vocabulary_shard(interp_results):
+    extra = interp_results["extra"]
+    assert "error" not in extra, extra.get("error")
+    assert len(extra["pass_vocab_shard"]) == 8
+    for k, err in extra["pass_vocab_shard"].items():
+        assert err < 1e-5, (k, err)
+
+
+def test_chunked_triton_pass_partial_grads(interp_results):
+    extra = interp_results["extra"]
+    assert "error" not in extra, extra.get("error")
+    errs = extra["pass_partial_grads"]
+    assert len(errs) == 5 and errs.pop("no_rows_nonzero_dw") == 0
+    for k, err in errs.items():
+        assert err < tolerance(torch.bfloat16), (k, err)
+
+
+def test_chunked_triton_pass_allocations(interp_results):
+    """The N x V tensor of the Triton pass is deliberate and bounded: with N V 2 <= V H 4 bytes
+    (bf16) the dlogits of all rows are kept -- exactly one N x V bf16 tensor (and its transposed
+    view), no bigger than the fp32 dW buffer it replaces -- for dW as one GEMM. With more rows it
+    falls back to per-chunk sums and, like the eager torch path, allocates nothing N x V. In
+    both, the chunk loop's eager pointwise ops (amax, exp, scatter, tanh) are gone."""
+    extra = interp_results["extra"]
+    assert "error" not in extra, extra.get("error")
+    assert extra["pass_interpreting"]["value"] == "InterpretedFunction"
+    assert extra["pass_auto_on_cpu"]["value"] is False  # impl="auto" on CPU: the eager path, unchanged
+    for key in ("pass_alloc_kept_mean", "pass_alloc_kept_none", "pass_alloc_fallback_sum"):
+        r = extra[key]
+        n, h, v = r["n"], r["h"], r["v"]
+        assert r["saw_mm"] and r["grads"], r
+        assert r["eager_ops"] == [], r
+        if "kept" in key:
+            assert r["largest"] == n * v, r
+            assert r["largest_bytes"] == n * v * 2 <= v * h * 4, r
+        else:
+            assert n * v * 2 > v * h * 4
+            assert r["largest"] < n * v, r
+            assert r["largest"] <= max(8 * v, v * h), r
 
 
 def test_triton_interpreter_extra_checks(interp_results):
@@ -531,6 +701,43 @@ def _cubin_stack_bytes(cubin: bytes):
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
     m = re.search(r"STACK:(\d+)", out)
     return int(m.group(1)) if m else None
+
+
+def _aot_pass_worker():
+    """The Triton pass's kernel for sm_90: bf16 and fp32 dlogits, computed and given statistics."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from megacpt.kernels import triton_pass
+
+    fn = triton_pass.KERNELS["softmax_pass"]
+    blocks = {k: v for k, v in triton_pass.GPU_BLOCKS.items() if k.startswith("BLOCK")}
+    for dz_dtype, given in (("bf16", False), ("fp32", False), ("bf16", True)):
+        # Pointers and row strides divisible by 16, as the launch specialises them for V = 128,256.
+        signature, attrs = {}, {}
+        for i, arg in enumerate(fn.arg_names):
+            if arg.endswith("_ptr") or arg in ("V", "stride_z", "stride_dz", "stride_stats"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            if fn.params[i].is_constexpr:
+                signature[arg] = "constexpr"
+            elif arg == "tgt_ptr":
+                signature[arg] = "*i64"
+            elif arg.endswith("_ptr"):
+                signature[arg] = f"*{dz_dtype}" if arg == "dz_ptr" else "*fp32"
+            else:
+                signature[arg] = _SCALAR_ARGS.get(arg, "i32")
+        constexprs = dict(blocks, GIVEN_STATS=given, WRITE_DZ=True, HAS_SCALE=True, HAS_SOFTCAP=True,
+                          NEED_SUM=not given)
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=triton_pass.GPU_BLOCKS["num_warps"]))
+        muls = [ln for ln in compiled.asm["ttir"].splitlines() if "arith.muli" in ln]
+        print("AOTPASS " + json.dumps(dict(
+            dz=dz_dtype, given=given, cubin_bytes=len(compiled.asm["cubin"]),
+            v4_loads=compiled.asm["ptx"].count("ld.global.v4"),
+            stack=_cubin_stack_bytes(compiled.asm["cubin"]),
+            muls_i64=sum(("i64" in ln and "i32" not in ln) for ln in muls))), flush=True)
 
 
 def _aot_worker():
@@ -588,6 +795,15 @@ def test_triton_kernels_compile_for_hopper():
         if r["dtype"] == "bf16":  # the GPU training dtype; fp32 tiles spill a little (<= 64 B)
             assert r["wgmma"], r  # Hopper tensor-core path
             assert r["stack"] in (0, None), r  # no register spills with the shipped tile sizes
+    # The Triton pass of impl="auto" on CUDA: builds, no spills, 64-bit row offsets (row * stride
+    # of the logits and of dz; the statistics planes are N apart, N < 2^30 fits int32).
+    rows = [json.loads(ln[8:]) for ln in proc.stdout.splitlines() if ln.startswith("AOTPASS ")]
+    assert len(rows) == 3, proc.stdout
+    for r in rows:
+        assert r["cubin_bytes"] > 1000, r
+        assert r["stack"] in (0, None), r
+        assert r["muls_i64"] >= 2, r
+        assert r["v4_loads"] > 0, r  # the logits stream in 16-byte loads
 
 
 # ------------------------------------------------------------------------------------------------
@@ -599,11 +815,14 @@ GPU_CASES.update({
     "gpu_big_fp32": dict(shape=(517, 200, 3001), case=dict(ignore_every=7), kw=dict(reduction="sum")),
     "gpu_big_bf16_none": dict(shape=(517, 256, 3001), case=dict(dtype=torch.bfloat16, ignore_every=7),
                               kw=dict(reduction="none", z_loss=1e-4, softcap=30.0), upstream=True),
+    # N = 2H in bf16: the Triton pass keeps the dlogits and makes dW one GEMM (the two above: N > 2H).
+    "gpu_big_bf16_kept": dict(shape=(512, 256, 3001), case=dict(dtype=torch.bfloat16, ignore_every=7),
+                              kw=dict(label_smoothing=0.1)),
 })
 
 
 @_GPU
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", ["triton", "torch", "chunked-triton"])
 @pytest.mark.parametrize("name", sorted(GPU_CASES))
 def test_gpu_matches_reference(name, impl):
     check_result(evaluate_case(name, impl, device="cuda", cases=GPU_CASES))
@@ -626,10 +845,35 @@ def test_triton_gpu_deterministic_and_auto():
     torch.testing.assert_close(w.grad.float(), grads[0][1].float(), rtol=2e-2, atol=2e-3)
 
 
+@_GPU
+@pytest.mark.parametrize("n", [256, 600])  # 256 <= 2H: dlogits kept, dW one GEMM; 600: summed per chunk
+@pytest.mark.parametrize("chunk_elems", [None, 64 * 5000])
+def test_gpu_pass_is_auto_and_matches_eager_chunk_loop(n, chunk_elems):
+    from megacpt.kernels.capabilities import CAPS
+    from megacpt.kernels.torch_lce import TorchBackend
+
+    hidden, weight, targets = (t.cuda() for t in make_case(n, 128, 5000, dtype=torch.bfloat16,
+                                                            ignore_every=5, scale=4.0))
+    assert TorchBackend().uses_fused_pass(hidden) == (CAPS.triton and not CAPS.triton_interpret
+                                                      and os.environ.get("MEGACPT_LCE_TRITON_PASS") != "0")
+    out = {}
+    for impl in ("chunked-triton", "torch"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = linear_cross_entropy(h, w, targets, impl=impl, _chunk_elems=chunk_elems)
+        loss.backward()
+        out[impl] = (loss.detach(), h.grad.float(), w.grad.float())
+    (la, dxa, dwa), (lb, dxb, dwb) = out["chunked-triton"], out["torch"]
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    # Both round the dlogits to bf16; they differ by that rounding and the order of sums.
+    assert rel_err(dxa.double(), dxb.double()) < 2e-2
+    assert rel_err(dwa.double(), dwb.double()) < 2e-2
+
+
 if __name__ == "__main__" and "--interp-worker" in sys.argv:
     _interp_worker()
 elif __name__ == "__main__" and "--aot-worker" in sys.argv:
     _aot_worker()
+    _aot_pass_worker()
 
 
 def test_cpu_bf16_several_chunks_make_no_weight_sized_temporaries():

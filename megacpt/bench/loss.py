@@ -2,8 +2,10 @@
 
 Each implementation computes mean cross-entropy of hidden @ weight.T over N tokens and its
 gradients w.r.t. hidden and weight (forward + backward), on the same inputs:
-  ours           megacpt.kernels.linear_cross_entropy, impl="auto" (Triton on CUDA, torch on CPU)
-  ours-torch     the same with impl="torch" (only listed separately on CUDA)
+  ours           megacpt.kernels.linear_cross_entropy, impl="auto" (on CUDA with triton: cuBLAS
+                 GEMMs per logits chunk + one Triton pass over it; on CPU: the eager chunk loop)
+  ours-chunked-triton  impl="chunked-triton": that CUDA path by name (CUDA with triton only)
+  ours-torch     impl="torch": the chunk loop with eager pointwise ops (only listed on CUDA)
   eager          F.cross_entropy(F.linear(hidden, weight).float(), targets) -- what HF models do
   torch-chunked  torch.nn.functional.linear_cross_entropy with options=LinearCrossEntropyOptions()
                  (PyTorch's own chunked path; absent before PyTorch 2.13)
@@ -41,10 +43,12 @@ from torch.utils._pytree import tree_leaves
 
 from megacpt.errors import UserError
 from megacpt.kernels import linear_cross_entropy
+from megacpt.kernels.capabilities import CAPS
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-_IMPLS = ("ours", "ours-torch", "eager", "torch-chunked", "liger")
-_DEFAULT_SHAPES = {"cpu": ["4096,256,32768"], "cuda": ["8192,4096,128256"]}
+_IMPLS = ("ours", "ours-chunked-triton", "ours-torch", "eager", "torch-chunked", "liger")
+# CUDA: the Llama-3.2-1B head of issue 23's target (N=4096 tokens), then an 8B-sized one.
+_DEFAULT_SHAPES = {"cpu": ["4096,256,32768"], "cuda": ["4096,2048,128256", "8192,4096,128256"]}
 
 
 class LiveStorageTracker:
@@ -111,6 +115,8 @@ def _implementations(device: str) -> Dict[str, Optional[Callable]]:
         "eager": lambda h, w, t: F.cross_entropy(F.linear(h, w).float(), t),
     }
     if device == "cuda":
+        if CAPS.triton:
+            impls["ours-chunked-triton"] = lambda h, w, t: linear_cross_entropy(h, w, t, impl="chunked-triton")
         impls["ours-torch"] = lambda h, w, t: linear_cross_entropy(h, w, t, impl="torch")
     if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
         opts = torch.nn.LinearCrossEntropyOptions()

@@ -12,7 +12,7 @@ from megacpt.cli.common import add_common
 
 # megacpt/bench/loss.py's _DTYPES (sorted) and _IMPLS; tests/test_bench.py holds them equal.
 LOSS_DTYPES = ["bf16", "fp16", "fp32"]
-LOSS_IMPLS = ("ours", "ours-torch", "eager", "torch-chunked", "liger")
+LOSS_IMPLS = ("ours", "ours-chunked-triton", "ours-torch", "eager", "torch-chunked", "liger")
 # bench/bench_data.py keeps its own parser; `bench data` exists where the script does (a checkout).
 DATA_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_data.py"
 
@@ -116,7 +116,7 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
 def add_loss_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", action="append", metavar="N,H,V",
                         help="tokens, hidden size, vocabulary (repeatable); default 4096,256,32768 "
-                             "on CPU and 8192,4096,128256 on CUDA")
+                             "on CPU, 4096,2048,128256 and 8192,4096,128256 on CUDA")
     parser.add_argument("--dtype", choices=LOSS_DTYPES, default=None,
                         help="input dtype (default fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
