@@ -182,6 +182,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="smollm2,gemma3")
     p.add_argument("--sizes", default="small,large", help="per model, e.g. gemma3:small to run only that size")
+    p.add_argument("--report-only", action="store_true", help="table, JSON and plot of the finished runs; run nothing")
     p.add_argument("--json", default=str(ROOT / "bench/results/retrain-experiment-cpu.json"))
     p.add_argument("--plot", default=str(ROOT / "docs/img/retrain_experiment.png"))
     a = p.parse_args(argv)
@@ -190,6 +191,10 @@ def main(argv=None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.perf_counter()
     for model in a.models.split(","):
+        if a.report_only:
+            done = (WORK / f"{model}_{s}_{m}" / "result.json" for s in SIZES for m in METHODS)
+            rows += [json.loads(f.read_text()) for f in done if f.exists()]
+            continue
         model_dir, shard, _ = MODELS[model]
         base_ppl, _ = eval_original(model_dir, shard, WORK / f"{model}_base_original.json", WORK / f"{model}_base.log")
         rows += [one_run(model, m, s, base_ppl) for s in SIZES for m in METHODS if wanted(a.sizes, model, s)]
