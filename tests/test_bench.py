@@ -156,28 +156,50 @@ def test_bench_train_smoke_with_peers(tmp_path):
 
 @pytest.mark.slow
 def test_bench_memory_smoke(tmp_path):
+    """fp32 and bf16 in one invocation: 16 bytes per parameter in both (fp32: the masters are the
+    parameter partitions, megacpt/train/zero3_masters.py; bf16: 2-byte parameters and gradients
+    next to separate 4-byte masters)."""
     out = tmp_path / "memory.json"
     r = _megacpt("bench", "memory", "--model", "tiny", "--world-sizes", "1,2", "--seq-len", "16", "--json", str(out),
-                 "--cache-dir", str(tmp_path / "cache"))
+                 "--precision", "fp32,bf16", "--cache-dir", str(tmp_path / "cache"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d = json.loads(out.read_text())
     P = d["model"]["params"]
-    assert [row["world_size"] for row in d["rows"]] == [1, 2]
+    assert d["precisions"] == ["fp32", "bf16"]
+    assert [(row["precision"], row["world_size"]) for row in d["rows"]] == [("fp32", 1), ("fp32", 2), ("bf16", 1),
+                                                                          ("bf16", 2)]
     for row in d["rows"]:
-        W = row["world_size"]
+        W, b = row["world_size"], 4 if row["precision"] == "fp32" else 2
         assert row["expected_bytes_per_rank"] == pytest.approx(16 * P / W)
         assert len(row["ranks"]) == W
-        # Every parameter is partitioned (threshold 0): the ranks' fp32 partitions add up to the
+        # Every parameter is partitioned (threshold 0): the ranks' partitions add up to the
         # model (plus at most one element of padding per parameter and rank).
         total = sum(rk["params"] for rk in row["ranks"])
-        assert 4 * P <= total <= 4 * P + 4 * W * 21
+        assert b * P <= total <= b * P + b * W * 21
         for rk in row["ranks"]:
             assert rk["persistent"] == 0
             assert rk["grads"] == rk["params"]
-            assert rk["adam"] >= 2 * rk["params"]  # exp_avg + exp_avg_sq (+ step scalars)
+            elements = rk["params"] // b
+            assert rk["adam"] >= 8 * elements  # exp_avg + exp_avg_sq (+ step scalars)
             assert rk["model_state"] == rk["params"] + rk["fp32_master"] + rk["grads"] + rk["adam"] + rk["persistent"]
-        assert row["ratio_to_expected_max"] == pytest.approx(
-            max(rk["model_state"] for rk in row["ranks"]) / row["expected_bytes_per_rank"])
+            # fp32: no second copy of the weights; bf16: 4-byte masters beside the 2-byte parameters
+            assert (rk["fp32_master"], rk["fp32_master_shared"]) == ((0, True) if b == 4 else (4 * elements, False))
+            assert rk["model_state"] <= 16 * elements + 64  # + one 4-byte Adam step per parameter group
+        worst = max(rk["model_state"] for rk in row["ranks"])
+        assert row["ratio_to_expected_max"] == pytest.approx(worst / row["expected_bytes_per_rank"])
+        assert row["bytes_per_param_max"] == pytest.approx(worst * W / P)
+        assert row["bytes_per_param_max"] <= 16.5
+
+
+@pytest.mark.parametrize("text", ["fp16", "fp32,fp32", "", "fp32;bf16"])
+def test_bench_memory_bad_precision_is_a_one_line_error(text, tmp_path, capsys):
+    from megacpt.cli import main
+
+    out = tmp_path / "memory.json"
+    assert main(["bench", "memory", "--precision", text, "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --precision") and len(err.splitlines()) == 1
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 2), (2, 3)])

@@ -100,7 +100,8 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
                    help="HF dir or shape name (default: small, ~7M parameters)")
     p.add_argument("--world-sizes", default="1,2,4", help="comma-separated world sizes (default 1,2,4)")
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", default="fp32", metavar="P[,P...]",
+                   help="fp32, bf16, or both (fp32,bf16: every world size in each; default fp32)")
     p.add_argument("--persistence-threshold", type=int, default=0,
                    help="stage3_param_persistence_threshold (default 0: every parameter is partitioned; "
                         "DeepSpeed's own default 100000 keeps small ones whole on every rank)")

@@ -194,7 +194,7 @@ def build(rs: RunState) -> None:
     groups, kinds = stage_groups(model, cfg.optim.weight_decay, needs_embedding_group(cfg), cfg.optim.layer_lr_decay)
     rs.stages = Stages(model, kinds, cfg.optim.lr, cfg.optim.embedding_lr)
     rs.group_decay = [g["weight_decay"] for g in groups]
-    rs.engine = initialize(model, groups, rs.ds_config, rs.topo)
+    rs.engine = initialize(model, groups, rs.ds_config, rs.topo, say=rs.say)
     if rs.topo.pp_size > 1:
         rs.pipe_run = PipelineRun(rs.engine, pipe_state, rs.topo, own_clip)
     if cfg.checkpoint.async_:
