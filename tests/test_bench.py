@@ -310,3 +310,19 @@ def test_gpu_session_dry_run(tmp_path):
     for fragment in ("gpu.name missing", "gpu.power_limit_w missing", "timing is", "1 round(s)",
                      "fewer than 10 timed steps", "no MFU"):
         assert any(fragment in p for p in real), (fragment, real)
+
+
+def test_peers_choice():
+    from megacpt.bench.plan import systems_for
+    from megacpt.cli import build_parser
+    from megacpt.errors import UserError
+
+    parse = build_parser().parse_args
+    assert parse(["bench", "train", "--model", "tiny", "--peers"]).peers == "a,b"  # a bare --peers: both
+    assert parse(["bench", "train", "--model", "tiny", "--peers", "a", "--steps", "3"]).peers == "a"
+    assert parse(["bench", "train", "--model", "tiny"]).peers is None
+    assert systems_for(None) == ["megacpt"]
+    assert systems_for("a,b") == ["megacpt", "hf-deepspeed", "hf-trainer"]
+    assert systems_for("a") == ["megacpt", "hf-deepspeed"] and systems_for("b") == ["megacpt", "hf-trainer"]
+    with pytest.raises(UserError, match="name peers a and/or b"):
+        systems_for("c")

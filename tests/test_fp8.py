@@ -5,10 +5,11 @@ run that must track the bf16 run."""
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from helpers import launch, tiny_hf_model, tiny_run_config, train_losses, write_config
+from helpers import launch, tiny_hf_model, tiny_run_config, train_losses, write_config, write_shard
 from megacpt.cli import main
 from megacpt.train.float8 import float8_problem
 
@@ -105,21 +106,25 @@ def test_conversion_keeps_head_and_small_linears_in_bf16():
 @pytest.mark.skipif(not (FP8_GPU and HAS_TORCHAO), reason="needs a GPU of compute capability ≥ 8.9 and torchao")
 def test_fp8_run_tracks_bf16(tmp_path):
     """A short run with fp8 linears stays within a loose tolerance of the same run in bf16 (fp8
-    numerics differ; a broken scale or a skipped gradient would not stay this close)."""
+    numerics differ; a broken scale or a lost gradient would not stay this close). The tokens
+    count up by one, so both runs learn fast. On CPU, with the machine check bypassed, the same
+    runs stayed within 1 % of each other at every step."""
     model = tiny_hf_model(tmp_path / "model", vocab=128, hidden=256, inter=2048, heads=4, kv_heads=2, max_pos=64)
+    counting = write_shard(tmp_path / "data" / "counting", [np.arange(s, s + 60) % 127 for s in range(80)])
     losses = {}
     for precision in ("bf16", "fp8"):
         run = tmp_path / f"run-{precision}"
         cfg = tiny_run_config(tmp_path, model, run, steps=20, zero=1, seq=32, precision=precision)
+        cfg["data"].update(train=[{"name": "counting", "path": counting, "weight": 1.0}], valid=[])
         r = launch(1, [str(write_config(tmp_path / f"{precision}.yaml", cfg))])
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         recs = train_losses(run)
         losses[precision] = [recs[s]["loss"] for s in sorted(recs)]
         if precision == "fp8":
-            assert "4 of" in r.stdout + r.stderr, "the fp8 run converted no linear"
+            assert "4 of 14 linears in float8" in r.stdout + r.stderr
             assert all(recs[s].get("precision") == "fp8" for s in recs)
     bf16, fp8 = losses["bf16"], losses["fp8"]
     assert len(bf16) == len(fp8) == 20
-    assert fp8[-1] < fp8[0] - 0.1, json.dumps(fp8)  # it learns
+    assert fp8[-1] < fp8[0] - 1.0, json.dumps(fp8)  # it learns
     for a, b in zip(bf16, fp8):
         assert abs(a - b) < 0.05 * a, (bf16, fp8)
