@@ -8,7 +8,7 @@
 # ($MEGACPT_GPU_BUDGET_S, default 470 s); a part that would not fit what is left is recorded as
 # skipped, and a part that fails or times out leaves the others' results:
 #   setup    (always, first) wheels from .whl/ into /tmp/site (no index there), the source tree
-#            importable; then the session JSON starts with versions, commit, source digest and
+#            importable, the model's random-weight HF dir built; then the session JSON starts with versions, commit, source digest and
 #            nvidia-smi's name / clocks / power limit (again at the end)
 #   anatomy  bench/step_anatomy.py: forward / backward / optimizer / host gaps of megacpt's own
 #            step from CUDA events, one profiled step binned by kernel kind (Llama-3.2-1B shape,
@@ -123,7 +123,10 @@ setup() {
     [ -e megacpt/kernels ] || ln -s ../kernels megacpt/kernels
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   fi
-  "$PY" -c "import megacpt.kernels, deepspeed, transformers; print('imports ok')"
+  "$PY" -c "import megacpt.kernels, deepspeed, transformers; print('imports ok')" || return 1
+  # The random-weight model dir every part reads, built once here so that no part's limit pays for it.
+  timeout 180 "$PY" -c "from megacpt.bench.shapes import resolve_model; print(resolve_model('$MODEL', 'bfloat16', \
+    '$MEGACPT_CACHE/shapes')[0])"
 }
 
 touch "$LOG"
