@@ -21,6 +21,7 @@ setup(
         "tqdm",
     ],
     # eval: `megacpt eval --tasks` and eval.tasks (lm-evaluation-harness), imported only when used.
-    extras_require={"triton": ["triton"], "eval": ["lm-eval>=0.4.13"]},
+    # fp8: `precision: fp8` (torchao's float8 training; megacpt/train/float8.py names the version).
+    extras_require={"triton": ["triton"], "eval": ["lm-eval>=0.4.13"], "fp8": ["torchao>=0.18.0,<0.19"]},
     entry_points={"console_scripts": ["megacpt=megacpt.cli:main"]},
 )

@@ -244,3 +244,107 @@ def test_bench_targets_resolve():
     parser = build_parser()
     for argv in (["bench", "train", "--model", "tiny"], ["bench", "memory"], ["bench", "loss"], ["bench", "data"]):
         assert callable(load(parser.parse_args(argv).target))
+
+
+def _gpu_session_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_session", REPO / "bench" / "gpu_session.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name,scopes,kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", (), "gemm"),
+    ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_NTT", (), "gemm"),
+    ("triton_tem_fused_mm_0", (), "gemm"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", (), "attention"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", (),
+     "elementwise"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", (), "elementwise"),
+    ("triton_poi_fused_mul_silu_1", (), "elementwise"),
+    ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, LogSoftMaxForwardEpilogue>",
+     (), "loss"),
+    ("_lce_fwd_kernel", (), "loss"),
+    # The head's matmul is a GEMM by name and loss by where it was launched, forward and backward.
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", ("aten::mm", "aten::matmul", "PrecomputedLCE"), "loss"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT",
+     ("aten::mm", "autograd::engine::evaluate_function: PrecomputedLCEBackward"), "loss"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", (), "optimizer"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::bfloat16_copy_kernel_cuda>",
+     ("aten::copy_", "megacpt::optimizer"), "optimizer"),
+    ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", ("megacpt::optimizer",), "communication"),
+    ("Memcpy HtoD (Pageable -> Device)", (), "other"),
+    ("some_unknown_kernel", (), "other"),
+])
+def test_kernel_kinds(name, scopes, kind):
+    from megacpt.bench.kernel_kinds import kernel_kind
+
+    assert kernel_kind(name, scopes) == kind
+
+
+def test_kernel_bins_add_up():
+    from megacpt.bench.kernel_kinds import KINDS, bin_kernels
+
+    assert _gpu_session_module().KINDS == KINDS
+    out = bin_kernels([("nvjet_a", 1500.0, ()), ("triton_poi_fused_x", 500.0, ()), ("flash_bwd", 2000.0, ())])
+    assert out["total_ms"] == pytest.approx(4.0) and out["compiled_ms"] == pytest.approx(0.5)
+    assert out["by_kind"]["gemm"]["ms"] == pytest.approx(1.5) and out["by_kind"]["attention"]["share"] == 0.5
+    assert set(out["by_kind"]) == set(KINDS) and out["top"][0]["name"] == "flash_bwd"
+
+
+@pytest.mark.slow
+def test_gpu_session_dry_run(tmp_path):
+    """bench/gpu_session.sh --dry-run: every part's command on the tiny shape on CPU, one session
+    JSON that passes the schema check; fp8 refused with its one-line error, as a CPU must."""
+    out = tmp_path / "out"
+    env = cpu_env(OUT=str(out), PY=sys.executable, MEGACPT_CACHE=str(tmp_path / "cache"), WORK=str(tmp_path / "work"))
+    env.pop("MEGACPT_GPU_DRY", None)
+    r = subprocess.run(["bash", "bench/gpu_session.sh", "--dry-run"], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".log"), files
+    doc = json.loads((out / files[0]).read_text())
+    gs = _gpu_session_module()
+    assert gs.problems(doc) == [] and doc["schema_problems"] == []
+    status = {name: rec["status"] for name, rec in doc["parts"].items()}
+    assert status == {"setup": "ok", "anatomy": "ok", "train": "ok", "loss": "ok", "fp8": "refused"}, status
+    assert "needs a CUDA GPU" in doc["parts"]["fp8"]["message"]
+    assert doc["dry_run"] is True and doc["gpu"] is None and "nvidia-smi" in doc["gpu_error"]
+    assert doc["versions"]["torch"] and doc["source_digest"] == gs.source_digest()
+    train = doc["parts"]["train"]["json"]
+    assert train["order"] == ["megacpt-r1", "hf-deepspeed-r1"]
+    s = doc["summary"]["train"]
+    assert s["flops_per_token"] == train["flops_per_token"] > 0 and s["peak_basis"] == "dense bf16"
+    assert s["ratio_vs_peer_a"] == pytest.approx(s["tokens_per_s"] / s["peer_a_tokens_per_s"])
+    anatomy = doc["parts"]["anatomy"]["json"]
+    setup = anatomy["setup"]
+    assert anatomy["profile"]["total_ms"] > 0 and len(anatomy["steps"]) == setup["warmup_steps"] + setup["timed_steps"] + 1
+    for row in anatomy["steps"][1:]:
+        parts = row["forward_ms"] + row["backward_ms"] + row["optimizer_ms"] + row["host_gap_ms"]
+        assert parts == pytest.approx(row["total_ms"]) and min(row["forward_ms"], row["backward_ms"]) > 0
+    assert anatomy["profile"]["by_kind"]["gemm"]["ms"] > 0 and anatomy["profile"]["by_kind"]["loss"]["ms"] > 0
+    assert {r["impl"] for r in doc["parts"]["loss"]["json"]["results"]} >= {"ours", "eager"}
+    # The same document read as a real GPU session fails on what only a GPU run can give.
+    real = gs.problems(dict(doc, dry_run=False))
+    for fragment in ("gpu.name missing", "gpu.power_limit_w missing", "timing is", "1 round(s)",
+                     "fewer than 10 timed steps", "no MFU"):
+        assert any(fragment in p for p in real), (fragment, real)
+
+
+def test_peers_choice():
+    from megacpt.bench.plan import systems_for
+    from megacpt.cli import build_parser
+    from megacpt.errors import UserError
+
+    parse = build_parser().parse_args
+    assert parse(["bench", "train", "--model", "tiny", "--peers"]).peers == "a,b"  # a bare --peers: both
+    assert parse(["bench", "train", "--model", "tiny", "--peers", "a", "--steps", "3"]).peers == "a"
+    assert parse(["bench", "train", "--model", "tiny"]).peers is None
+    assert systems_for(None) == ["megacpt"]
+    assert systems_for("a,b") == ["megacpt", "hf-deepspeed", "hf-trainer"]
+    assert systems_for("a") == ["megacpt", "hf-deepspeed"] and systems_for("b") == ["megacpt", "hf-trainer"]
+    with pytest.raises(UserError, match="name peers a and/or b"):
+        systems_for("c")

@@ -39,7 +39,7 @@ def test_set_overrides_typed_and_indexed():
     ({}, ["train.steps=1.5"], "train.steps: expected an integer"),
     ({"optim": {"lr": "fast"}}, [], "optim.lr: expected a number"),
     ({"schedule": {"kind": "cosinus"}}, [], "schedule.kind: must be one of"),
-    ({"precision": "fp8"}, [], "precision: must be one of"),
+    ({"precision": "fp16"}, [], "precision: must be one of"),
     ({"train": {"global_batch_size": 6, "micro_batch_size": 4}}, [], "not a multiple"),
     ({"optim": {"lr": -1}}, [], "optim.lr must be > 0"),
     ({"data": {"train": [{"name": "a", "path": "x", "weight": 0}]}}, [], "weight must be > 0"),

@@ -20,9 +20,11 @@ from megacpt.data.indexed import IndexedDatasetWriter
 from megacpt.errors import UserError
 from megacpt.models.hf import args_from_hf_config, read_hf_config
 from megacpt.models.llama import ModelArgs
+from megacpt.train.float8 import check_float8
 from megacpt.train.metrics import device_name, peak_flops
 
 SYSTEMS = ("megacpt", "hf-deepspeed", "hf-trainer")
+PEER_LETTERS = {"a": "hf-deepspeed", "b": "hf-trainer"}
 
 
 @dataclass
@@ -78,16 +80,39 @@ def _check_layout(a, nproc: int) -> None:
         raise UserError("--peers compares data-parallel ZeRO runs; use --tp 1 --pp 1 with --peers")
 
 
+def systems_for(peers: str | None) -> list[str]:
+    """--peers: None (megacpt alone), "a,b" (both; a bare --peers), "a" or "b"."""
+    if peers is None:
+        return [SYSTEMS[0]]
+    letters = [x.strip() for x in peers.split(",") if x.strip()]
+    bad = [x for x in letters if x not in PEER_LETTERS]
+    if bad or not letters:
+        raise UserError(f"--peers {peers!r}: name peers a and/or b (e.g. --peers a, or --peers for both)")
+    return [SYSTEMS[0]] + [s for k, s in PEER_LETTERS.items() if k in letters]
+
+
+def _check_precision(a) -> None:
+    if a.precision != "fp8":
+        return
+    if a.peers is not None:
+        raise UserError("--precision fp8 runs megacpt alone (the peers have no fp8 path, and fp8 numerics differ "
+                        "from bf16): drop --peers and compare against a bf16 run")
+    check_float8()
+
+
 def plan_train_bench(a) -> TrainBench:
     """Check the command line, resolve (or build) the model and create the work dir."""
     _check_args(a)
     extra_env = parse_env(a.extra_env)
+    systems = systems_for(a.peers)
+    _check_precision(a)
     cuda = torch.cuda.is_available()
     nproc = a.nproc or (torch.cuda.device_count() if cuda else 2)
     _check_layout(a, nproc)
     precision = a.precision if a.precision != "auto" else ("bf16" if cuda else "fp32")
     threads = a.threads or max(1, usable_cores() // nproc)
-    hf_dir, shape = resolve_model(a.model, "bfloat16" if precision == "bf16" else "float32", a.cache_dir)
+    # fp8 runs keep bf16 weights (megacpt/train/float8.py)
+    hf_dir, shape = resolve_model(a.model, "float32" if precision == "fp32" else "bfloat16", a.cache_dir)
     margs = args_from_hf_config(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))
     if a.seq_len > margs.max_position_embeddings:
         raise UserError(f"--seq-len {a.seq_len} exceeds the model's max_position_embeddings "
@@ -104,7 +129,7 @@ def plan_train_bench(a) -> TrainBench:
         threads=threads, global_batch=G, total_steps=a.warmup + a.steps, tokens_per_step=G * a.seq_len,
         flops_per_token=margs.flops_per_token(a.seq_len), device=dev, peak=peak_flops(dev), extra_env=extra_env,
         env={**bench_env(threads), **extra_env}, ds_launcher=ds_launcher, work=work, keep=keep,
-        systems=list(SYSTEMS if a.peers else SYSTEMS[:1]))
+        systems=systems)
 
 
 def prepare_data(b: TrainBench) -> None:
@@ -158,7 +183,7 @@ def build_samples(path: Path, data_prefix: Path, seq_len: int, n: int, seed: int
 def write_peer_spec(b: TrainBench, resolved: dict) -> None:
     """The peers' SPEC.json (megacpt.bench.peers): megacpt's DeepSpeed JSON and optimizer values
     from its resolved config, and the token windows its pipeline produced."""
-    if not b.a.peers:
+    if len(b.systems) == 1:
         return
     a = b.a
     samples = b.work / "data" / "samples.npy"

@@ -148,7 +148,7 @@ def comm_for(b: TrainBench, ds_json: dict) -> dict:
     a, zcfg = b.a, ds_json.get("zero_optimization", {})
     return comm_estimate_run(b.margs, CommSetup(
         zero_stage=a.zero_stage, dp=b.dp, tp=a.tp, pp=a.pp, seq_len=a.seq_len, micro_batch=a.micro_batch,
-        grad_accum=a.grad_accum, bytes_per_elem=2 if b.precision == "bf16" else 4,
+        grad_accum=a.grad_accum, bytes_per_elem=4 if b.precision == "fp32" else 2,
         persistence_threshold=int(zcfg.get("stage3_param_persistence_threshold", 100_000)),
         max_reuse_distance=int(zcfg.get("stage3_max_reuse_distance", 1_000_000_000))))
 
@@ -195,6 +195,9 @@ def train_report(b: TrainBench, runs: list[dict], resolved: dict, loadavg: tuple
         "flops_per_token": b.flops_per_token,
         "mfu_formula": "(6 × non-embedding params + 12 × layers × hidden × seq_len) × tokens/s per device "
                        "÷ dense bf16 peak (null where no peak is known, e.g. CPU)",
+        # fp8 runs: the same formula against the bf16 peak, and numerics that differ from bf16;
+        # report them beside bf16 runs, never pooled with them.
+        "mfu_peak_basis": "dense bf16",
         "loadavg_before": loadavg[0],
         "loadavg_after": loadavg[1],
         "megacpt_config": resolved["config"],

@@ -74,10 +74,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--nproc", type=int, default=None, help="local ranks (default: GPUs, or 2 on CPU)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--peers", action="store_true", help="also run peer a (HF model + DeepSpeed loop) and "
-                                                       "peer b (HF Trainer), interleaved")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp8"], default="auto",
+                   help="auto: bf16 on CUDA, fp32 on CPU; fp8: megacpt's precision: fp8 (torchao float8 linears, "
+                        "GPUs of compute capability ≥ 8.9), without peers")
+    p.add_argument("--peers", nargs="?", const="a,b", default=None, metavar="a,b",
+                   help="also run peer a (HF model + DeepSpeed loop) and peer b (HF Trainer), interleaved; "
+                        "--peers a runs peer a only")
     p.add_argument("--repeats", type=int, default=1, help="rounds of (megacpt[, peer a, peer b])")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS/MKL_NUM_THREADS for every rank of every system "

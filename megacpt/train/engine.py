@@ -11,9 +11,11 @@ from megacpt.config import Config, Derived
 
 
 def resolve_precision(precision: str) -> torch.dtype:
+    """The dtype of parameters and activations. fp8 runs are bf16 runs (train/float8.py swaps the
+    block linears' matmuls only), so their DeepSpeed config, masters and checkpoints are bf16's."""
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.bfloat16}[precision]
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

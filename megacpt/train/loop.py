@@ -42,6 +42,7 @@ from megacpt.train.cpu_alloc import use_caching_malloc
 from megacpt.train.engine import deepspeed_config, resolve_precision
 from megacpt.train.evaluate import (evaluate_base, evaluate_now, latest_perplexities, latest_task_metrics,
                                     summary_table, valid_windows)
+from megacpt.train.float8 import check_float8
 from megacpt.train.metrics import (MetricsLogger, device_name, format_console, model_state_record, peak_flops,
                                    peak_memory_mb, throughput)
 from megacpt.train.parallelize import BuildSpec, build_model, build_pipeline, context_parallel, initialize
@@ -90,6 +91,8 @@ def train_with(cfg: Config, stopper: StopSignal) -> int:
     caching_malloc = (cfg.train.cpu_allocator == "caching" and not torch.cuda.is_available()
                       and use_caching_malloc())
     derived = derive(cfg, info.world_size)
+    if cfg.precision == "fp8":
+        check_float8()
     start = resolve_start(cfg, info.world_size)
     if start.finished:
         if info.rank == 0:
@@ -179,7 +182,8 @@ def build(rs: RunState) -> None:
     spec = BuildSpec(args=rs.args, dtype=rs.dtype, zero_stage=cfg.parallel.zero_stage,
                      sequence_parallel=cfg.parallel.sequence_parallel,
                      activation_checkpointing=cfg.model.activation_checkpointing, compile=cfg.model.compile,
-                     pp_balance=cfg.parallel.pp_balance, seed=cfg.seed, adapter=rs.adapter)
+                     pp_balance=cfg.parallel.pp_balance, seed=cfg.seed, adapter=rs.adapter,
+                     float8=cfg.precision == "fp8")
     if rs.topo.pp_size > 1:
         rs.ds_config, own_clip = ds_config_for(rs.ds_config, cfg.parallel.zero_stage, rs.dtype)
         model, pipe_state = build_pipeline(spec, rs.topo, rs.start.weights)
@@ -317,6 +321,8 @@ def log_step(rs: RunState, phase_name: str, out: StepOut, lrs: dict, dt: float) 
                **lrs}
         if len(rs.phases) > 1:
             rec["seq_len"] = S
+        if cfg.precision == "fp8":  # its numerics differ; its MFU is still against the dense bf16 peak
+            rec["precision"] = "fp8"
         # FLOPs per token follow the phase's sequence length (attention grows with it).
         rec.update(throughput(G * S, dt, rs.world, rs.args.flops_per_token(S), rs.peak_flops))
         for name, n in tokens_per_source(rs.phases, step, rs.skips).items():

@@ -24,6 +24,11 @@ and why it is this one:
    Frozen parameters get no gradient and no optimizer state; ZeRO-3 still partitions them.
 5. ZeRO-3 partitioning of a TP-split model: `zero.Init(module=...)` cuts each rank's slice over
    the data-parallel group.
+   5b. Float8 (`precision: fp8`, train/float8.py): torchao's float8 linears replace the selected
+   block linears, keeping their parameters (and names); the LM head and the rest stay bf16. After
+   the load, so weights and checkpoints are bf16 tensors as ever; before compile, so the compiled
+   blocks contain the casts. Only where no step above reshaped the linears (config.py refuses fp8
+   with tp, pp, adapters and ZeRO-3).
 6. Activation checkpointing: a flag the blocks read, so it wraps whatever the blocks became.
 7. Compile: after TP and activation checkpointing, so it traces the final modules; per block
    (one graph reused by every block), or under ZeRO-3, whose gather hooks on each linear would
@@ -52,6 +57,7 @@ from megacpt.parallel import DeepSpeedMPU, UlyssesAttention, apply_tp, init_tp_w
 from megacpt.parallel import lora as tp_lora
 from megacpt.parallel.layouts import cp_problems
 from megacpt.parallel.pp import cut_stages, item_bounds, mark_norm_counting, stage_bounds
+from megacpt.train.float8 import convert_float8
 from megacpt.train.pipeline import staged_pipeline
 from megacpt.train.zero3_masters import share_fp32_masters
 
@@ -68,6 +74,7 @@ class BuildSpec:
     pp_balance: str = "parameters"
     seed: int = 0  # the layout-independent random init when no weights are given
     adapter: lora.LoRASpec | None = None  # train a LoRA adapter on the frozen model (step 4b)
+    float8: bool = False  # precision: fp8, torchao's float8 linears (step 5b)
 
 
 def default_device() -> torch.device:
@@ -103,6 +110,8 @@ def build_model(spec: BuildSpec, topology=None, weights=None, ds_config: dict | 
             model = _load_whole(model, weights, spec).to(device=device, dtype=spec.dtype)  # 4
             if spec.adapter is not None:
                 add_adapter(model, spec, weights, tp=False, device=device)  # 4b
+    if spec.float8:
+        convert_float8(model, say)  # 5b
     model.activation_checkpointing = spec.activation_checkpointing  # 6
     if spec.compile:
         _compile(model, spec.zero_stage, say)  # 7
@@ -114,6 +123,8 @@ def build_pipeline(spec: BuildSpec, topology, weights=None):
     stage materialised and loaded) and the state its stages share. ZeRO-0/1 only (validated)."""
     if spec.adapter is not None:  # config.py refuses it first; the stages are built elsewhere
         raise UserError("adapter is not available with pipeline parallelism (parallel.pp > 1); use pp: 1")
+    if spec.float8:  # likewise
+        raise UserError("precision: fp8 is not available with pipeline parallelism (parallel.pp > 1); use pp: 1")
     with torch.device("meta"):
         model = Transformer(spec.args)  # 1
     apply_tp(model, topology)  # 2 (a no-op split at tp 1, which keeps one code path for the stages)
