@@ -86,6 +86,20 @@ def _dlogits(z, cols, col_mask, local_tgt, row_max, log_se, z_factor, row_scale,
 
 
 @triton.jit
+def online_stats(s, cols, col_mask, tgt, row_max, sumexp, tgt_logit, logit_sum, NEED_SUM: tl.constexpr):
+    """One logit tile folded into the running row statistics (online softmax): max, sum of exp
+    relative to it, the target's logit and (label smoothing) the logits' sum."""
+    tgt_logit += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), axis=1)
+    if NEED_SUM:
+        logit_sum += tl.sum(tl.where(col_mask[None, :], s, 0.0), axis=1)
+    s = tl.where(col_mask[None, :], s, float("-inf"))
+    # Every tile has >= 1 valid column, so new_max is finite and exp(-inf - finite) = 0.
+    new_max = tl.maximum(row_max, tl.max(s, axis=1))
+    sumexp = sumexp * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
+    return new_max, sumexp, tgt_logit, logit_sum
+
+
+@triton.jit
 def _lce_fwd_kernel(h_ptr, w_ptr, tgt_ptr, out_ptr,
                     N, V, H, stride_h, stride_w, vocab_start, softcap, v_per_split,
                     HAS_SOFTCAP: tl.constexpr, NEED_SUM: tl.constexpr,
@@ -112,14 +126,8 @@ def _lce_fwd_kernel(h_ptr, w_ptr, tgt_ptr, out_ptr,
                         BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
         if HAS_SOFTCAP:
             s = softcap * _tanh(s / softcap)
-        tgt_logit += tl.sum(tl.where(cols[None, :] == local_tgt[:, None], s, 0.0), axis=1)
-        if NEED_SUM:
-            logit_sum += tl.sum(tl.where(col_mask[None, :], s, 0.0), axis=1)
-        s = tl.where(col_mask[None, :], s, float("-inf"))
-        # Every block has >= 1 valid column, so new_max is finite and exp(-inf - finite) = 0.
-        new_max = tl.maximum(row_max, tl.max(s, axis=1))
-        sumexp = sumexp * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
-        row_max = new_max
+        row_max, sumexp, tgt_logit, logit_sum = online_stats(s, cols, col_mask, local_tgt, row_max, sumexp,
+                                                             tgt_logit, logit_sum, NEED_SUM)
     out = out_ptr + split.to(tl.int64) * N + rows
     plane = n_splits.to(tl.int64) * N
     tl.store(out, row_max, mask=row_mask)

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from .capabilities import CAPS
 from .per_token import LossSpec
+from .triton_lce import online_stats
 
 __all__ = ["softmax_pass", "check_device", "KERNELS", "GPU_BLOCKS", "INTERP_BLOCKS"]
 
@@ -62,14 +63,8 @@ def _row_stats(z_rows, rows, row_mask, tgt, V, softcap, HAS_SOFTCAP: tl.constexp
         # Rows past the end load 0 (finite statistics, never stored); columns past V are -inf below.
         z = tl.load(z_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         s, _ = _capped(z.to(tl.float32), softcap, HAS_SOFTCAP)
-        tgt_logit += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), axis=1)
-        if NEED_SUM:
-            logit_sum += tl.sum(tl.where(col_mask[None, :], s, 0.0), axis=1)
-        s = tl.where(col_mask[None, :], s, float("-inf"))
-        # Every tile has >= 1 valid column, so new_max is finite and exp(-inf - finite) = 0.
-        new_max = tl.maximum(row_max, tl.max(s, axis=1))
-        sumexp = sumexp * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
-        row_max = new_max
+        row_max, sumexp, tgt_logit, logit_sum = online_stats(s, cols, col_mask, tgt, row_max, sumexp, tgt_logit,
+                                                             logit_sum, NEED_SUM)
     return row_max, sumexp, tgt_logit, logit_sum
 
 
