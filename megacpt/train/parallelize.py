@@ -57,6 +57,7 @@ from megacpt.parallel import DeepSpeedMPU, UlyssesAttention, apply_tp, init_tp_w
 from megacpt.parallel import lora as tp_lora
 from megacpt.parallel.layouts import cp_problems
 from megacpt.parallel.pp import cut_stages, item_bounds, mark_norm_counting, stage_bounds
+from megacpt.train.clip_fold import fold_clipping
 from megacpt.train.float8 import convert_float8
 from megacpt.train.pipeline import staged_pipeline
 from megacpt.train.zero3_masters import share_fp32_masters
@@ -153,11 +154,13 @@ def initialize(model: nn.Module, groups: list[dict], ds_config: dict, topology, 
     `mpu` adapter tells ZeRO which group is data-parallel (dp × cp) when tensor parallelism splits
     the model. Without it (tp = 1, pp = 1) that group is the whole world, DeepSpeed's default,
     which is also the group zero.Init partitioned over while building. Under fp32 ZeRO-3 the
-    optimizer's redundant fp32 master copy is dropped (train/zero3_masters.py)."""
+    optimizer's redundant fp32 master copy is dropped (train/zero3_masters.py); under ZeRO-1/2
+    gradient clipping moves into the fused AdamW step (train/clip_fold.py)."""
     pipelined = topology is not None and topology.pp_size > 1
     mpu = DeepSpeedMPU(topology) if topology is not None and topology.tp_size > 1 and not pipelined else None
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config, mpu=mpu)
     freed = share_fp32_masters(engine)
+    fold_clipping(engine)
     if freed and dist.get_rank() == 0:
         say(f"ZeRO-3 fp32: the optimizer's fp32 masters share the parameter partitions (DeepSpeed "
             f"{deepspeed.__version__} kept a copy; {freed / 2**20:.1f} MiB freed on rank 0)")
