@@ -483,6 +483,32 @@ def crashed(launch: Launch, expect_kill=True) -> str:
 # (a), (b) one process, ZeRO-0: a crash at each point of a save, a kill between saves
 
 
+def crash_while_publishing(relaunch, run, expect, prefix: str, last_file: str) -> None:
+    """A save killed at each publishing stage, sync or async alike (launches PREFIX4..PREFIX7, each
+    resuming from what the previous crash left): with its last file (`last_file`) written but the
+    directory not yet renamed (step 8); renamed into place, `latest` still naming the one before
+    (10); the new `latest` written under its temporary name (12); `latest` updated, older
+    checkpoints not yet pruned (14). `expect(step, exists_too)` checks what is published."""
+    root = ckpt_root(run)
+    out = crashed(relaunch(f"{prefix}4", MEGACPT_TEST_CRASH="rename:8"))
+    assert f"resuming from {root / tag(4)} at step 4" in out
+    expect(6, exists_too=[f".tmp-{tag(8)}/{last_file}"])
+    assert not (root / tag(8)).exists()
+
+    out = crashed(relaunch(f"{prefix}5", MEGACPT_TEST_CRASH="renamed:10"))
+    assert f"resuming from {root / tag(6)} at step 6" in out
+    expect(8, exists_too=[tag(10) + "/megacpt_state.json"])
+
+    out = crashed(relaunch(f"{prefix}6", MEGACPT_TEST_CRASH="latest_tmp:12"))
+    assert f"resuming from {root / tag(8)} at step 8" in out  # not from the newer step_10
+    expect(10, exists_too=[tag(12)])
+    assert list(root.glob(".latest.tmp-*"))
+
+    out = crashed(relaunch(f"{prefix}7", MEGACPT_TEST_CRASH="prune:14"))
+    assert f"resuming from {root / tag(10)} at step 10" in out
+    expect(14, exists_too=[tag(10), tag(12)])
+
+
 def test_single_process_crash_at_every_point_of_a_save(world):
     """One run killed eight times, each relaunch resuming from what the previous crash left:
     inside DeepSpeed's file write, after the rank files (MEGACPT_FAULT), between the two metadata
@@ -529,27 +555,8 @@ def test_single_process_crash_at_every_point_of_a_save(world):
     assert f"resuming from {root / tag(2)} at step 2" in out
     expect_latest(4, exists_too=[f".tmp-{tag(6)}/hf_config.json"])
 
-    # 4. megacpt_state.json written too, the directory not yet renamed.
-    out = crashed(relaunch("a4", MEGACPT_TEST_CRASH="rename:8"))
-    assert f"resuming from {root / tag(4)} at step 4" in out
-    expect_latest(6, exists_too=[f".tmp-{tag(8)}/megacpt_state.json"])
-    assert not (root / tag(8)).exists()
-
-    # 5. step_10 renamed into place and complete, `latest` still names step_8.
-    out = crashed(relaunch("a5", MEGACPT_TEST_CRASH="renamed:10"))
-    assert f"resuming from {root / tag(6)} at step 6" in out
-    expect_latest(8, exists_too=[tag(10) + "/megacpt_state.json"])
-
-    # 6. the new `latest` written under its temporary name, not renamed.
-    out = crashed(relaunch("a6", MEGACPT_TEST_CRASH="latest_tmp:12"))
-    assert f"resuming from {root / tag(8)} at step 8" in out  # not from the newer step_10
-    expect_latest(10, exists_too=[tag(12)])
-    assert list(root.glob(".latest.tmp-*"))
-
-    # 7. `latest` updated, older checkpoints not yet pruned: the new one is complete and used.
-    out = crashed(relaunch("a7", MEGACPT_TEST_CRASH="prune:14"))
-    assert f"resuming from {root / tag(10)} at step 10" in out
-    expect_latest(14, exists_too=[tag(10), tag(12)])
+    # 4.-7. the publishing stages (steps 8 to 14), as for asynchronous saves.
+    crash_while_publishing(relaunch, run, expect_latest, "a", last_file="megacpt_state.json")
 
     # 8. kill -9 from outside between two saves.
     start = n_lines(run)
@@ -626,23 +633,7 @@ def test_async_save_crash_at_every_stage(world):
     assert not list((root / f".tmp-{tag(6)}").glob(".tmp-written-*"))  # no marker: never published
     assert not (root / f".tmp-{tag(6)}" / "megacpt_state.json").exists()
 
-    out = crashed(relaunch("s4", MEGACPT_TEST_CRASH="rename:8"))
-    assert f"resuming from {root / tag(4)} at step 4" in out
-    expect(6, exists_too=[f".tmp-{tag(8)}/manifest.json"])
-    assert not (root / tag(8)).exists()
-
-    out = crashed(relaunch("s5", MEGACPT_TEST_CRASH="renamed:10"))
-    assert f"resuming from {root / tag(6)} at step 6" in out
-    expect(8, exists_too=[tag(10) + "/megacpt_state.json"])
-
-    out = crashed(relaunch("s6", MEGACPT_TEST_CRASH="latest_tmp:12"))
-    assert f"resuming from {root / tag(8)} at step 8" in out  # not from the newer step_10
-    expect(10, exists_too=[tag(12)])
-    assert list(root.glob(".latest.tmp-*"))
-
-    out = crashed(relaunch("s7", MEGACPT_TEST_CRASH="prune:14"))
-    assert f"resuming from {root / tag(10)} at step 10" in out
-    expect(14, exists_too=[tag(10), tag(12)])
+    crash_while_publishing(relaunch, run, expect, "s", last_file="manifest.json")
 
     last = relaunch("s8")
     assert last.wait() == 0, last.output()[-3000:]
