@@ -21,15 +21,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .linear_cross_entropy import check_targets, forward_no_grad, get_backend, validate
-from .per_token import LossSpec, finish, reduce_loss, row_scale
+from .linear_cross_entropy import RecomputeLCE, check_targets, forward_no_grad, get_backend, validate
+from .per_token import LossSpec
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
 
 class _GlobalStats:
     """A backend whose stats are over the whole vocabulary: the shard's own, combined across the
-    ranks of `group` (one all_reduce MAX, one SUM); its grads are the shard's own."""
+    ranks of `group` (one all_reduce MAX, one SUM); its grads are the shard's own, with dX summed
+    over the group. RecomputeLCE drives it like any backend."""
 
     def __init__(self, backend, group):
         self.backend, self.group = backend, group
@@ -45,30 +46,12 @@ class _GlobalStats:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
         return global_max, packed[0], packed[1], (packed[2] if spec.need_sum else None)
 
-
-class _VocabParallelLCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, shard: _GlobalStats, spec: LossSpec, reduction: str):
-        stats = shard.stats(hidden, weight, targets, spec)
-        loss, z, valid, log_se = finish(stats, targets, spec)
-        n_valid = valid.sum()
-        ctx.save_for_backward(hidden, weight, targets, stats[0], log_se, valid, n_valid)
-        ctx.shard, ctx.spec, ctx.reduction = shard, spec, reduction
-        z_out = reduce_loss(z, reduction, n_valid)
-        ctx.mark_non_differentiable(z_out)
-        return reduce_loss(loss, reduction, n_valid), z_out
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_z):
-        hidden, weight, targets, row_max, log_se, valid, n_valid = ctx.saved_tensors
-        scale = row_scale(grad_loss, ctx.reduction, valid, n_valid)
-        dx, dw = ctx.shard.backend.grads(hidden, weight, targets, row_max, log_se, scale, ctx.spec)
+    def grads(self, hidden, weight, targets, row_max, log_se, scale, spec: LossSpec):
+        """The shard's own dW; its partial dX (its vocabulary slice's share) summed over the group."""
+        dx, dw = self.backend.grads(hidden, weight, targets, row_max, log_se, scale, spec)
         if dx is not None:
-            dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=ctx.shard.group)
-            dx = dx.to(hidden.dtype)
-        if dw is not None:
-            dw = dw.to(weight.dtype)
-        return dx, dw, None, None, None, None
+            dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=self.group)
+        return dx, dw
 
 
 def vocab_parallel_linear_cross_entropy(hidden: Tensor, weight_shard: Tensor, targets: Tensor, group=None,
@@ -104,7 +87,7 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, weight_shard: Tensor, ta
                     softcap=float(softcap) if softcap is not None else None, vocab_start=vocab_start,
                     need_dx=grad and hidden.requires_grad, need_dw=grad and weight_shard.requires_grad)
     if spec.need_dx or spec.need_dw:
-        loss, z = _VocabParallelLCE.apply(hidden2, weight_shard, targets1, shard, spec, reduction)
+        loss, z = RecomputeLCE.apply(hidden2, weight_shard, targets1, shard, spec, reduction)
     else:
         loss, z = forward_no_grad(shard, hidden2, weight_shard, targets1, spec, reduction)
     if reduction == "none":
