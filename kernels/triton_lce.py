@@ -65,6 +65,25 @@ def _logit_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, strid
 
 
 @triton.jit
+def _accumulate_product(out_ptr, stride_out, out_rows, out_row_mask, a, b_ptr, stride_b, b_rows, b_row_mask, H,
+                        BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """out[out_rows, :H] += a @ b[b_rows, :H], BLOCK_H columns at a time (dX += dZ W, dW += dZ^T h);
+    rows are int64."""
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_mask = ks < H
+        b = tl.load(b_ptr + b_rows[:, None] * stride_b + ks[None, :], mask=b_row_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        if UPCAST:
+            b = b.to(tl.float32)
+        out = out_ptr + out_rows[:, None] * stride_out + ks[None, :]
+        out_mask = out_row_mask[:, None] & k_mask[None, :]
+        acc = tl.load(out, mask=out_mask, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        tl.store(out, acc, mask=out_mask)
+
+
+@triton.jit
 def _dlogits(z, cols, col_mask, local_tgt, row_max, log_se, z_factor, row_scale, softcap, tgt_coef,
              smooth, HAS_SOFTCAP: tl.constexpr):
     """d(sum_i row_scale_i * loss_i)/dz for a tile of raw logits z (fp32)."""
@@ -170,18 +189,8 @@ def _lce_bwd_dx_kernel(h_ptr, w_ptr, tgt_ptr, max_ptr, logse_ptr, scale_ptr, dx_
             # The previous V step stored these dx tiles, possibly from other threads of this
             # program (the store layout may differ from the load's): order them explicitly.
             tl.debug_barrier()
-            for k0 in range(0, H, BLOCK_H):
-                ks = k0 + tl.arange(0, BLOCK_H)
-                k_mask = ks < H
-                w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
-                            mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-                if UPCAST:
-                    w = w.to(tl.float32)
-                out = dx_ptr + rows[:, None] * stride_dx + ks[None, :]
-                out_mask = row_mask[:, None] & k_mask[None, :]
-                acc = tl.load(out, mask=out_mask, other=0.0)
-                acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
-                tl.store(out, acc, mask=out_mask)
+            _accumulate_product(dx_ptr, stride_dx, rows, row_mask, dz, w_ptr, stride_w, cols, col_mask, H,
+                                BLOCK_H, UPCAST, DOT_PRECISION)
 
 
 @triton.jit
@@ -210,18 +219,8 @@ def _lce_bwd_dw_kernel(h_ptr, w_ptr, tgt_ptr, max_ptr, logse_ptr, scale_ptr, dw_
             if not UPCAST:
                 dz_t = dz_t.to(h_ptr.dtype.element_ty)
             tl.debug_barrier()  # see _lce_bwd_dx_kernel
-            for k0 in range(0, H, BLOCK_H):
-                ks = k0 + tl.arange(0, BLOCK_H)
-                k_mask = ks < H
-                h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
-                            mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                if UPCAST:
-                    h = h.to(tl.float32)
-                out = dw_ptr + cols[:, None] * stride_dw + ks[None, :]
-                out_mask = col_mask[:, None] & k_mask[None, :]
-                acc = tl.load(out, mask=out_mask, other=0.0)
-                acc = tl.dot(dz_t, h, acc, input_precision=DOT_PRECISION)
-                tl.store(out, acc, mask=out_mask)
+            _accumulate_product(dw_ptr, stride_dw, cols, col_mask, dz_t, h_ptr, stride_h, rows, row_mask, H,
+                                BLOCK_H, UPCAST, DOT_PRECISION)
 
 
 KERNELS = {"fwd": _lce_fwd_kernel, "bwd_dx": _lce_bwd_dx_kernel, "bwd_dw": _lce_bwd_dw_kernel}
