@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=str(ROOT / "bench/results/retrain-experiment-cpu.json"))
     p.add_argument("--plot", default=str(ROOT / "docs/img/retrain_experiment.png"))
     a = p.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread: CPU seconds without spinning
     os.environ.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     WORK.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.perf_counter()
