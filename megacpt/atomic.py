@@ -9,15 +9,20 @@ import shutil
 from pathlib import Path
 
 
-def write_text(path, text: str) -> None:
+def write_file(path, write) -> None:
+    """write(tmp) fills a temporary file next to `path`, which then replaces `path` whole."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_text(path, text: str) -> None:
+    write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(path, data, indent: int | None = 2) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -416,13 +415,7 @@ def _figure(w: float, h: float):
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic.write_file(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def draw(plots: dict, colors: dict, out: Path) -> list[str]:

@@ -45,6 +45,16 @@ _DOC_SHUFFLE = 0
 _SAMPLE_SHUFFLE = 1
 
 
+def _check_index(i, n: int) -> int:
+    """Sample index i of n, negative counting from the end (as a sequence's)."""
+    i = int(i)
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"sample {i} out of range for {n} samples")
+    return i
+
+
 @dataclass(frozen=True)
 class Source:
     name: str
@@ -130,7 +140,7 @@ class PackedDataset:
 
     def raw_index(self, i: int) -> int:
         """Which window of the stream sample i is: it covers stream tokens [k*S, k*S + S + 1)."""
-        return int(self._raw[self._check_index(i)])
+        return int(self._raw[_check_index(i, self.num_samples)])
 
     def __len__(self) -> int:
         return self.num_samples
@@ -151,17 +161,9 @@ class PackedDataset:
         """(tokens, segments) of sample i in one read."""
         return self._read(i)
 
-    def _check_index(self, i) -> int:
-        i = int(i)
-        if i < 0:
-            i += self.num_samples
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
-        return i
-
     def _read(self, i):
         S = self.seq_len
-        start = int(self._raw[self._check_index(i)]) * S
+        start = int(self._raw[_check_index(i, self.num_samples)]) * S
         end = start + S + 1
         cum = self._stream_cum
         first = int(np.searchsorted(cum, start, side="right")) - 1
@@ -332,19 +334,11 @@ class BlendedDataset:
     def __len__(self) -> int:
         return self.num_samples
 
-    def _check_index(self, i) -> int:
-        i = int(i)
-        if i < 0:
-            i += self.num_samples
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
-        return i
-
     def source_of(self, i) -> int:
-        return int(self._source[self._check_index(i)])
+        return int(self._source[_check_index(i, self.num_samples)])
 
     def __getitem__(self, i) -> dict:
-        i = self._check_index(i)
+        i = _check_index(i, self.num_samples)
         k = int(self._source[i])
         rank = int(np.searchsorted(self._positions[k], i))
         tokens, segments = self.datasets[k].sample(rank)
