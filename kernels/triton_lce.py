@@ -84,15 +84,20 @@ def _accumulate_product(out_ptr, stride_out, out_rows, out_row_mask, a, b_ptr, s
 
 
 @triton.jit
-def _dlogits(z, cols, col_mask, local_tgt, row_max, log_se, z_factor, row_scale, softcap, tgt_coef,
-             smooth, HAS_SOFTCAP: tl.constexpr):
-    """d(sum_i row_scale_i * loss_i)/dz for a tile of raw logits z (fp32)."""
+def capped(z, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(s, tanh(z / softcap)): the soft-capped logits and the tanh their gradient needs; (z, z)
+    without softcap (the second value is then unused)."""
     if HAS_SOFTCAP:
         th = _tanh(z / softcap)
-        s = th * softcap
-    else:
-        th = z
-        s = z
+        return th * softcap, th
+    return z, z
+
+
+@triton.jit
+def dlogits(z, cols, col_mask, local_tgt, row_max, log_se, z_factor, row_scale, softcap, tgt_coef,
+            smooth, HAS_SOFTCAP: tl.constexpr):
+    """d(sum_i row_scale_i * loss_i)/dz for a tile of raw logits z (fp32); 0 outside col_mask."""
+    s, th = capped(z, softcap, HAS_SOFTCAP)
     # (s - max) - log(sumexp), not s - lse: keeps 1 - p accurate when p -> 1.
     p = tl.exp((s - row_max[:, None]) - log_se[:, None])
     # p - 1 is formed in fp32, before any cast to the tile dtype, so confident targets keep it.
@@ -182,8 +187,8 @@ def _lce_bwd_dx_kernel(h_ptr, w_ptr, tgt_ptr, max_ptr, logse_ptr, scale_ptr, dx_
             col_mask = cols < V
             z = _logit_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
                             BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
-            dz = _dlogits(z, cols, col_mask, local_tgt, row_max, log_se, z_factor, row_scale, softcap,
-                          tgt_coef, smooth, HAS_SOFTCAP)
+            dz = dlogits(z, cols, col_mask, local_tgt, row_max, log_se, z_factor, row_scale, softcap,
+                         tgt_coef, smooth, HAS_SOFTCAP)
             if not UPCAST:
                 dz = dz.to(w_ptr.dtype.element_ty)
             # The previous V step stored these dx tiles, possibly from other threads of this
@@ -213,8 +218,8 @@ def _lce_bwd_dw_kernel(h_ptr, w_ptr, tgt_ptr, max_ptr, logse_ptr, scale_ptr, dw_
             z_factor = 1.0 + z_coef2 * (row_max + log_se)
             z = _logit_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
                             BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
-            dz = _dlogits(z, cols, col_mask, local_tgt, row_max, log_se, z_factor, row_scale, softcap,
-                          tgt_coef, smooth, HAS_SOFTCAP)
+            dz = dlogits(z, cols, col_mask, local_tgt, row_max, log_se, z_factor, row_scale, softcap,
+                         tgt_coef, smooth, HAS_SOFTCAP)
             dz_t = tl.trans(dz)
             if not UPCAST:
                 dz_t = dz_t.to(h_ptr.dtype.element_ty)

@@ -29,24 +29,9 @@ import triton.language as tl
 
 from .capabilities import CAPS
 from .per_token import LossSpec
-from .triton_lce import online_stats
+from .triton_lce import capped, dlogits, online_stats
 
 __all__ = ["softmax_pass", "check_device", "KERNELS", "GPU_BLOCKS", "INTERP_BLOCKS"]
-
-
-@triton.jit
-def _tanh(x):
-    # libdevice tanh is unavailable under the interpreter (same form as triton_lce.py).
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-
-@triton.jit
-def _capped(z, softcap, HAS_SOFTCAP: tl.constexpr):
-    """(s, tanh(z / softcap)) -- (z, z) without softcap (the second value is then unused)."""
-    if HAS_SOFTCAP:
-        th = _tanh(z / softcap)
-        return th * softcap, th
-    return z, z
 
 
 @triton.jit
@@ -62,7 +47,7 @@ def _row_stats(z_rows, rows, row_mask, tgt, V, softcap, HAS_SOFTCAP: tl.constexp
         col_mask = cols < V
         # Rows past the end load 0 (finite statistics, never stored); columns past V are -inf below.
         z = tl.load(z_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        s, _ = _capped(z.to(tl.float32), softcap, HAS_SOFTCAP)
+        s, _ = capped(z.to(tl.float32), softcap, HAS_SOFTCAP)
         row_max, sumexp, tgt_logit, logit_sum = online_stats(s, cols, col_mask, tgt, row_max, sumexp, tgt_logit,
                                                              logit_sum, NEED_SUM)
     return row_max, sumexp, tgt_logit, logit_sum
@@ -105,13 +90,8 @@ def _softmax_pass_kernel(z_ptr, tgt_ptr, scale_ptr, stats_ptr, dz_ptr,
             mask = row_mask[:, None] & (cols < V)[None, :]
             # With dz_ptr == z_ptr (fp32) every element is read before the same program writes it.
             z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0)
-            s, th = _capped(z.to(tl.float32), softcap, HAS_SOFTCAP)
-            p = tl.exp((s - row_max[:, None]) - log_se[:, None])
-            g = p * z_factor[:, None] - smooth
-            g = tl.where(cols[None, :] == tgt[:, None], g - tgt_coef, g)
-            if HAS_SOFTCAP:
-                g = g * (1.0 - th * th)
-            g = g * row_scale[:, None]
+            g = dlogits(z.to(tl.float32), cols, cols < V, tgt, row_max, log_se, z_factor, row_scale, softcap,
+                        tgt_coef, smooth, HAS_SOFTCAP)
             tl.store(dz_rows + cols[None, :], g.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
